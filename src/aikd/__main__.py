@@ -1,0 +1,5 @@
+import sys
+
+from aikd.cli import main
+
+sys.exit(main())

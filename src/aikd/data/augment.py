@@ -1,0 +1,86 @@
+"""Augmentation: batched on the training device for in-memory data, torchvision v2 for files.
+
+In-memory sets (Fashion-MNIST, digits, CIFAR) are augmented a whole batch at
+a time: one padded gather implements random crop *and* horizontal flip for
+every image in a single indexing op, on uint8 before the float conversion.
+That replaces per-image PIL work with one tensor op on the device that trains.
+Its randomness comes from a generator seeded by (seed, epoch), so an epoch can
+be replayed exactly on resume.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+
+def crop_padding_for(image_size: int) -> int:
+    """Padding of the random crop: 4 pixels (the CIFAR recipe) from 28 px up, less below."""
+    return 4 if image_size >= 28 else max(1, image_size // 8)
+
+
+class BatchAugment:
+    """Random crop with zero padding, optional horizontal flip, then normalization."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], padding: int,
+                 flip: bool, augment: bool) -> None:
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.padding = padding
+        self.flip = flip
+        self.augment = augment
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) -> float, scaled to [0, 1], standardized per channel."""
+        mean = self.mean.to(images.device)
+        scale = (255.0 * self.std).to(images.device)
+        return (images.float() - 255.0 * mean) / scale
+
+    def train(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        if self.augment:
+            images = random_crop_flip(images, self.padding, self.flip, generator)
+        return self.normalize(images)
+
+
+def random_crop_flip(images: Tensor, padding: int, flip: bool,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """Crop each image at a random offset of its zero-padded copy, flipping half of them."""
+    n, c, h, w = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    span = 2 * padding + 1
+    top = torch.randint(0, span, (n, 1), device=device, generator=generator)
+    left = torch.randint(0, span, (n, 1), device=device, generator=generator)
+    rows = top + torch.arange(h, device=device)  # (n, h)
+    cols = left + torch.arange(w, device=device)  # (n, w)
+    if flip:
+        flipped = torch.rand(n, 1, device=device, generator=generator) < 0.5
+        cols = torch.where(flipped, cols.flip(1), cols)
+    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
+    channel = torch.arange(c, device=device).view(1, c, 1, 1)
+    return padded[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def file_transforms(image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    train: bool, augment: bool) -> v2.Compose:
+    """torchvision v2 pipelines for image files.
+
+    Large images (fine-grained, 224 px): random resized crop + flip for
+    training; resize to 1/0.875 then center crop for testing. Small images
+    (Tiny-ImageNet, 64 px): random crop with padding + flip, as for CIFAR.
+    """
+    large = image_size >= 100
+    if train and augment:
+        if large:
+            geometry = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        else:
+            geometry = [v2.Resize((image_size, image_size), antialias=True),
+                        v2.RandomCrop(image_size, padding=crop_padding_for(image_size)),
+                        v2.RandomHorizontalFlip()]
+    elif large:
+        geometry = [v2.Resize(round(image_size / 0.875), antialias=True), v2.CenterCrop(image_size)]
+    else:
+        geometry = [v2.Resize((image_size, image_size), antialias=True)]
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std))])

@@ -1,0 +1,194 @@
+"""Turning splits into batches of (images, labels, dataset indices).
+
+Both kinds of loader draw their batches from an epoch batch sampler whose
+order depends only on (seed, epoch). That makes runs reproducible, lets a
+resumed run replay an epoch exactly, and is the shape a distributed sampler
+needs (each rank takes a slice of the same permutation).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from aikd.config import DataConfig
+from aikd.data.augment import BatchAugment, crop_padding_for, file_transforms
+from aikd.data.readers import DATASETS
+from aikd.data.splits import ArraySplit, FileSplit, Split, stratified_indices
+from aikd.errors import DataError
+
+BatchTuple = tuple[Tensor, Tensor, Tensor]  # images, labels, indices
+
+
+class EpochBatchSampler:
+    """Shuffled (or sequential) batches of indices, reproducible from (seed, epoch).
+
+    A last batch of a single sample is dropped while shuffling: BatchNorm
+    cannot train on one sample, and the sample is seen in other epochs.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order().tolist()
+        for start in range(0, len(self), 1):
+            yield order[start * self.batch_size:(start + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest > 1 or (rest == 1 and not self.shuffle) else 0)
+
+
+class TensorLoader:
+    """Batches straight out of in-memory uint8 tensors: one index op per batch."""
+
+    def __init__(self, split: ArraySplit, batch_sampler, pin_memory: bool = False) -> None:
+        self.images = split.images.pin_memory() if pin_memory else split.images
+        self.labels = split.labels
+        self.batch_sampler = batch_sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[BatchTuple]:
+        for batch in self.batch_sampler:
+            idx = torch.as_tensor(batch, dtype=torch.int64)
+            yield self.images[idx], self.labels[idx], idx
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+class ImageFileDataset(Dataset):
+    """Decodes one image file per item and returns (image, label, index)."""
+
+    def __init__(self, split: FileSplit, transform) -> None:
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        path: Path = self.split.paths[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"Cannot decode image '{path}': {err}.") from None
+        return self.transform(img), int(self.split.labels[index]), index
+
+
+class FileLoader:
+    """A DataLoader over image files with workers, pinned memory and prefetching."""
+
+    def __init__(self, dataset: ImageFileDataset, batch_sampler, num_workers: int,
+                 pin_memory: bool) -> None:
+        self.batch_sampler = batch_sampler
+        self.loader = DataLoader(
+            dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+            pin_memory=pin_memory, persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[BatchTuple]:
+        yield from self.loader
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+@dataclass
+class DataBundle:
+    """Both splits of a dataset plus what the model and loop need to know about them."""
+
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    in_channels: int
+    image_size: int
+    augment: BatchAugment  # device-side normalization (and augmentation for in-memory data)
+    cfg: DataConfig
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, ArraySplit)
+
+    def loader(self, train: bool, batch_sampler=None, seed: int = 0,
+               pin_memory: bool = False) -> TensorLoader | FileLoader:
+        """A loader over one split, with the given batch sampler or the default one."""
+        split = self.train if train else self.test
+        if batch_sampler is None:
+            size = self.cfg.batch_size if train else self.cfg.eval_batch_size
+            batch_sampler = EpochBatchSampler(len(split), size, seed, shuffle=train)
+        if isinstance(split, ArraySplit):
+            return TensorLoader(split, batch_sampler, pin_memory)
+        transform = file_transforms(self.image_size, tuple(self.augment.mean.flatten().tolist()),
+                                    tuple(self.augment.std.flatten().tolist()), train,
+                                    self.cfg.augment == "standard")
+        workers = self.cfg.num_workers
+        if workers is None:
+            workers = min(8, os.cpu_count() or 1)
+        return FileLoader(ImageFileDataset(split, transform), batch_sampler, workers, pin_memory)
+
+    def to_device(self, images: Tensor, train: bool, generator: torch.Generator | None) -> Tensor:
+        """Finish a batch on the device: in-memory uint8 images are augmented and normalized."""
+        if not self.in_memory:
+            return images
+        return self.augment.train(images, generator) if train else self.augment.normalize(images)
+
+
+def load_data(cfg: DataConfig) -> DataBundle:
+    """Read both splits of ``cfg.name``, apply the subset limits, and set up augmentation."""
+    info = DATASETS.get(cfg.name)
+    root = Path(cfg.root or info.default_root).expanduser()
+    if info.default_root and not root.exists() and not cfg.download:
+        raise DataError(
+            f"Dataset folder '{root}' for '{cfg.name}' does not exist. Set data.root to the folder "
+            f"holding it{' (' + info.layout_hint + ')' if info.layout_hint else ''}"
+            f"{', or install it with sudo apt-get install dataset-fashion-mnist' if cfg.name == 'fashion-mnist' else ''}."
+        )
+    train = info.reader(root, True, cfg.download)
+    test = info.reader(root, False, False)
+    if cfg.train_limit is not None:
+        train = train.subset(stratified_indices(train.labels, cfg.train_limit, cfg.subset_seed))
+    if cfg.test_limit is not None:
+        test = test.subset(stratified_indices(test.labels, cfg.test_limit, cfg.subset_seed))
+    for split, which in ((train, "training"), (test, "test")):
+        if len(split) == 0:
+            raise DataError(f"Dataset '{cfg.name}' under '{root}' has an empty {which} split.")
+    num_classes = len(train.classes)
+    if isinstance(train, ArraySplit):
+        in_channels, image_size = train.images.shape[1], train.images.shape[-1]
+    else:
+        in_channels, image_size = 3, cfg.image_size or info.image_size
+    mean, std = info.mean, info.std
+    augment = BatchAugment(mean, std, crop_padding_for(image_size), info.flip,
+                           cfg.augment == "standard")
+    return DataBundle(cfg.name, train, test, num_classes, in_channels, image_size, augment, cfg)

@@ -1,0 +1,178 @@
+"""Checkpoints that load without executing code, written atomically.
+
+One ``.safetensors`` file holds everything: the model's weights under
+``model/``, every other tensor (optimizer moments, method buffers, RNG states)
+under ``state/``, and a JSON header in the file's metadata that describes the
+run (config, epoch, architecture, classes) and the nesting of the state. No
+pickle is involved, so a tampered file can fail to load but never run code.
+
+Writes go to a temporary file in the same folder, are flushed and fsynced,
+then renamed over the target: a crash at any moment leaves either the old or
+the new checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from aikd.errors import CheckpointError
+
+FORMAT = "aikd-checkpoint/1"
+_META_KEY = "aikd"
+
+
+# ---------------------------------------------------------------- nested state <-> flat tensors
+
+def flatten_state(tree: Any, tensors: dict[str, Tensor]) -> Any:
+    """Replace every tensor in a nested structure by a reference into ``tensors``.
+
+    Dicts with non-string keys (optimizer state is keyed by parameter number)
+    and tuples are tagged so that :func:`unflatten_state` restores them exactly.
+    """
+    if isinstance(tree, Tensor):
+        key = f"state/{len(tensors)}"
+        tensors[key] = tree.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(tree, np.ndarray):
+        return {"__ndarray__": flatten_state(torch.from_numpy(tree.copy()), tensors)}
+    if isinstance(tree, dict):
+        if all(isinstance(k, str) for k in tree):
+            return {"__dict__": {k: flatten_state(v, tensors) for k, v in tree.items()}}
+        return {"__items__": [[flatten_state(k, tensors), flatten_state(v, tensors)]
+                              for k, v in tree.items()]}
+    if isinstance(tree, tuple):
+        return {"__tuple__": [flatten_state(v, tensors) for v in tree]}
+    if isinstance(tree, list):
+        return [flatten_state(v, tensors) for v in tree]
+    if isinstance(tree, np.integer | np.floating):
+        return tree.item()
+    if tree is None or isinstance(tree, bool | int | float | str):
+        return tree
+    raise TypeError(f"cannot checkpoint a value of type {type(tree).__name__}")
+
+
+def unflatten_state(tree: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(tree, list):
+        return [unflatten_state(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if "__ndarray__" in tree:
+        return unflatten_state(tree["__ndarray__"], tensors).numpy()
+    if "__dict__" in tree:
+        return {k: unflatten_state(v, tensors) for k, v in tree["__dict__"].items()}
+    if "__items__" in tree:
+        return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in tree["__items__"]}
+    if "__tuple__" in tree:
+        return tuple(unflatten_state(v, tensors) for v in tree["__tuple__"])
+    raise ValueError(f"unknown node {sorted(tree)}")
+
+
+# ---------------------------------------------------------------- files
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model's weights, the run state and the description."""
+
+    model: dict[str, Tensor]
+    state: dict[str, Any]
+    meta: dict[str, Any]
+    path: Path
+
+
+def save_checkpoint(path: str | Path, model_state: dict[str, Tensor], meta: dict[str, Any],
+                    state: dict[str, Any] | None = None) -> Path:
+    """Atomically write a checkpoint; ``state`` may hold any nest of tensors and scalars."""
+    path = Path(path)
+    tensors = {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in model_state.items()}
+    header = dict(meta, format=FORMAT, state=flatten_state(state or {}, tensors))
+    payload = st_save(tensors, metadata={_META_KEY: json.dumps(header)})
+    atomic_write_bytes(path, payload)
+    return path
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` via temp file + fsync + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint, with a clear error for anything that is not a whole aikd checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint '{path}' does not exist.")
+    try:
+        tensors = st_load(path.read_bytes())
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            raw_meta = (fh.metadata() or {}).get(_META_KEY)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"Checkpoint '{path}' is truncated or is not a safetensors file ({err}). "
+            f"Use an earlier checkpoint or retrain."
+        ) from None
+    if raw_meta is None:
+        raise CheckpointError(f"'{path}' is a safetensors file but not an aikd checkpoint "
+                              f"(no '{_META_KEY}' metadata).")
+    try:
+        header = json.loads(raw_meta)
+        if header.get("format") != FORMAT:
+            raise ValueError(f"format {header.get('format')!r}, expected {FORMAT!r}")
+        state = unflatten_state(header.pop("state"), tensors)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"Checkpoint '{path}' has a damaged header: {err}.") from None
+    model = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+    return Checkpoint(model, state, header, path)
+
+
+# ---------------------------------------------------------------- random number generators
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a run draws from, in checkpointable form."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,72 @@
+"""Where a run's numbers go: JSON lines, TensorBoard (when installed), one line per epoch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def progress_bar(total: int, desc: str, quiet: bool, leave: bool = False) -> tqdm:
+    """A tqdm bar on stderr; silent with --quiet or when stderr is not a terminal."""
+    return tqdm(total=total, desc=desc, leave=leave, disable=not show_progress(quiet),
+                dynamic_ncols=True, file=sys.stderr)
+
+
+class RunLogger:
+    """Appends one JSON object per epoch to metrics.jsonl and mirrors it elsewhere."""
+
+    def __init__(self, out_dir: Path, quiet: bool = False, tensorboard: bool = True) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self.quiet = quiet
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def log_epoch(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "epoch":
+                    self.writer.add_scalar(key.replace(".", "/"), value, record["epoch"])
+            self.writer.flush()
+        if not self.quiet:
+            print(format_epoch(record), file=sys.stderr, flush=True)
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_epoch(record: dict[str, Any]) -> str:
+    """``epoch 3/15  loss 0.412 (ce 0.412)  train_acc 85.1  top1_err 12.30  lr 0.1  21.4s``."""
+    parts = [f"epoch {record['epoch']}/{record['epochs']}"]
+    terms = {k.split(".", 1)[1]: v for k, v in record.items() if k.startswith("loss.")}
+    if "train.loss" in record:
+        detail = " ".join(f"{k} {v:.4g}" for k, v in terms.items())
+        parts.append(f"loss {record['train.loss']:.4g}" + (f" ({detail})" if len(terms) > 1 else ""))
+    if "train.acc" in record:
+        parts.append(f"train_acc {record['train.acc']:.2f}")
+    for key in ("test.top1_err", "test.ece"):
+        if key in record:
+            parts.append(f"{key.split('.')[1]} {record[key]:.2f}")
+    parts.append(f"lr {record['lr']:.3g}")
+    parts.append(f"{record['time_s']:.1f}s")
+    return "  ".join(parts)

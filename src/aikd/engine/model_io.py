@@ -1,0 +1,66 @@
+"""Rebuilding a trained model from its checkpoint, and checking it fits a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aikd.engine.checkpoint import Checkpoint, load_checkpoint
+from aikd.errors import CheckpointError
+from aikd.models import Classifier, build_model
+
+
+def model_meta(model_name: str, stem: str, num_classes: int, in_channels: int, image_size: int,
+               classes: list[str]) -> dict[str, Any]:
+    """The description a checkpoint carries so the model can be rebuilt without the config."""
+    return {"model": {"name": model_name, "stem": stem, "num_classes": num_classes,
+                      "in_channels": in_channels, "image_size": image_size, "classes": classes}}
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
+    """Build the architecture the checkpoint describes and load its weights strictly."""
+    info = ckpt.meta.get("model")
+    if not isinstance(info, dict):
+        raise CheckpointError(f"Checkpoint '{ckpt.path}' does not describe its model.")
+    model = build_model(info["name"], info["num_classes"], info["in_channels"],
+                        info["image_size"], info["stem"])
+    try:
+        model.load_state_dict(ckpt.model, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise CheckpointError(
+            f"Checkpoint '{ckpt.path}' does not fit its declared model '{info['name']}': {first}"
+        ) from None
+    return model
+
+
+def load_frozen_model(path: str | Path, device: torch.device, *, num_classes: int,
+                      in_channels: int, role: str = "teacher",
+                      expect_model: str | None = None) -> Classifier:
+    """Load a trained model for inference only (eval mode, no gradients), checking its shape.
+
+    ``role`` names the model in error messages ("teacher", "superior model").
+    """
+    ckpt = load_checkpoint(path)
+    info = ckpt.meta.get("model", {})
+    if info.get("num_classes") != num_classes:
+        raise CheckpointError(
+            f"The {role} checkpoint '{path}' predicts {info.get('num_classes')} classes, but this "
+            f"dataset has {num_classes}. Train the {role} on the same dataset, or pass another "
+            f"checkpoint with teacher.checkpoint=PATH."
+        )
+    if info.get("in_channels") != in_channels:
+        raise CheckpointError(
+            f"The {role} checkpoint '{path}' takes {info.get('in_channels')}-channel images, but "
+            f"this dataset has {in_channels} channels."
+        )
+    if expect_model is not None and info.get("name") != expect_model:
+        raise CheckpointError(
+            f"The {role} checkpoint '{path}' is a '{info.get('name')}', but this method needs the "
+            f"same architecture as the student ('{expect_model}')."
+        )
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    model.requires_grad_(False)
+    return model

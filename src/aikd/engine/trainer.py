@@ -1,0 +1,329 @@
+"""The single training loop every method runs in.
+
+A run: read the data, build the model (and the frozen teacher if the method
+needs one), then for every epoch draw batches, let the method turn each batch
+into named loss terms, step the optimizer on their sum, evaluate, log and
+checkpoint. Methods plug in through :class:`aikd.methods.base.Method` only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from aikd.config import RunConfig, save_config
+from aikd.data import DataBundle, load_data
+from aikd.engine.checkpoint import (
+    atomic_write_bytes,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from aikd.engine.logger import RunLogger, progress_bar
+from aikd.engine.model_io import load_frozen_model, model_meta
+from aikd.engine.optim import build_optimizer, build_scheduler
+from aikd.engine.runtime import (
+    autocast_dtype,
+    epoch_generator,
+    pick_device,
+    seed_everything,
+    use_channels_last,
+)
+from aikd.errors import AikdError, CheckpointError, ConfigError
+from aikd.methods import METHODS, Batch, MethodContext
+from aikd.metrics import classification_metrics, predict
+from aikd.models import build_model
+
+LAST, BEST = "last.safetensors", "best.safetensors"
+
+
+class Trainer:
+    """Trains one model with one method; :meth:`fit` returns the run's summary."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
+                 data: DataBundle | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.quiet = quiet
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.device = pick_device(cfg.device)
+        self.amp_dtype = autocast_dtype(cfg.train, self.device)
+        self.channels_last = use_channels_last(cfg.train, self.device)
+        self.data = data if data is not None else load_data(cfg.data)
+        d = self.data
+        self.model = build_model(cfg.model.name, d.num_classes, d.in_channels, d.image_size,
+                                 cfg.model.stem).to(self.device)
+        self.stem = cfg.model.stem if cfg.model.stem != "auto" else (
+            "cifar" if d.image_size < 100 else "imagenet")
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        method_cls = METHODS.get(cfg.method)
+        ctx = MethodContext(num_classes=d.num_classes, num_train=len(d.train), epochs=cfg.train.epochs,
+                            device=self.device, train_labels=d.train.labels,
+                            teacher=self._load_teacher(method_cls.requires_teacher))
+        self.method = method_cls(cfg.method_config(), ctx).to(self.device)
+        pin = self.device.type == "cuda"
+        sampler = self.method.batch_sampler(cfg.data.batch_size, cfg.seed)
+        self.train_loader = d.loader(True, sampler, seed=cfg.seed, pin_memory=pin)
+        self.test_loader = d.loader(False, pin_memory=pin)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+        self.epoch = 0  # epochs completed
+        self.step = 0
+        self.best: dict[str, Any] = {"top1_err": math.inf, "epoch": 0}
+        self.train_times: list[float] = []
+        self.last_eval: tuple[int, dict[str, float]] = (-1, {})
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _load_teacher(self, required: bool) -> nn.Module | None:
+        path = self.cfg.teacher.checkpoint
+        if not required:
+            return None
+        if path is None:
+            raise ConfigError(
+                f"Method '{self.cfg.method}' distils from a pre-trained model: set "
+                f"teacher.checkpoint=PATH, or run 'aikd pipeline' to train one first."
+            )
+        teacher = load_frozen_model(path, self.device, num_classes=self.data.num_classes,
+                                    in_channels=self.data.in_channels)
+        return teacher.to(memory_format=torch.channels_last) if self.channels_last else teacher
+
+    def meta(self) -> dict[str, Any]:
+        d = self.data
+        return {
+            **model_meta(self.cfg.model.name, self.stem, d.num_classes, d.in_channels,
+                         d.image_size, d.train.classes),
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, name: str, full: bool = True) -> Path:
+        state = None
+        if full:
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "method": self.method.state_dict(),
+                "method_extra": self.method.extra_state(),
+                "rng": rng_state(),
+                "best": self.best,
+                "train_times": self.train_times,
+            }
+        return save_checkpoint(self.out / "checkpoints" / name, self.model.state_dict(),
+                               self.meta(), state)
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Continue from a full checkpoint (by default OUTDIR/checkpoints/last.safetensors)."""
+        path = Path(path) if path else self.out / "checkpoints" / LAST
+        if not path.is_file():
+            raise CheckpointError(f"Cannot resume: '{path}' does not exist. Start without --resume.")
+        ckpt = load_checkpoint(path)
+        if not ckpt.state:
+            raise CheckpointError(f"'{path}' holds only weights; resume needs a full checkpoint "
+                                  f"such as checkpoints/{LAST}.")
+        saved = ckpt.meta.get("config", {})
+        differ = _config_diff(saved, self.cfg.to_dict())
+        if differ:
+            raise ConfigError(
+                f"Cannot resume from '{path}': the config differs from the checkpoint's in "
+                f"{', '.join(differ)}. Resume with the original config, or start a new output folder."
+            )
+        try:
+            self.model.load_state_dict(ckpt.model)
+            self.optimizer.load_state_dict(ckpt.state["optimizer"])
+            self.scheduler.load_state_dict(ckpt.state["scheduler"])
+            self.scaler.load_state_dict(ckpt.state["scaler"])
+            self.method.load_state_dict(ckpt.state["method"])
+            self.method.load_extra_state(ckpt.state["method_extra"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"Checkpoint '{path}' does not fit this run: {err}") from None
+        set_rng_state(ckpt.state["rng"])
+        self.best = ckpt.state["best"]
+        self.train_times = list(ckpt.state["train_times"])
+        self.epoch, self.step = int(ckpt.meta["epoch"]), int(ckpt.meta["step"])
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Train for ``train.epochs`` epochs, evaluate, write summary.json; return the summary."""
+        self._prepare_out_dir(resume, overwrite)
+        if resume:
+            self.resume()
+        save_config(self.cfg, self.out / "config.yaml")
+        logger = RunLogger(self.out, self.quiet)
+        logger.info(self._banner())
+        try:
+            epochs = self.cfg.train.epochs
+            while self.epoch < epochs:
+                record = self.train_epoch(self.epoch)
+                self.epoch += 1
+                if self.epoch % self.cfg.train.eval_every == 0 or self.epoch == epochs:
+                    self.last_eval = (self.epoch, self.evaluate())
+                    record.update({f"test.{k}": v for k, v in self.last_eval[1].items()})
+                    if record["test.top1_err"] < self.best["top1_err"]:
+                        self.best = {"top1_err": record["test.top1_err"], "epoch": self.epoch}
+                        self.save(BEST, full=False)
+                self.save(LAST)
+                logger.log_epoch(record)
+        finally:
+            logger.close()
+        summary = self.summary()
+        atomic_write_bytes(self.out / "summary.json", json.dumps(summary, indent=2).encode())
+        return summary
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training data; returns the epoch's averaged loss terms."""
+        start = time.perf_counter()
+        model, method = self.model, self.method
+        model.train()
+        self.train_loader.set_epoch(epoch)
+        method.on_epoch_start(epoch, model)
+        generator = epoch_generator(self.cfg.seed, epoch, self.device)
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        seen = 0
+        bar = progress_bar(len(self.train_loader), f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+                           self.quiet)
+        for images, labels, indices in self.train_loader:
+            batch = self._to_batch(images, labels, indices, epoch, generator)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                out = method.training_step(model, batch)
+            loss = sum(out.losses.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            method.on_step_end(batch, out)
+            n = len(labels)
+            seen += n
+            with torch.no_grad():
+                sums["train.loss"] += loss.detach().float() * n
+                for key, value in out.losses.items():
+                    sums[f"loss.{key}"] += value.detach().float() * n
+                for key, value in out.stats.items():
+                    sums[f"stat.{key}"] += value.detach().float() * n
+                sums["train.acc"] += (out.logits.argmax(1) == batch_labels(batch)).sum() * 100.0
+            bar.update(1)
+            if bar.n % 25 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{float(sums['train.loss']) / seen:.4f}")
+        bar.close()
+        method.on_epoch_end(epoch, model)
+        lr = self.optimizer.param_groups[0]["lr"]
+        elapsed = time.perf_counter() - start
+        self.train_times.append(elapsed)
+        record = {"epoch": epoch + 1, "epochs": self.cfg.train.epochs, "lr": lr, "time_s": elapsed}
+        record.update({k: float(v) / max(seen, 1) for k, v in sums.items()})
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise AikdError(
+                f"Training diverged in epoch {epoch + 1}: {', '.join(bad)} became non-finite. "
+                f"Lower train.lr or check the method's weights; the last good checkpoint is "
+                f"'{self.out / 'checkpoints' / LAST}'."
+            )
+        return record
+
+    def _to_batch(self, images: Tensor, labels: Tensor, indices: Tensor, epoch: int,
+                  generator: torch.Generator) -> Batch:
+        images = images.to(self.device, non_blocking=True)
+        images = self.data.to_device(images, train=True, generator=generator)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(self.device, non_blocking=True)
+        return Batch(images, labels, indices.to(self.device, non_blocking=True), epoch, self.step)
+
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of the current model on the whole test split."""
+        bar = progress_bar(len(self.test_loader), "eval", self.quiet)
+        logits, labels = predict(self.model, self.test_loader, self._prepare_eval, self.device,
+                                 self.amp_dtype, bar)
+        bar.close()
+        return classification_metrics(logits, labels)
+
+    def _prepare_eval(self, images: Tensor) -> Tensor:
+        images = self.data.to_device(images, train=False, generator=None)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def summary(self) -> dict[str, Any]:
+        """The final model's test metrics plus what identifies the run."""
+        final = self.last_eval[1] if self.last_eval[0] == self.epoch else self.evaluate()
+        return {
+            **final,
+            "method": self.cfg.method,
+            "model": self.cfg.model.name,
+            "dataset": self.cfg.data.name,
+            "seed": self.cfg.seed,
+            "epochs": self.epoch,
+            "best_top1_err": self.best["top1_err"],
+            "best_epoch": self.best["epoch"],
+            "num_train": len(self.data.train),
+            "num_test": len(self.data.test),
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+            "time_per_epoch_s": sum(self.train_times) / max(len(self.train_times), 1),
+            "train_time_s": sum(self.train_times),
+            "device": str(self.device),
+            "teacher": self.cfg.teacher.checkpoint,
+        }
+
+    def _banner(self) -> str:
+        d = self.data
+        return (f"aikd: {self.cfg.method} | {self.cfg.model.name} on {d.name} "
+                f"({len(d.train)} train / {len(d.test)} test, {d.num_classes} classes) | "
+                f"{self.cfg.train.epochs} epochs | device {self.device} | out {self.out}")
+
+    def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
+        existing = (self.out / "checkpoints" / LAST).exists() or (self.out / "summary.json").exists()
+        if existing and not resume:
+            if not overwrite:
+                raise AikdError(
+                    f"Output folder '{self.out}' already holds a run. Continue it with --resume, "
+                    f"or choose another -o OUTDIR."
+                )
+            for name in ("checkpoints", "tensorboard"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+                (self.out / name).unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+
+def batch_labels(batch: Batch) -> Tensor:
+    """Hard labels of a batch, also when its targets are mixed soft labels."""
+    return batch.targets if batch.targets.ndim == 1 else batch.targets.argmax(1)
+
+
+def _config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    out = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path} ({a!r} -> {b!r})")
+    return out
+
+
+def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+          quiet: bool = False) -> dict[str, Any]:
+    """Library entry point: train one run and return its summary."""
+    return Trainer(cfg, out_dir, quiet=quiet).fit(resume=resume, overwrite=overwrite)

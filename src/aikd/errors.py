@@ -1,0 +1,33 @@
+"""User-facing errors.
+
+Anything a user can cause (a wrong path, key, value or file) raises
+:class:`AikdError`. The command line prints its message as one paragraph and
+exits non-zero without a traceback; library users can catch it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class AikdError(Exception):
+    """A problem with the user's input, explained well enough to fix it."""
+
+
+class ConfigError(AikdError):
+    """A config file or override that does not fit the schema."""
+
+
+class DataError(AikdError):
+    """A dataset that is missing, incomplete or malformed."""
+
+
+class CheckpointError(AikdError):
+    """A checkpoint that cannot be loaded, or does not fit the run."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return ' Did you mean X?' for the closest choice, or '' if none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""

@@ -1,0 +1,120 @@
+"""The interface every training method implements.
+
+A method is a small ``nn.Module`` that turns one batch into *named loss terms*;
+the single training loop in :mod:`aikd.engine.trainer` sums, backpropagates and
+logs them. Whatever a method needs beyond that plugs in through hooks:
+
+* a frozen teacher / superior model: set ``requires_teacher``; the engine loads
+  it, freezes it and hands it over in :class:`MethodContext`;
+* modules with their own optimizer (AI-KD's discriminator): register them as
+  sub-modules and step them inside :meth:`Method.training_step`; put the
+  optimizer state in :meth:`Method.extra_state`;
+* per-sample state indexed by dataset index (PS-KD / AI-KD buffers):
+  registered buffers, updated in :meth:`Method.on_step_end`;
+* a different batch sampler (CS-KD's class-wise pairs): override
+  :meth:`Method.batch_sampler`;
+* checkpointing: ``state_dict()`` (parameters and buffers) plus
+  :meth:`Method.extra_state` are saved with every checkpoint and restored on
+  resume.
+
+The student is *not* a sub-module (its weights belong to the run, not to the
+method); it is passed to :meth:`Method.training_step` on every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from aikd.config import register_method_schema
+from aikd.registry import Registry
+
+
+@dataclass
+class Batch:
+    """One training batch, already on the device and augmented."""
+
+    images: Tensor
+    targets: Tensor  # (N,) class indices, or (N, C) probabilities for mixed samples
+    indices: Tensor  # (N,) dataset indices, the key of per-sample state
+    epoch: int  # 0-based
+    step: int  # optimizer steps taken before this batch
+
+
+@dataclass
+class StepOutput:
+    """What a method returns for one batch."""
+
+    logits: Tensor  # the student's logits on ``Batch.images``
+    losses: dict[str, Tensor]  # weighted terms; the loop minimises their sum
+    stats: dict[str, Tensor] = field(default_factory=dict)  # logged, not optimised
+
+
+@dataclass
+class MethodContext:
+    """Facts about the run a method may need when it is built."""
+
+    num_classes: int
+    num_train: int  # training-set size: the length of per-sample buffers
+    epochs: int
+    device: torch.device
+    train_labels: Tensor  # (num_train,) labels, for class-aware samplers
+    teacher: nn.Module | None = None  # frozen, eval mode, on ``device``
+
+
+class Method(nn.Module):
+    """Base class: subclasses implement :meth:`training_step`."""
+
+    name: ClassVar[str]
+    requires_teacher: ClassVar[bool] = False
+
+    def __init__(self, hparams: Any, ctx: MethodContext) -> None:
+        super().__init__()
+        self.hparams = hparams
+        self.ctx = ctx
+
+    def batch_sampler(self, batch_size: int, seed: int) -> Any | None:
+        """Return a custom epoch batch sampler, or ``None`` for shuffled batches."""
+        return None
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        """Called before the first batch of every epoch (0-based)."""
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        raise NotImplementedError
+
+    def on_step_end(self, batch: Batch, output: StepOutput) -> None:
+        """Called after the student's optimizer step (e.g. to write buffers)."""
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        """Called after the last batch of every epoch."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """State outside ``state_dict()``, such as a private optimizer's."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+
+METHODS: Registry[type[Method]] = Registry("method", "method")
+
+
+@dataclass
+class NoHparams:
+    """Schema of a method without hyper-parameters."""
+
+
+def register_method(name: str, hparams: type = NoHparams):
+    """Class decorator: make a method available as ``method: name`` in configs."""
+
+    def decorator(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS.register(name)(cls)
+        register_method_schema(name, hparams)
+        return cls
+
+    return decorator

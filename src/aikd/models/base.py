@@ -1,0 +1,55 @@
+"""The common shape of every model: a feature extractor and a linear head.
+
+Splitting the two lets every method reach the penultimate features (t-SNE,
+AMKD's embeddings) through one call, whatever the architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from aikd.registry import Registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a constructor needs to know about the data."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    stem: str  # "cifar" (3x3 stride 1, no max-pool) or "imagenet" (7x7 stride 2 + max-pool)
+
+
+class Classifier(nn.Module):
+    """``features`` maps images to a vector; ``head`` maps it to logits."""
+
+    def __init__(self, features: nn.Module, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = features
+        self.head = nn.Linear(num_features, num_classes)
+        self.num_features = num_features
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor, return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        feats = self.features(x)
+        logits = self.head(feats)
+        return (logits, feats) if return_features else logits
+
+
+MODELS: Registry[Callable[[ModelSpec], Classifier]] = Registry("model", "model.name")
+
+
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
+                stem: str = "auto") -> Classifier:
+    """Build a registered model for data with the given shape.
+
+    ``stem="auto"`` picks the CIFAR stem for images under 100 pixels, as the
+    paper does for CIFAR-100 and Tiny-ImageNet, and the ImageNet stem above.
+    """
+    if stem == "auto":
+        stem = "cifar" if image_size < 100 else "imagenet"
+    return MODELS.get(name)(ModelSpec(num_classes, in_channels, image_size, stem))
