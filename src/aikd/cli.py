@@ -14,6 +14,7 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EPILOG_MAIN = """\
 examples:
   aikd demo -o runs/demo
+  aikd pipeline -c configs/fashion_mnist/aikd.yaml -o runs/aikd seed=1
   aikd train -c configs/fashion_mnist/ce.yaml -o runs/ce train.epochs=2 data.train_limit=2000
   aikd eval -k runs/ce/checkpoints/last.safetensors -o runs/ce/eval.json
 """
@@ -57,9 +58,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser(
-        "demo", help="the main job on the embedded Fashion-MNIST",
-        description="Train the CE baseline on Fashion-MNIST (Debian's dataset-fashion-mnist) with "
-                    "the demo recipe and print its test metrics.",
+        "pipeline", help="two phases: train the superior model with CE, then the student against it",
+        description="Phase 1 trains the superior (teacher) model with CE and the student's recipe; phase 2 "
+                    "trains the student with the config's method against it. A finished phase-1 model with "
+                    "the same settings is reused. Overrides apply to both phases; prefix one with phase1. or "
+                    "phase2. to target a single phase. teacher.checkpoint=PATH skips phase 1.",
+        epilog="example:\n  aikd pipeline -c configs/fashion_mnist/aikd.yaml -o runs/aikd seed=1 "
+               "phase1.train.epochs=20",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", required=True, help="YAML config of the student's run")
+    p.add_argument("-o", "--out", required=True, help="output folder (student/ and superior/ inside)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--cache", help="folder of phase-1 models to share between pipelines (default OUT/superior)")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "demo", help="the main job: AI-KD on the embedded Fashion-MNIST",
+        description="Run the AI-KD pipeline on Fashion-MNIST (Debian's dataset-fashion-mnist) with the demo "
+                    "recipe: the CE baseline (phase 1), then the AI-KD student (phase 2), and print both.",
         epilog="example:\n  aikd demo -o runs/demo",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -90,16 +106,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from aikd.engine.pipeline import run_pipeline
+
+    result = run_pipeline(args.config, args.overrides, args.out, cache_dir=args.cache, quiet=args.quiet,
+                          log=_logger(args.quiet))
+    print(json.dumps({"superior": result["superior"] and _headline(result["superior"]),
+                      "student": _headline(result["student"])}))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from aikd.config import load_config
-    from aikd.engine import train
+    from aikd.engine.pipeline import run_pipeline
     from aikd.report.tables import markdown_table
 
-    config = REPO_CONFIGS / "fashion_mnist" / "ce.yaml"
-    cfg = load_config(config, args.overrides)
-    summary = train(cfg, Path(args.out) / "baseline", overwrite=True, quiet=args.quiet)
-    print(markdown_table([("Baseline (CE)", summary)]))
+    config = REPO_CONFIGS / "fashion_mnist" / "aikd.yaml"
+    result = run_pipeline(config, args.overrides, args.out, quiet=args.quiet, log=_logger(args.quiet))
+    rows = [("Baseline (phase 1, CE)", result["superior"]), ("AI-KD (phase 2)", result["student"])]
+    print(markdown_table(rows))
     return 0
+
+
+def _logger(quiet: bool):
+    return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def _headline(summary: dict) -> dict:
@@ -108,7 +137,7 @@ def _headline(summary: dict) -> dict:
     return {k: summary[k] for k in keys}
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pipeline": cmd_pipeline, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

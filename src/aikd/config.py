@@ -195,9 +195,13 @@ def _check(hint: Any, value: Any, path: str) -> Any:
             except ValueError:
                 raise _type_error(path, hint, value) from None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"Config key '{path}' must be a finite number, got {value!r}.")
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond the float range
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"Config key '{path}' must be a finite number, got {number!r}.")
+            return number
         raise _type_error(path, hint, value)
     if hint is str:
         if isinstance(value, str):
@@ -271,6 +275,11 @@ def from_dict(data: Mapping[str, Any], source: str = "config") -> RunConfig:
             f"Unknown method '{method}' (config key 'method' in {source})."
             f"{did_you_mean(method, _METHOD_SCHEMAS)} Available: {', '.join(sorted(_METHOD_SCHEMAS))}."
         )
+    if "methods" in data:  # filled from the method sections below, not settable itself
+        raise ConfigError(
+            f"Config key 'methods' cannot be set (in {source}): method hyper-parameters go in a "
+            f"top-level section named after the method, for example '{method}:'."
+        )
     methods = {}
     for name, schema in _METHOD_SCHEMAS.items():
         methods[name] = build(schema, data.pop(name, None), name)
@@ -284,15 +293,27 @@ def from_dict(data: Mapping[str, Any], source: str = "config") -> RunConfig:
 # Files and overrides
 
 
+# What PyYAML's safe loader raises, besides YAMLError, for scalars it cannot build
+# (dates like 2020-13-45, '!!float abc', '!!bool maybe', ints too long to convert).
+_YAML_VALUE_ERRORS = (ValueError, KeyError, AttributeError, TypeError)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning every failure into a message naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist. Configs ship under configs/.")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (UnicodeDecodeError, OSError) as err:  # a binary file, or unreadable
+        raise ConfigError(f"Config file '{path}' cannot be read as a YAML text file: {err}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
+    except _YAML_VALUE_ERRORS as err:  # a scalar PyYAML cannot build, e.g. the date 2020-13-45
+        raise ConfigError(f"Config file '{path}' is not valid YAML: a value cannot be read "
+                          f"({type(err).__name__}: {err}).") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -312,7 +333,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"Override '{text}' has an empty key part.")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, *_YAML_VALUE_ERRORS):
         value = raw
     return parts, value
 

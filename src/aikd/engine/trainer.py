@@ -69,7 +69,7 @@ class Trainer:
         method_cls = METHODS.get(cfg.method)
         ctx = MethodContext(num_classes=d.num_classes, num_train=len(d.train), epochs=cfg.train.epochs,
                             device=self.device, train_labels=d.train.labels,
-                            teacher=self._load_teacher(method_cls.requires_teacher))
+                            teacher=self._load_teacher(method_cls.needs_teacher(cfg.method_config())))
         self.method = method_cls(cfg.method_config(), ctx).to(self.device)
         pin = self.device.type == "cuda"
         sampler = self.method.batch_sampler(cfg.data.batch_size, cfg.seed)
@@ -160,8 +160,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-        """Train for ``train.epochs`` epochs, evaluate, write summary.json; return the summary."""
+    def fit(self, resume: bool = False, overwrite: bool = False,
+            stop_after: int | None = None) -> dict[str, Any] | None:
+        """Train for ``train.epochs`` epochs, evaluate, write summary.json; return the summary.
+
+        ``stop_after=N`` ends the call after epoch N (checkpointed, no summary,
+        returns None): a long run can be split into jobs that each ``resume``.
+        """
         self._prepare_out_dir(resume, overwrite)
         if resume:
             self.resume()
@@ -170,7 +175,7 @@ class Trainer:
         logger.info(self._banner())
         try:
             epochs = self.cfg.train.epochs
-            while self.epoch < epochs:
+            while self.epoch < min(epochs, stop_after or epochs):
                 record = self.train_epoch(self.epoch)
                 self.epoch += 1
                 if self.epoch % self.cfg.train.eval_every == 0 or self.epoch == epochs:
@@ -183,6 +188,8 @@ class Trainer:
                 logger.log_epoch(record)
         finally:
             logger.close()
+        if self.epoch < epochs:
+            return None
         summary = self.summary()
         atomic_write_bytes(self.out / "summary.json", json.dumps(summary, indent=2).encode())
         return summary

@@ -76,6 +76,11 @@ class Method(nn.Module):
         self.hparams = hparams
         self.ctx = ctx
 
+    @classmethod
+    def needs_teacher(cls, hparams: Any) -> bool:
+        """Whether this configuration distils from a pre-trained model (AI-KD's ablations may not)."""
+        return cls.requires_teacher
+
     def batch_sampler(self, batch_size: int, seed: int) -> Any | None:
         """Return a custom epoch batch sampler, or ``None`` for shuffled batches."""
         return None

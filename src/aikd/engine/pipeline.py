@@ -1,0 +1,99 @@
+"""Two-phase training: a superior (teacher) model with CE, then the student against it.
+
+Phase 1 trains the superior model with plain CE and the student's own recipe
+(AI-KD Section 3, TF-KD's self-teacher). Its run lands in a cache folder keyed
+by everything that shapes it (model, data, recipe, seed), so a sweep over
+methods or ablations that share it trains it once. ``teacher.checkpoint=PATH``
+skips phase 1 and uses the given model.
+
+Overrides apply to both phases; ``phase1.KEY=VALUE`` or ``phase2.KEY=VALUE``
+applies to one only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aikd.config import RunConfig, apply_overrides, from_dict, read_yaml
+from aikd.engine.trainer import LAST, train
+from aikd.errors import ConfigError
+from aikd.methods import METHODS
+
+PHASES = ("phase1", "phase2")
+
+
+def split_phase_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Separate ``phase1.``/``phase2.`` prefixed overrides from the common ones."""
+    common: list[str] = []
+    per_phase: dict[str, list[str]] = {p: [] for p in PHASES}
+    for text in overrides:
+        head, _, rest = text.partition(".")
+        if head in PHASES and "=" in rest:
+            per_phase[head].append(rest)
+        else:
+            common.append(text)
+    return common, per_phase
+
+
+def superior_config(student: dict[str, Any]) -> dict[str, Any]:
+    """Phase 1's config: the student's data, model and recipe with plain CE, no teacher."""
+    phase1 = {k: v for k, v in student.items() if k in ("seed", "deterministic", "device", "data", "model", "train")}
+    phase1["method"] = "ce"
+    return phase1
+
+
+def superior_key(cfg: RunConfig) -> str:
+    """A short hash of everything that determines the phase-1 model."""
+    shaping = {k: v for k, v in cfg.to_dict().items() if k in ("seed", "deterministic", "data", "model", "train")}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{cfg.model.name}-{cfg.data.name}-seed{cfg.seed}-{digest}"
+
+
+def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The summary of a finished run in ``run_dir`` made with exactly ``cfg``, else None."""
+    summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
+    if summary.is_file() and saved.is_file() and yaml.safe_load(saved.read_text()) == cfg.to_dict():
+        return json.loads(summary.read_text())
+    return None
+
+
+def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log) -> dict[str, Any]:
+    """Train ``cfg`` in ``run_dir``, reuse a finished identical run, or resume an unfinished one."""
+    done = _finished(run_dir, cfg)
+    if done is not None:
+        log(f"aikd: reusing the finished run in {run_dir}")
+        return done
+    resume = (run_dir / "checkpoints" / LAST).is_file() and not (run_dir / "summary.json").is_file()
+    return train(cfg, run_dir, resume=resume, overwrite=not resume, quiet=quiet)
+
+
+def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *,
+                 cache_dir: str | Path | None = None, quiet: bool = False, log=print) -> dict[str, Any]:
+    """Run phase 1 (when the method needs it) and phase 2; return both summaries."""
+    out = Path(out_dir)
+    common, per_phase = split_phase_overrides(overrides)
+    base = apply_overrides(read_yaml(config), common)
+    student_cfg = from_dict(apply_overrides(base, per_phase["phase2"]), source=str(config))
+    result: dict[str, Any] = {"config": str(config), "superior": None}
+    method_cls = METHODS.get(student_cfg.method)
+    if method_cls.needs_teacher(student_cfg.method_config()) and student_cfg.teacher.checkpoint is None:
+        sup_cfg = from_dict(apply_overrides(superior_config(base), per_phase["phase1"]), source=f"{config} (phase 1)")
+        sup_dir = Path(cache_dir or out / "superior") / superior_key(sup_cfg)
+        log(f"aikd: phase 1, superior model -> {sup_dir}")
+        result["superior"] = train_or_reuse(sup_cfg, sup_dir, quiet, log)
+        result["superior"]["run_dir"] = str(sup_dir)
+        student_cfg.teacher.checkpoint = str(sup_dir / "checkpoints" / LAST)
+    elif per_phase["phase1"]:
+        raise ConfigError(f"phase1.* overrides were given, but method '{student_cfg.method}' with these settings "
+                          f"has no phase 1 (it needs no pre-trained model, or teacher.checkpoint is set).")
+    log(f"aikd: phase 2, {student_cfg.method} student -> {out / 'student'}")
+    result["student"] = train_or_reuse(student_cfg, out / "student", quiet, log)
+    result["student"]["run_dir"] = str(out / "student")
+    (out / "pipeline.json").write_text(json.dumps(result, indent=2))
+    return result

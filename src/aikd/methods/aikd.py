@@ -1,0 +1,241 @@
+"""AI-KD: adversarial learning and implicit regularization for self-KD.
+
+The student S_t learns from (seeds/aikd-paper.md, Section 3; METHODS.md)
+
+    L_AI = (1 - a_P - a_G) CE(q, p_t) + a_P L_P + a_G L_G + w L_A
+    L_G  = T_G^2 KL(p(z_sup; T_G) || p(z_t; T_G))       guide: the frozen superior model (Eq. 4)
+    L_P  = T_P^2 KL(p(z_{t-1}; T_P) || p(z_t; T_P))     progressive: its own previous epoch (Eq. 5)
+    L_A  = -E[D(z_t)]                                     adversarial (Eq. 7)
+
+while a WGAN-GP critic D on logits minimises
+
+    L_D  = E[D(z_t)] - E[D(z_sup)] + lambda E[(||grad D(x_hat)||_2 - 1)^2],
+    x_hat = e z_sup + (1 - e) z_t,  e ~ U(0, 1) per sample       (Eq. 6)
+
+The pure functions below are the equations; :class:`AIKD` wires them into
+the training loop. Choices the paper leaves open are config keys, explained
+in docs/methods/aikd.md.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aikd.errors import ConfigError
+from aikd.methods.base import Batch, Method, MethodContext, StepOutput, register_method
+from aikd.methods.buffer import PredictionBuffer
+
+# --------------------------------------------------------------------------- the equations
+
+
+def distillation_kl(target_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 KL(p(target; T) || p(student; T)), summed over classes, mean over the batch."""
+    t = temperature
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_target = F.log_softmax(target_logits / t, dim=1)
+    kl = (log_p_target.exp() * (log_p_target - log_p_student)).sum(dim=1)
+    return t * t * kl.mean()
+
+
+def guide_loss(student_logits: Tensor, superior_logits: Tensor, temperature: float = 3.0) -> Tensor:
+    """L_G (Eq. 4): the student mimics the frozen superior model, softened by T_G."""
+    return distillation_kl(superior_logits, student_logits, temperature)
+
+
+def progressive_loss(student_logits: Tensor, previous_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """L_P (Eq. 5): the student stays close to its own prediction of the previous epoch."""
+    return distillation_kl(previous_logits, student_logits, temperature)
+
+
+class Discriminator(nn.Module):
+    """The critic on logits: FC(C->64) - BatchNorm1d - LeakyReLU - FC(64->32) -> one score.
+
+    The paper stops at 32 outputs; ``reduce="mean"`` averages them into the
+    critic score (parameter-free, so the published architecture is kept).
+    """
+
+    def __init__(self, num_classes: int, hidden: int = 64, out_features: int = 32,
+                 negative_slope: float = 0.2, reduce: Literal["mean", "sum"] = "mean") -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(num_classes, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.LeakyReLU(negative_slope),
+            nn.Linear(hidden, out_features),
+        )
+        self.reduce = reduce
+
+    def forward(self, logits: Tensor) -> Tensor:
+        scores = self.net(logits)
+        return scores.mean(dim=1) if self.reduce == "mean" else scores.sum(dim=1)
+
+
+def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """E[(||grad_x D(x_hat)||_2 - 1)^2] at random interpolates x_hat = e real + (1 - e) fake."""
+    eps = torch.rand(real.shape[0], 1, device=real.device, dtype=real.dtype, generator=generator)
+    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    scores = critic(x_hat)
+    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+    return ((grad.norm(2, dim=1) - 1) ** 2).mean()
+
+
+def critic_loss(critic: nn.Module, superior_logits: Tensor, student_logits: Tensor,
+                gp_weight: float = 10.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """L_D (Eq. 6) on detached logits, and its parts for logging."""
+    real, fake = superior_logits.detach().float(), student_logits.detach().float()
+    d_real, d_fake = critic(real).mean(), critic(fake).mean()
+    gp = gradient_penalty(critic, real, fake)
+    loss = d_fake - d_real + gp_weight * gp
+    return loss, {"critic_loss": loss.detach(), "critic_gap": (d_real - d_fake).detach(), "gp": gp.detach()}
+
+
+def critic_step(critic: nn.Module, optimizer: torch.optim.Optimizer, superior_logits: Tensor,
+                student_logits: Tensor, gp_weight: float = 10.0) -> dict[str, Tensor]:
+    """One optimizer step of the critic on L_D; usable from any training script."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(superior_logits.device.type, enabled=False):
+        loss, stats = critic_loss(critic, superior_logits, student_logits, gp_weight)
+    loss.backward()
+    optimizer.step()
+    return stats
+
+
+def adversarial_loss(critic: nn.Module, student_logits: Tensor) -> Tensor:
+    """L_A (Eq. 7): the student raises the critic's score of its logits."""
+    return -critic(student_logits.float()).mean()
+
+
+# --------------------------------------------------------------------------- the method
+
+
+@dataclass
+class AIKDConfig:
+    """AI-KD hyper-parameters; defaults are the paper's (Tables 5-6, Fig. 7, Section 4.2)."""
+
+    alpha_g: float = 0.1  # a_G, weight of the guide loss
+    alpha_p: float = 0.3  # a_P, weight of the progressive loss
+    temp_g: float = 3.0  # T_G
+    temp_p: float = 1.0  # T_P
+    adv_weight: float = 0.1  # w, weight of the adversarial loss
+    prev: Literal["buffer", "snapshot"] = "buffer"  # source of z_{t-1}
+    first_epoch: Literal["label", "skip"] = "label"  # L_P target before any previous prediction
+    disc_hidden: int = 64
+    disc_out: int = 32
+    disc_slope: float = 0.2  # LeakyReLU negative slope
+    disc_reduce: Literal["mean", "sum"] = "mean"  # 32 critic outputs -> one score
+    disc_lr: float = 1e-4
+    disc_betas: list[float] | None = None  # Adam betas; None: PyTorch's (0.9, 0.999)
+    gp_weight: float = 10.0
+    critic_steps: int = 1  # critic updates per student step, on the same batch
+
+
+@register_method("aikd", AIKDConfig)
+class AIKD(Method):
+    """AI-KD and its ablations (No Adv: w=0; Only Guide: a_P=0, w=0; Only Progressive: a_G=0, w=0)."""
+
+    requires_teacher = True
+
+    def __init__(self, hparams: AIKDConfig, ctx: MethodContext) -> None:
+        super().__init__(hparams, ctx)
+        h = hparams
+        if h.alpha_g < 0 or h.alpha_p < 0 or h.alpha_g + h.alpha_p > 1:
+            raise ConfigError(f"aikd.alpha_g ({h.alpha_g}) and aikd.alpha_p ({h.alpha_p}) must be >= 0 and sum "
+                              f"to at most 1 (the CE weight is 1 - alpha_p - alpha_g).")
+        if h.temp_g <= 0 or h.temp_p <= 0 or h.critic_steps < 1:
+            raise ConfigError("aikd.temp_g and aikd.temp_p must be positive and aikd.critic_steps >= 1.")
+        self.use_adv = h.adv_weight > 0
+        self.use_prev = h.alpha_p > 0
+        if self.use_adv:
+            self.disc = Discriminator(ctx.num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce)
+            self.disc.to(ctx.device)
+            betas = tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999)
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=h.disc_lr, betas=betas)
+        if self.use_prev and h.prev == "buffer":
+            self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes)
+        self.snapshot: nn.Module | None = None  # previous epoch's weights (prev="snapshot")
+
+    @classmethod
+    def needs_teacher(cls, hparams: AIKDConfig) -> bool:
+        return hparams.alpha_g > 0 or hparams.adv_weight > 0
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        if self.use_prev and self.hparams.prev == "snapshot" and epoch > 0:
+            # The model as it ended the previous epoch; rebuilt identically on resume.
+            self.snapshot = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def _previous_logits(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
+        """z_{t-1} for the batch and the mask of samples that have one."""
+        if self.hparams.prev == "buffer":
+            return self.buffer.read(batch.indices)
+        if self.snapshot is None:
+            return None, None
+        with torch.no_grad():
+            return self.snapshot(batch.images).float(), None
+
+    def _progressive_term(self, logits: Tensor, batch: Batch) -> Tensor:
+        h = self.hparams
+        previous, filled = self._previous_logits(batch)
+        if h.first_epoch == "label":
+            one_hot = batch.targets if batch.targets.ndim == 2 else F.one_hot(batch.targets, logits.shape[1])
+            # A target of exactly the label: T^2 KL(q || p_t) = T^2 CE at T = 1 (PS-KD's epoch-0 rule).
+            label_logits = torch.log(one_hot.float().clamp_min(1e-12)) * h.temp_p
+            if previous is None:
+                previous = label_logits
+            elif filled is not None:
+                previous = torch.where(filled.unsqueeze(1), previous, label_logits)
+            return progressive_loss(logits, previous, h.temp_p)
+        if previous is None:
+            return logits.new_zeros(())
+        if filled is None:
+            return progressive_loss(logits, previous, h.temp_p)
+        n = int(filled.sum())
+        if n == 0:
+            return logits.new_zeros(())
+        return progressive_loss(logits[filled], previous[filled], h.temp_p) * (n / len(filled))
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        h = self.hparams
+        logits = model(batch.images)
+        losses = {"ce": (1 - h.alpha_p - h.alpha_g) * F.cross_entropy(logits, batch.targets)}
+        stats: dict[str, Tensor] = {}
+        sup = None
+        if self.ctx.teacher is not None:
+            with torch.no_grad():
+                sup = self.ctx.teacher(batch.images).float()
+        if h.alpha_g > 0:
+            l_g = guide_loss(logits.float(), sup, h.temp_g)
+            losses["guide"] = h.alpha_g * l_g
+            stats["L_G"] = l_g.detach()
+        if self.use_prev:
+            l_p = self._progressive_term(logits.float(), batch)
+            losses["prev"] = h.alpha_p * l_p
+            stats["L_P"] = l_p.detach()
+        if self.use_adv:
+            for _ in range(h.critic_steps):
+                critic_stats = critic_step(self.disc, self.disc_opt, sup, logits, h.gp_weight)
+            stats.update(L_D=critic_stats["critic_loss"], critic_gap=critic_stats["critic_gap"],
+                         gp=critic_stats["gp"])
+            self.disc.requires_grad_(False)  # the student's loss moves the student, not the critic
+            l_a = adversarial_loss(self.disc, logits)
+            self.disc.requires_grad_(True)
+            losses["adv"] = h.adv_weight * l_a
+            stats["L_A"] = l_a.detach()
+        return StepOutput(logits, losses, stats)
+
+    def on_step_end(self, batch: Batch, output: StepOutput) -> None:
+        if self.use_prev and self.hparams.prev == "buffer":
+            self.buffer.write(batch.indices, output.logits)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"disc_opt": self.disc_opt.state_dict()} if self.use_adv else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.use_adv:
+            self.disc_opt.load_state_dict(state["disc_opt"])

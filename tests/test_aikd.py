@@ -1,0 +1,233 @@
+"""AI-KD: its losses against independent formulas, the critic, the buffer, the pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aikd.config import load_config
+from aikd.engine import Trainer
+from aikd.engine.checkpoint import load_checkpoint, save_checkpoint
+from aikd.engine.model_io import model_meta
+from aikd.engine.pipeline import run_pipeline
+from aikd.errors import CheckpointError, ConfigError
+from aikd.methods.aikd import (
+    Discriminator,
+    adversarial_loss,
+    critic_loss,
+    gradient_penalty,
+    guide_loss,
+    progressive_loss,
+)
+from aikd.models import build_model
+
+DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=2"]
+STUDENT = torch.tensor([[2.0, 1.0, 0.1], [0.5, 2.5, -1.0]])
+OTHER = torch.tensor([[1.5, 0.2, 0.3], [-0.3, 3.0, 0.0]])
+
+
+def numpy_kd(target: np.ndarray, student: np.ndarray, t: float) -> float:
+    """T^2 * mean over samples of sum_c p_c log(p_c / q_c), from explicit probabilities."""
+    def softmax(z):
+        e = np.exp(z / t - (z / t).max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    p, q = softmax(target), softmax(student)
+    per_sample = [sum(p[i, c] * np.log(p[i, c] / q[i, c]) for c in range(p.shape[1])) for i in range(len(p))]
+    return t * t * float(np.mean(per_sample))
+
+
+@pytest.mark.parametrize("t", [1.0, 3.0, 4.0])
+def test_guide_and_progressive_losses_match_an_explicit_computation(t):
+    expected = numpy_kd(OTHER.numpy().astype(np.float64), STUDENT.numpy().astype(np.float64), t)
+    assert guide_loss(STUDENT, OTHER, t).item() == pytest.approx(expected, rel=1e-5)
+    assert progressive_loss(STUDENT, OTHER, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_guide_loss_by_hand_for_two_classes():
+    # Target logits (0, 0) -> p = (1/2, 1/2); student (ln 3, 0) at T = 1 -> q = (3/4, 1/4).
+    # KL = 1/2 ln((1/2)/(3/4)) + 1/2 ln((1/2)/(1/4)) = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3).
+    student = torch.tensor([[np.log(3.0), 0.0]], dtype=torch.float32)
+    target = torch.zeros(1, 2)
+    assert guide_loss(student, target, 1.0).item() == pytest.approx(0.5 * np.log(4 / 3), rel=1e-5)
+    # At T = 2 the student's logits halve: q = softmax(ln 3 / 2, 0) = (sqrt3, 1) / (sqrt3 + 1); times T^2 = 4.
+    s3 = np.sqrt(3.0)
+    kl = 0.5 * np.log(0.5 / (s3 / (s3 + 1))) + 0.5 * np.log(0.5 / (1 / (s3 + 1)))
+    assert guide_loss(student, target, 2.0).item() == pytest.approx(4 * kl, rel=1e-5)
+
+
+def test_batch_mean_not_sum():
+    one = guide_loss(STUDENT[:1], OTHER[:1], 3.0)
+    doubled = guide_loss(STUDENT[:1].repeat(2, 1), OTHER[:1].repeat(2, 1), 3.0)
+    assert doubled.item() == pytest.approx(one.item(), rel=1e-6)
+
+
+class LinearCritic(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def test_gradient_penalty_zero_for_unit_norm_linear_critic():
+    w = torch.tensor([0.6, 0.8, 0.0])  # ||w|| = 1, so ||grad D|| = 1 everywhere
+    real, fake = torch.randn(16, 3), torch.randn(16, 3)
+    assert gradient_penalty(LinearCritic(w), real, fake).item() == pytest.approx(0.0, abs=1e-10)
+    # ||2w|| = 2 -> penalty (2 - 1)^2 = 1 at every interpolate.
+    assert gradient_penalty(LinearCritic(2 * w), real, fake).item() == pytest.approx(1.0, rel=1e-6)
+    assert gradient_penalty(Discriminator(3), real, fake).item() > 0
+
+
+def test_critic_loss_is_wgan_gp():
+    w = torch.tensor([1.0, 0.0])
+    real = torch.tensor([[2.0, 5.0], [4.0, 1.0]])  # D(real) = first coordinate: mean 3
+    fake = torch.tensor([[1.0, 0.0], [0.0, 9.0]])  # mean 0.5
+    loss, stats = critic_loss(LinearCritic(w), real, fake, gp_weight=10.0)
+    assert loss.item() == pytest.approx(0.5 - 3.0)  # unit-norm critic: zero penalty
+    assert stats["critic_gap"].item() == pytest.approx(2.5)
+
+
+def test_adversarial_gradient_reaches_the_student_not_the_superior():
+    torch.manual_seed(0)
+    student, superior = nn.Linear(4, 3), nn.Linear(4, 3).requires_grad_(False)
+    critic = Discriminator(3)
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        sup_logits = superior(x)
+    critic_loss(critic, sup_logits, student(x))[0].backward()
+    assert student.weight.grad is None  # the critic's loss sees detached logits
+    adversarial_loss(critic, student(x)).backward()
+    assert student.weight.grad is not None and student.weight.grad.abs().sum() > 0
+    assert superior.weight.grad is None
+
+
+def _train_aikd(tmp_path, *extra, teacher=None):
+    overrides = [*DIGITS, "method=aikd", *extra]
+    if teacher is not None:
+        overrides.append(f"teacher.checkpoint={teacher}")
+    return load_config(None, overrides)
+
+
+@pytest.fixture(scope="module")
+def superior(tmp_path_factory):
+    out = tmp_path_factory.mktemp("superior")
+    Trainer(load_config(None, DIGITS), out, quiet=True).fit()
+    return out / "checkpoints" / "last.safetensors"
+
+
+def test_superior_model_never_changes_and_every_term_is_logged(tmp_path, superior):
+    trainer = Trainer(_train_aikd(tmp_path, teacher=superior), tmp_path, quiet=True)
+    before = {k: v.clone() for k, v in trainer.method.ctx.teacher.state_dict().items()}
+    trainer.fit()
+    for key, value in trainer.method.ctx.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss.ce", "loss.guide", "loss.prev", "loss.adv", "stat.L_G", "stat.L_P", "stat.L_A", "stat.L_D",
+                "stat.critic_gap", "stat.gp"):
+        assert key in record and np.isfinite(record[key]), key
+    # The weighted terms are the raw terms times the paper's weights.
+    assert record["loss.guide"] == pytest.approx(0.1 * record["stat.L_G"], rel=1e-4)
+    assert record["loss.prev"] == pytest.approx(0.3 * record["stat.L_P"], rel=1e-4)
+
+
+def test_buffer_holds_last_epochs_logits_and_survives_resume(tmp_path):
+    cfg = _train_aikd(tmp_path, "aikd.alpha_g=0", "aikd.adv_weight=0")  # Only Progressive: no superior
+    trainer = Trainer(cfg, tmp_path, quiet=True)
+    method = trainer.method
+    written, read = {}, {}
+    original_step, original_end = method.training_step, method.on_step_end
+
+    def step(model, batch):
+        if batch.epoch == 1:
+            logits, filled = method.buffer.read(batch.indices)
+            read.update({i: (row.clone(), bool(f)) for i, row, f in zip(batch.indices.tolist(), logits, filled,
+                                                                       strict=True)})
+        return original_step(model, batch)
+
+    def end(batch, out):
+        if batch.epoch == 0:
+            written.update(zip(batch.indices.tolist(), out.logits.detach().half().float(), strict=True))
+        original_end(batch, out)
+
+    method.training_step, method.on_step_end = step, end
+    trainer.fit(stop_after=1)
+    assert len(written) >= len(trainer.data.train) - 1  # all but a dropped single-sample batch
+    saved = load_checkpoint(tmp_path / "checkpoints/last.safetensors").state["method"]
+    assert torch.equal(saved["buffer.logits"], method.buffer.logits.cpu())
+    resumed = Trainer(cfg, tmp_path, quiet=True)
+    resumed.resume()
+    assert torch.equal(resumed.method.buffer.logits, method.buffer.logits)
+    assert torch.equal(resumed.method.buffer.filled, method.buffer.filled)
+    trainer.fit(resume=True)
+    assert read, "epoch 1 never ran"
+    for index, (logits, filled) in read.items():
+        if index in written:
+            assert filled and torch.equal(logits, written[index]), index
+
+
+def test_discriminator_and_its_optimizer_are_restored(tmp_path, superior):
+    cfg = _train_aikd(tmp_path, teacher=superior)
+    first = Trainer(cfg, tmp_path, quiet=True)
+    first.fit(stop_after=1)
+    again = Trainer(cfg, tmp_path, quiet=True)
+    again.resume()
+    for (key, a), b in zip(first.method.disc.state_dict().items(), again.method.disc.state_dict().values(),
+                           strict=True):
+        assert torch.equal(a, b), key
+    exp_avg = [s["exp_avg"] for s in first.method.disc_opt.state_dict()["state"].values()]
+    got = [s["exp_avg"] for s in again.method.disc_opt.state_dict()["state"].values()]
+    assert exp_avg and all(torch.equal(a, b) for a, b in zip(exp_avg, got, strict=True))
+
+
+def test_snapshot_source_trains(tmp_path, superior):
+    summary = Trainer(_train_aikd(tmp_path, "aikd.prev=snapshot", teacher=superior), tmp_path, quiet=True).fit()
+    assert summary["top1_err"] < 50
+
+
+def test_teacher_with_other_class_count_is_refused(tmp_path):
+    wrong = build_model("small_cnn", 7, 1, 8)
+    path = save_checkpoint(tmp_path / "wrong.safetensors", wrong.state_dict(),
+                           {**model_meta("small_cnn", "cifar", 7, 1, 8, list("abcdefg")), "epoch": 1})
+    with pytest.raises(CheckpointError, match="7 classes"):
+        Trainer(_train_aikd(tmp_path, teacher=path), tmp_path / "run", quiet=True)
+
+
+def test_missing_teacher_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="teacher.checkpoint"):
+        Trainer(_train_aikd(tmp_path), tmp_path, quiet=True)
+
+
+def test_pipeline_runs_both_phases_and_reuses_phase_one(tmp_path):
+    config = "configs/fashion_mnist/aikd.yaml"
+    logs: list[str] = []
+    result = run_pipeline(config, DIGITS, tmp_path, quiet=True, log=logs.append)
+    sup_dir = tmp_path / "superior"
+    assert len(list(sup_dir.iterdir())) == 1
+    assert result["superior"]["method"] == "ce" and result["student"]["method"] == "aikd"
+    assert (tmp_path / "student/summary.json").is_file()
+    # A different student (No Adv) with the same phase-1 settings reuses the superior model.
+    run_pipeline(config, [*DIGITS, "aikd.adv_weight=0"], tmp_path, quiet=True, log=logs.append)
+    assert any("reusing" in line and "superior" in line for line in logs)
+    assert len(list(sup_dir.iterdir())) == 1
+    # Changing the recipe of phase 1 only trains a second superior model.
+    run_pipeline(config, [*DIGITS, "phase1.train.lr=0.05"], tmp_path, quiet=True, log=logs.append)
+    assert len(list(sup_dir.iterdir())) == 2
+    done = subprocess.run([sys.executable, "-m", "aikd", "eval", "-q", "-k",
+                           str(tmp_path / "student/checkpoints/last.safetensors")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["method"] == "aikd"
+
+
+def test_only_progressive_needs_no_phase_one(tmp_path):
+    result = run_pipeline("configs/fashion_mnist/aikd_only_progressive.yaml", DIGITS, tmp_path, quiet=True,
+                          log=lambda m: None)
+    assert result["superior"] is None and not (tmp_path / "superior").exists()
