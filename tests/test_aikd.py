@@ -231,3 +231,32 @@ def test_only_progressive_needs_no_phase_one(tmp_path):
     result = run_pipeline("configs/fashion_mnist/aikd_only_progressive.yaml", DIGITS, tmp_path, quiet=True,
                           log=lambda m: None)
     assert result["superior"] is None and not (tmp_path / "superior").exists()
+
+
+def write_cifar100(root, n_train_per_class=2, n_test_per_class=1):
+    """The official python layout: cifar-100-python/{train,test,meta} pickles with numpy arrays."""
+    import pickle
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, per_class in (("train", n_train_per_class), ("test", n_test_per_class)):
+        labels = [c for c in range(100) for _ in range(per_class)]
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"data": data, b"fine_labels": labels, b"coarse_labels": [0] * len(labels)}, fh)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)]}, fh)
+
+
+@pytest.mark.slow
+def test_paper_config_runs_end_to_end_on_cifar_format_files(tmp_path):
+    """configs/cifar100/aikd_preact_resnet18.yaml, shortened: both phases on real CIFAR-100 files."""
+    write_cifar100(tmp_path / "data")
+    result = run_pipeline("configs/cifar100/aikd_preact_resnet18.yaml",
+                          [f"data.root={tmp_path / 'data'}", "train.epochs=1", "data.batch_size=50"],
+                          tmp_path / "out", quiet=True, log=lambda m: None)
+    assert result["student"]["num_train"] == 200 and result["student"]["num_test"] == 100
+    assert result["student"]["model"] == "preact_resnet18"
+    record = json.loads((tmp_path / "out/student/metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(record["stat.L_D"]) and np.isfinite(record["loss.adv"])

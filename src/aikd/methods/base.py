@@ -60,9 +60,9 @@ class MethodContext:
     num_classes: int
     num_train: int  # training-set size: the length of per-sample buffers
     epochs: int
-    device: torch.device
-    train_labels: Tensor  # (num_train,) labels, for class-aware samplers
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     teacher: nn.Module | None = None  # frozen, eval mode, on ``device``
+    train_labels: Tensor | None = None  # (num_train,) labels, for class-aware samplers
 
 
 class Method(nn.Module):

@@ -1,0 +1,408 @@
+"""Config schema, YAML files, dotted overrides, validation errors, and the CLI's error handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from aikd.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TeacherConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+    save_config,
+)
+from aikd.errors import ConfigError
+
+CONFIG_YAML = """\
+method: ce
+seed: 0
+data:
+  name: fashion-mnist
+  batch_size: 64
+model:
+  name: small_cnn
+train:
+  epochs: 10
+"""
+
+
+@pytest.fixture
+def cfg_file(tmp_path) -> Path:
+    path = tmp_path / "ce.yaml"
+    path.write_text(CONFIG_YAML)
+    return path
+
+
+def _error(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- files and overrides
+
+def test_yaml_file_plus_overrides(cfg_file):
+    cfg = load_config(cfg_file, ["train.epochs=2", "data.train_limit=2000", "seed=1",
+                                 "train.milestones=[0.3,0.6]", "train.lr=1e-4"])
+    assert cfg.method == "ce"
+    assert cfg.model.name == "small_cnn"
+    assert cfg.data.batch_size == 64  # from the file
+    assert cfg.train.epochs == 2 and type(cfg.train.epochs) is int
+    assert cfg.data.train_limit == 2000
+    assert cfg.seed == 1
+    assert cfg.train.milestones == [0.3, 0.6]
+    # YAML 1.1 reads 1e-4 (no dot) as the string '1e-4'; the schema makes it a float
+    assert isinstance(cfg.train.lr, float)
+    assert cfg.train.lr == 0.0001
+    # untouched keys keep the paper's defaults
+    assert cfg.train.momentum == 0.9
+    assert cfg.train.gamma == 0.1
+
+
+def test_file_values_and_later_overrides_win(cfg_file):
+    cfg = load_config(cfg_file, ["train.epochs=3", "train.epochs=4", "data.root=/data/fm", "data.test_limit=null"])
+    assert cfg.train.epochs == 4
+    assert cfg.data.root == "/data/fm"
+    assert cfg.data.test_limit is None
+
+
+def test_integer_for_float_key_becomes_float(cfg_file):
+    cfg = load_config(cfg_file, ["train.lr=1", "train.milestones=[1]"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.milestones == [1.0] and isinstance(cfg.train.milestones[0], float)
+
+
+def test_defaults_are_the_papers_recipe():
+    for cfg in (RunConfig(), load_config(None), from_dict({})):
+        t = cfg.train
+        assert t.epochs == 300
+        assert t.lr == 0.1
+        assert t.momentum == 0.9
+        assert t.nesterov is True
+        assert t.weight_decay == 5e-4
+        assert t.milestones == [0.5, 0.75]
+        assert t.gamma == 0.1
+        assert cfg.method == "ce"
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing but a comment\n")
+    assert load_config(path).train.epochs == 300
+
+
+def test_to_dict_round_trips_through_from_dict(cfg_file, tmp_path):
+    cfg = load_config(cfg_file, ["train.lr=0.05", "train.milestones=[0.25]", "data.augment=none",
+                                 "deterministic=true", "teacher.checkpoint=/x/t.safetensors"])
+    plain = cfg.to_dict()
+    assert "methods" not in plain
+    assert plain["ce"] == {}  # method sections are top-level keys
+    again = from_dict(plain)
+    assert again == cfg
+    assert again.to_dict() == plain
+    # and through a YAML file
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_method_config_is_the_selected_methods_section():
+    cfg = from_dict({"method": "ce"})
+    assert cfg.method_config() is cfg.methods["ce"]
+
+
+# ---------------------------------------------------------------- errors
+
+def test_unknown_section_suggests_the_right_one(cfg_file):
+    msg = _error(cfg_file, ["trian.epochs=2"])
+    assert "'trian'" in msg
+    assert "Did you mean 'train'" in msg
+
+
+def test_unknown_key_suggests_the_right_one(cfg_file):
+    msg = _error(cfg_file, ["train.epoch=2"])
+    assert "'train.epoch'" in msg
+    assert "Did you mean 'epochs'" in msg
+
+
+@pytest.mark.parametrize(("override", "key", "shown"), [
+    ("train.epochs=abc", "train.epochs", "'abc'"),
+    ("train.nesterov=3", "train.nesterov", "3"),
+    ("train.epochs=2.5", "train.epochs", "2.5"),
+    ("train.epochs=true", "train.epochs", "True"),
+    ("train.lr=fast", "train.lr", "'fast'"),
+    ("train.milestones=0.5", "train.milestones", "0.5"),
+    ("train.milestones=[0.5,x]", "train.milestones[1]", "'x'"),
+    ("data.train_limit=many", "data.train_limit", "'many'"),
+    ("seed=[1]", "seed", "[1]"),
+    ("data=3", "data", "3"),
+])
+def test_wrong_type_names_key_and_value(cfg_file, override, key, shown):
+    msg = _error(cfg_file, [override])
+    assert f"'{key}'" in msg
+    assert shown in msg
+
+
+def test_bad_literal_lists_the_choices(cfg_file):
+    msg = _error(cfg_file, ["data.augment=strong"])
+    assert "'data.augment'" in msg and "'strong'" in msg
+    assert "'standard'" in msg and "'none'" in msg
+    assert "Did you mean 'standard'" in _error(cfg_file, ["data.augment=standrad"])
+
+
+def test_unknown_method(cfg_file):
+    msg = _error(cfg_file, ["method=nosuchmethod"])
+    assert "'nosuchmethod'" in msg
+    assert "method" in msg
+    assert "ce" in msg  # the available methods are listed
+
+
+def test_unknown_model_name_is_refused_when_building():
+    from aikd.models import build_model
+
+    with pytest.raises(ConfigError) as info:
+        build_model("resnet81", 10, 3, 32)
+    msg = str(info.value)
+    assert "'resnet81'" in msg and "model.name" in msg
+    assert "Did you mean 'resnet18'" in msg
+
+
+def test_unknown_dataset_name_is_refused_when_loading():
+    from aikd.data import load_data
+
+    with pytest.raises(ConfigError) as info:
+        load_data(DataConfig(name="cifar1000"))
+    msg = str(info.value)
+    assert "'cifar1000'" in msg and "data.name" in msg
+    assert "Did you mean 'cifar100'" in msg
+
+
+@pytest.mark.parametrize("milestones", ["[0.5,1.5]", "[0,0.5]", "[-0.1]"])
+def test_milestone_outside_unit_interval(cfg_file, milestones):
+    msg = _error(cfg_file, [f"train.milestones={milestones}"])
+    assert "train.milestones" in msg
+    assert "(0, 1]" in msg
+
+
+def test_milestone_one_is_allowed(cfg_file):
+    assert load_config(cfg_file, ["train.milestones=[1.0]"]).train.milestones == [1.0]
+
+
+@pytest.mark.parametrize(("override", "key", "value"), [
+    ("train.epochs=-1", "train.epochs", "-1"),
+    ("train.epochs=0", "train.epochs", "0"),
+    ("data.batch_size=0", "data.batch_size", "0"),
+    ("data.train_limit=-5", "data.train_limit", "-5"),
+    ("train.lr=0", "train.lr", "0"),
+    ("train.momentum=-0.5", "train.momentum", "-0.5"),
+    ("train.lr=.nan", "train.lr", "nan"),
+    ("train.lr=.inf", "train.lr", "inf"),
+    ("device=gpu", "device", "'gpu'"),
+])
+def test_out_of_range_values(cfg_file, override, key, value):
+    msg = _error(cfg_file, [override])
+    assert key in msg
+    assert value in msg
+
+
+def test_huge_integer_for_float_key_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.lr"):
+        from_dict({"train": {"lr": 10 ** 400}})
+
+
+def test_methods_is_not_a_settable_key():
+    with pytest.raises(ConfigError, match="methods"):
+        from_dict({"methods": {}})
+
+
+def test_malformed_overrides(cfg_file):
+    assert "KEY=VALUE" in _error(cfg_file, ["train.epochs"])
+    assert "empty key" in _error(cfg_file, ["train..epochs=2"])
+    assert "'seed' is a value" in _error(cfg_file, ["seed.x=1"])
+
+
+def test_missing_config_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    msg = _error(path)
+    assert str(path) in msg and "does not exist" in msg
+
+
+def test_invalid_yaml_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: {epochs: [1\n")
+    msg = _error(path)
+    assert str(path) in msg and "not valid YAML" in msg
+
+
+def test_yaml_value_pyyaml_cannot_build(tmp_path):
+    path = tmp_path / "date.yaml"
+    path.write_text("data:\n  root: 2020-13-45\n")  # a "date" with month 13
+    assert str(path) in _error(path)
+    # as an override the same text is kept as a string
+    assert load_config(None, ["data.root=2020-13-45"]).data.root == "2020-13-45"
+
+
+def test_binary_file_as_config(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert str(path) in _error(path)
+
+
+def test_yaml_file_holding_a_list(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- train\n- epochs\n")
+    msg = _error(path)
+    assert str(path) in msg and "mapping" in msg and "list" in msg
+
+
+def test_section_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "flat.yaml"
+    path.write_text("train: 5\n")
+    msg = _error(path)
+    assert "'train'" in msg and "mapping" in msg
+
+
+# ---------------------------------------------------------------- property: ConfigError or a RunConfig
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "teacher": TeacherConfig}
+_TOP_KEYS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS]  # includes 'methods'
+
+_scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+            | st.sampled_from([0, 1, 2, 0.5, 1e-4, "1e-4", "standard", "none", "auto", "cpu", "ce",
+                               "small_cnn", "buffer", [0.5], [0.3, 0.9], 10 ** 400]))
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@st.composite
+def _section(draw, fields: list[str]):
+    keys = (st.sampled_from(fields) | st.text(max_size=8)) if fields else st.text(max_size=8)
+    return draw(st.dictionaries(keys, _values, max_size=4))
+
+
+@st.composite
+def _config_dicts(draw):
+    from aikd.config import _METHOD_SCHEMAS
+
+    import aikd.methods  # noqa: F401  (registers the method sections)
+
+    sections = dict(_SECTIONS)
+    sections.update(_METHOD_SCHEMAS)
+    data = {}
+    for name, schema in sections.items():
+        if draw(st.booleans()):
+            fields = [f.name for f in dataclasses.fields(schema)]
+            data[name] = draw(_section(fields) | _values)
+    for key in draw(st.lists(st.sampled_from(_TOP_KEYS) | st.text(max_size=8), max_size=4)):
+        data[key] = draw(_values)
+    if draw(st.booleans()):
+        data["method"] = draw(st.sampled_from(sorted(_METHOD_SCHEMAS)))
+    return data
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_config_dicts())
+@example({"train": {"lr": 10 ** 400}})
+@example({"methods": {"ce": {}}})
+@example({1: 2, "data": {None: 1}})
+@example({"train": {"epochs": 5, "milestones": [0.2, 1.0]}, "data": {"augment": "none"}})
+def test_from_dict_returns_config_or_config_error(data):
+    try:
+        cfg = from_dict(data)
+    except ConfigError as err:
+        assert str(err)
+    else:
+        assert isinstance(cfg, RunConfig)
+        assert cfg.train.epochs > 0
+        assert all(0 < m <= 1 for m in cfg.train.milestones)
+
+
+_override_keys = st.sampled_from([
+    "seed", "method", "device", "train.epochs", "train.lr", "train.milestones", "train.nesterov",
+    "data.augment", "data.train_limit", "data.root", "model.name", "teacher.checkpoint", "train", "x.y",
+]) | st.text(st.characters(codec="ascii", exclude_characters="="), max_size=10)
+_override_values = st.text(st.characters(codec="ascii"), max_size=12) | st.sampled_from([
+    "2020-13-45", "!!float abc", "!!bool maybe", "[0.5", "{a: 1}", "1e400", "-1", "null", "~", "'x'"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_override_keys, _override_values), max_size=3))
+def test_overrides_return_config_or_config_error(pairs):
+    try:
+        cfg = load_config(None, [f"{k}={v}" for k, v in pairs])
+    except ConfigError as err:
+        assert str(err)
+    else:
+        assert isinstance(cfg, RunConfig)
+
+
+# ---------------------------------------------------------------- command line
+
+# Each `python -m aikd` that reaches the training code imports torch, torchvision and
+# torchmetrics (several seconds), so every CLI case is started at once, in parallel.
+CLI_ERROR_CASES = {
+    "unknown_key": (["train", "-c", "{cfg}", "-o", "{tmp}/run1", "train.epoch=1"], ["train.epoch", "epochs"]),
+    "unknown_method": (["train", "-c", "{cfg}", "-o", "{tmp}/run2", "method=nosuchmethod"], ["nosuchmethod"]),
+    "missing_config": (["train", "-c", "{tmp}/missing.yaml", "-o", "{tmp}/run3"], ["{tmp}/missing.yaml"]),
+    "missing_checkpoint": (["eval", "-k", "missing.safetensors"], ["missing.safetensors"]),
+}
+CLI_HELP_CASES = {"main": ["--help"], "train": ["train", "--help"], "eval": ["eval", "--help"],
+                  "demo": ["demo", "--help"]}
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    tmp = tmp_path_factory.mktemp("cli")
+    cfg = tmp / "ce.yaml"
+    cfg.write_text(CONFIG_YAML)
+    commands = {f"error:{name}": [a.format(cfg=cfg, tmp=tmp) for a in args]
+                for name, (args, _) in CLI_ERROR_CASES.items()}
+    commands.update({f"help:{name}": args for name, args in CLI_HELP_CASES.items()})
+    procs = {name: subprocess.Popen([sys.executable, "-m", "aikd", *args], cwd=tmp, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, args in commands.items()}
+    results = {}
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return tmp, results
+
+
+@pytest.mark.parametrize("case", sorted(CLI_ERROR_CASES))
+def test_cli_user_errors_are_one_clean_paragraph(cli_runs, case):
+    tmp, results = cli_runs
+    proc = results[f"error:{case}"]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    err = proc.stderr.strip()
+    assert err.startswith("aikd: error:")
+    assert "\n\n" not in err  # one paragraph
+    assert len(err.splitlines()) <= 3
+    for needle in CLI_ERROR_CASES[case][1]:
+        assert needle.format(tmp=tmp) in err
+    assert proc.stdout == ""
+    assert not any(tmp.glob("run*"))  # nothing was started
+
+
+@pytest.mark.parametrize("case", sorted(CLI_HELP_CASES))
+def test_cli_help_has_examples(cli_runs, case):
+    proc = cli_runs[1][f"help:{case}"]
+    assert proc.returncode == 0, proc.stderr
+    assert "example" in proc.stdout
+    assert proc.stdout.startswith("usage: aikd")

@@ -1,0 +1,38 @@
+"""Every shipped config validates, follows the naming convention and keeps the paper's recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aikd.config import load_config
+from aikd.data import DATASETS
+from aikd.models import MODELS
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_config_validates_and_is_named_after_its_contents(path):
+    cfg = load_config(path)
+    assert cfg.data.name in DATASETS and cfg.model.name in MODELS
+    assert path.parent.name.replace("_", "-") == cfg.data.name.replace("_", "-")
+    stem = path.stem
+    assert stem.startswith("ce" if cfg.method == "ce" else cfg.method)
+    if cfg.data.name != "fashion-mnist":  # the paper's settings: its recipe, untouched
+        assert stem.endswith(cfg.model.name)
+        assert cfg.train.epochs == 300 and cfg.train.lr == 0.1 and cfg.train.milestones == [0.5, 0.75]
+        assert cfg.data.batch_size == (128 if cfg.data.name in ("cifar100", "tiny-imagenet") else 32)
+
+
+def test_every_paper_setting_has_aikd_and_baseline_configs():
+    names = {f"{p.parent.name}/{p.stem}" for p in CONFIGS}
+    for folder, models in (("cifar100", ["preact_resnet18", "densenet121"]),
+                           ("tiny_imagenet", ["preact_resnet18", "densenet121"]),
+                           *((f, ["resnet18", "densenet121"]) for f in ("cub200", "stanford_dogs", "mit67",
+                                                                       "fgvc_aircraft"))):
+        for model in models:
+            assert {f"{folder}/ce_{model}", f"{folder}/aikd_{model}"} <= names
+    for ablation in ("aikd", "aikd_no_adv", "aikd_only_progressive", "aikd_only_guide", "ce"):
+        assert f"fashion_mnist/{ablation}" in names
