@@ -58,7 +58,7 @@ class EpochBatchSampler:
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
-        return full + (1 if rest > 0 else 0)
+        return full + (1 if rest > 1 or (rest == 1 and not self.shuffle) else 0)
 
 
 class TensorLoader:
