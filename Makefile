@@ -14,7 +14,7 @@ demo: $(BIN)/.installed $(FMNIST)
 	$(BIN)/aikd demo -o $(OUT)
 
 test: $(BIN)/.installed $(FMNIST)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests

@@ -201,7 +201,7 @@ def test_teacher_with_other_class_count_is_refused(tmp_path):
 
 
 def test_missing_teacher_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="teacher.checkpoint"):
+    with pytest.raises(ConfigError, match=r"teacher\.checkpoint"):
         Trainer(_train_aikd(tmp_path), tmp_path, quiet=True)
 
 
@@ -260,3 +260,12 @@ def test_paper_config_runs_end_to_end_on_cifar_format_files(tmp_path):
     assert result["student"]["model"] == "preact_resnet18"
     record = json.loads((tmp_path / "out/student/metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(record["stat.L_D"]) and np.isfinite(record["loss.adv"])
+
+
+def test_teacher_of_another_architecture_is_refused(tmp_path):
+    other = build_model("preact_resnet18", 10, 1, 8)
+    path = save_checkpoint(tmp_path / "other.safetensors", other.state_dict(),
+                           {**model_meta("preact_resnet18", "cifar", 10, 1, 8, [str(i) for i in range(10)]),
+                            "epoch": 1})
+    with pytest.raises(CheckpointError, match="same architecture"):
+        Trainer(_train_aikd(tmp_path, teacher=path), tmp_path / "run", quiet=True)

@@ -215,7 +215,7 @@ def test_out_of_range_values(cfg_file, override, key, value):
 
 
 def test_huge_integer_for_float_key_is_a_config_error():
-    with pytest.raises(ConfigError, match="train.lr"):
+    with pytest.raises(ConfigError, match=r"train\.lr"):
         from_dict({"train": {"lr": 10 ** 400}})
 
 
@@ -294,9 +294,8 @@ def _section(draw, fields: list[str]):
 
 @st.composite
 def _config_dicts(draw):
-    from aikd.config import _METHOD_SCHEMAS
-
     import aikd.methods  # noqa: F401  (registers the method sections)
+    from aikd.config import _METHOD_SCHEMAS
 
     sections = dict(_SECTIONS)
     sections.update(_METHOD_SCHEMAS)
@@ -312,7 +311,7 @@ def _config_dicts(draw):
     return data
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_config_dicts())
 @example({"train": {"lr": 10 ** 400}})
 @example({"methods": {"ce": {}}})
@@ -337,7 +336,7 @@ _override_values = st.text(st.characters(codec="ascii"), max_size=12) | st.sampl
     "2020-13-45", "!!float abc", "!!bool maybe", "[0.5", "{a: 1}", "1e400", "-1", "null", "~", "'x'"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(_override_keys, _override_values), max_size=3))
 def test_overrides_return_config_or_config_error(pairs):
     try:
@@ -362,32 +361,55 @@ CLI_HELP_CASES = {"main": ["--help"], "train": ["train", "--help"], "eval": ["ev
                   "demo": ["demo", "--help"]}
 
 
-@pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
-    tmp = tmp_path_factory.mktemp("cli")
-    cfg = tmp / "ce.yaml"
-    cfg.write_text(CONFIG_YAML)
-    commands = {f"error:{name}": [a.format(cfg=cfg, tmp=tmp) for a in args]
-                for name, (args, _) in CLI_ERROR_CASES.items()}
-    commands.update({f"help:{name}": args for name, args in CLI_HELP_CASES.items()})
-    procs = {name: subprocess.Popen([sys.executable, "-m", "aikd", *args], cwd=tmp, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, args in commands.items()}
-    results = {}
-    for name, proc in procs.items():
-        try:
-            out, err = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return tmp, results
+class _CliRuns:
+    """The CLI cases as background processes, started together, awaited on first use."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        cfg = tmp / "ce.yaml"
+        cfg.write_text(CONFIG_YAML)
+        commands = {f"error:{name}": [a.format(cfg=cfg, tmp=tmp) for a in args]
+                    for name, (args, _) in CLI_ERROR_CASES.items()}
+        commands.update({f"help:{name}": args for name, args in CLI_HELP_CASES.items()})
+        self.procs = {name: subprocess.Popen([sys.executable, "-m", "aikd", *args], cwd=tmp,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                      for name, args in commands.items()}
+        self.results: dict[str, subprocess.CompletedProcess] = {}
+
+    def __getitem__(self, name: str) -> subprocess.CompletedProcess:
+        if name not in self.results:
+            proc = self.procs[name]
+            try:
+                out, err = proc.communicate(timeout=180)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            self.results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        return self.results[name]
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli_runs(request, tmp_path_factory):
+    """Started with the module's first test, so the slow imports overlap the other tests."""
+    if not any(item.name.startswith("test_cli_") and getattr(item, "module", None) is request.module
+               for item in request.session.items):
+        yield None  # no CLI test selected
+        return
+    runs = _CliRuns(tmp_path_factory.mktemp("cli"))
+    yield runs
+    runs.close()
 
 
 @pytest.mark.parametrize("case", sorted(CLI_ERROR_CASES))
 def test_cli_user_errors_are_one_clean_paragraph(cli_runs, case):
-    tmp, results = cli_runs
-    proc = results[f"error:{case}"]
+    tmp = cli_runs.tmp
+    proc = cli_runs[f"error:{case}"]
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     err = proc.stderr.strip()
@@ -402,7 +424,7 @@ def test_cli_user_errors_are_one_clean_paragraph(cli_runs, case):
 
 @pytest.mark.parametrize("case", sorted(CLI_HELP_CASES))
 def test_cli_help_has_examples(cli_runs, case):
-    proc = cli_runs[1][f"help:{case}"]
+    proc = cli_runs[f"help:{case}"]
     assert proc.returncode == 0, proc.stderr
     assert "example" in proc.stdout
     assert proc.stdout.startswith("usage: aikd")

@@ -63,7 +63,7 @@ def test_resume_continues_to_the_same_result(tmp_path):
 
 def test_resume_refuses_a_changed_config(tmp_path):
     Trainer(digits_config("train.epochs=1"), tmp_path, quiet=True).fit()
-    with pytest.raises(ConfigError, match="train.lr"):
+    with pytest.raises(ConfigError, match=r"train\.lr"):
         Trainer(digits_config("train.epochs=1", "train.lr=0.05"), tmp_path, quiet=True).fit(resume=True)
 
 

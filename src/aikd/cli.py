@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from aikd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validate before the heavy imports
     from aikd.engine import train
 
-    cfg = load_config(args.config, args.overrides)
     summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
     print(json.dumps(_headline(summary)))
     return 0

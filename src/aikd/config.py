@@ -310,7 +310,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"Config file '{path}' is not valid YAML{line}: {problem}.") from None
     except _YAML_VALUE_ERRORS as err:  # a scalar PyYAML cannot build, e.g. the date 2020-13-45
         raise ConfigError(f"Config file '{path}' is not valid YAML: a value cannot be read "
                           f"({type(err).__name__}: {err}).") from None

@@ -164,6 +164,9 @@ class DataBundle:
         return self.augment.train(images, generator) if train else self.augment.normalize(images)
 
 
+FASHION_HINT = ", or install it with sudo apt-get install dataset-fashion-mnist"
+
+
 def load_data(cfg: DataConfig) -> DataBundle:
     """Read both splits of ``cfg.name``, apply the subset limits, and set up augmentation."""
     info = DATASETS.get(cfg.name)
@@ -172,7 +175,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
         raise DataError(
             f"Dataset folder '{root}' for '{cfg.name}' does not exist. Set data.root to the folder "
             f"holding it{' (' + info.layout_hint + ')' if info.layout_hint else ''}"
-            f"{', or install it with sudo apt-get install dataset-fashion-mnist' if cfg.name == 'fashion-mnist' else ''}."
+            f"{FASHION_HINT if cfg.name == 'fashion-mnist' else ''}."
         )
     train = info.reader(root, True, cfg.download)
     test = info.reader(root, False, False)

@@ -67,9 +67,11 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         method_cls = METHODS.get(cfg.method)
+        teacher = None
+        if method_cls.needs_teacher(cfg.method_config()):
+            teacher = self._load_teacher(cfg.model.name if method_cls.teacher_same_architecture else None)
         ctx = MethodContext(num_classes=d.num_classes, num_train=len(d.train), epochs=cfg.train.epochs,
-                            device=self.device, train_labels=d.train.labels,
-                            teacher=self._load_teacher(method_cls.needs_teacher(cfg.method_config())))
+                            device=self.device, train_labels=d.train.labels, teacher=teacher)
         self.method = method_cls(cfg.method_config(), ctx).to(self.device)
         pin = self.device.type == "cuda"
         sampler = self.method.batch_sampler(cfg.data.batch_size, cfg.seed)
@@ -87,17 +89,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up helpers
 
-    def _load_teacher(self, required: bool) -> nn.Module | None:
+    def _load_teacher(self, same_architecture_as: str | None) -> nn.Module:
         path = self.cfg.teacher.checkpoint
-        if not required:
-            return None
         if path is None:
             raise ConfigError(
                 f"Method '{self.cfg.method}' distils from a pre-trained model: set "
                 f"teacher.checkpoint=PATH, or run 'aikd pipeline' to train one first."
             )
         teacher = load_frozen_model(path, self.device, num_classes=self.data.num_classes,
-                                    in_channels=self.data.in_channels)
+                                    in_channels=self.data.in_channels, expect_model=same_architecture_as)
         return teacher.to(memory_format=torch.channels_last) if self.channels_last else teacher
 
     def meta(self) -> dict[str, Any]:
@@ -219,7 +219,7 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             method.on_step_end(batch, out)
-            n = len(labels)
+            n = len(out.logits)  # CS-KD's partners are not counted: its logits cover the anchors only
             seen += n
             with torch.no_grad():
                 sums["train.loss"] += loss.detach().float() * n
@@ -227,7 +227,7 @@ class Trainer:
                     sums[f"loss.{key}"] += value.detach().float() * n
                 for key, value in out.stats.items():
                     sums[f"stat.{key}"] += value.detach().float() * n
-                sums["train.acc"] += (out.logits.argmax(1) == batch_labels(batch)).sum() * 100.0
+                sums["train.acc"] += (out.logits.argmax(1) == batch_labels(batch)[:n]).sum() * 100.0
             bar.update(1)
             if bar.n % 25 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{float(sums['train.loss']) / seen:.4f}")

@@ -30,17 +30,9 @@ from torch import Tensor, nn
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, MethodContext, StepOutput, register_method
 from aikd.methods.buffer import PredictionBuffer
+from aikd.methods.functional import distillation_kl
 
 # --------------------------------------------------------------------------- the equations
-
-
-def distillation_kl(target_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 KL(p(target; T) || p(student; T)), summed over classes, mean over the batch."""
-    t = temperature
-    log_p_student = F.log_softmax(student_logits / t, dim=1)
-    log_p_target = F.log_softmax(target_logits / t, dim=1)
-    kl = (log_p_target.exp() * (log_p_target - log_p_student)).sum(dim=1)
-    return t * t * kl.mean()
 
 
 def guide_loss(student_logits: Tensor, superior_logits: Tensor, temperature: float = 3.0) -> Tensor:
@@ -141,6 +133,7 @@ class AIKD(Method):
     """AI-KD and its ablations (No Adv: w=0; Only Guide: a_P=0, w=0; Only Progressive: a_G=0, w=0)."""
 
     requires_teacher = True
+    teacher_same_architecture = True
 
     def __init__(self, hparams: AIKDConfig, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)

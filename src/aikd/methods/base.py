@@ -48,7 +48,7 @@ class Batch:
 class StepOutput:
     """What a method returns for one batch."""
 
-    logits: Tensor  # the student's logits on ``Batch.images``
+    logits: Tensor  # the student's logits for the first len(logits) samples of the batch
     losses: dict[str, Tensor]  # weighted terms; the loop minimises their sum
     stats: dict[str, Tensor] = field(default_factory=dict)  # logged, not optimised
 
@@ -70,6 +70,8 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     requires_teacher: ClassVar[bool] = False
+    # Self-distillation methods learn from a copy of the student's own architecture.
+    teacher_same_architecture: ClassVar[bool] = False
 
     def __init__(self, hparams: Any, ctx: MethodContext) -> None:
         super().__init__()

@@ -1,0 +1,75 @@
+"""DKD (decoupled knowledge distillation, Zhao et al. CVPR 2022), as mdistiller implements it.
+
+With b = [p_y, 1 - p_y] the binary target / non-target split of p(z; T):
+
+    TCKD = T^2 KL(b_T || b_S)
+    NCKD = T^2 KL(p(z_T - 1000 q; T) || p(z_S - 1000 q; T))      (target class masked out)
+    L    = CE + min((t + 1) / warmup, 1) (alpha TCKD + beta NCKD)   (t 0-based: mdistiller counts from 1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aikd.methods.base import Batch, Method, StepOutput, register_method
+from aikd.methods.functional import kl_from_probs
+
+
+def binary_split(probs: Tensor, target_mask: Tensor) -> Tensor:
+    """[p_target, 1 - p_target] per sample, from class probabilities."""
+    p_t = (probs * target_mask).sum(dim=1, keepdim=True)
+    p_rest = (probs * (1 - target_mask)).sum(dim=1, keepdim=True)
+    return torch.cat([p_t, p_rest], dim=1)
+
+
+def tckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """Target-class KD: KL between the binary target / non-target distributions, times T^2."""
+    mask = F.one_hot(labels, student_logits.shape[1]).float()
+    b_s = binary_split(F.softmax(student_logits / temperature, dim=1), mask)
+    b_t = binary_split(F.softmax(teacher_logits / temperature, dim=1), mask)
+    return temperature**2 * kl_from_probs(b_t, b_s.clamp_min(1e-30).log())
+
+
+def nckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """Non-target-class KD: KL among the non-target classes (target logit pushed down by 1000), times T^2."""
+    mask = F.one_hot(labels, student_logits.shape[1]).float()
+    p_t = F.softmax((teacher_logits - 1000.0 * mask) / temperature, dim=1)
+    log_p_s = F.log_softmax((student_logits - 1000.0 * mask) / temperature, dim=1)
+    return temperature**2 * kl_from_probs(p_t, log_p_s)
+
+
+def dkd_warmup(epoch: int, warmup: int) -> float:
+    return min((epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+
+
+@dataclass
+class DKDConfig:
+    alpha: float = 1.0  # TCKD weight
+    beta: float = 8.0  # NCKD weight
+    temperature: float = 4.0
+    warmup: int = 20  # epochs of linear ramp of the KD terms
+    ce_weight: float = 1.0
+
+
+@register_method("dkd", DKDConfig)
+class DKD(Method):
+    requires_teacher = True
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        h = self.hparams
+        logits = model(batch.images)
+        with torch.no_grad():
+            teacher_logits = self.ctx.teacher(batch.images).float()
+        labels = batch.targets if batch.targets.ndim == 1 else batch.targets.argmax(dim=1)
+        ramp = dkd_warmup(batch.epoch, h.warmup)
+        tckd = tckd_loss(logits.float(), teacher_logits, labels, h.temperature)
+        nckd = nckd_loss(logits.float(), teacher_logits, labels, h.temperature)
+        return StepOutput(logits, {
+            "ce": h.ce_weight * F.cross_entropy(logits, batch.targets),
+            "tckd": ramp * h.alpha * tckd,
+            "nckd": ramp * h.beta * nckd,
+        })

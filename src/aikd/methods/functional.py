@@ -1,0 +1,32 @@
+"""Loss building blocks shared by several methods."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def distillation_kl(target_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 KL(p(target; T) || p(student; T)), summed over classes, mean over the batch.
+
+    The T^2 factor keeps the gradient scale independent of T (Hinton et al.).
+    """
+    t = temperature
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_target = F.log_softmax(target_logits / t, dim=1)
+    kl = (log_p_target.exp() * (log_p_target - log_p_student)).sum(dim=1)
+    return t * t * kl.mean()
+
+
+def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
+    """-sum_c target_c log p_c, mean over the batch (PS-KD's loss on soft targets)."""
+    return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def kl_from_probs(target_probs: Tensor, student_log_probs: Tensor) -> Tensor:
+    """KL(target || student) from probabilities and log-probabilities, summed over classes, batch mean.
+
+    Terms with a zero target probability contribute zero (0 log 0 = 0).
+    """
+    t = target_probs.clamp_min(1e-30)
+    return (target_probs * (t.log() - student_log_probs)).sum(dim=1).mean()

@@ -1,0 +1,58 @@
+"""PS-KD (progressive self-knowledge distillation, Kim et al. ICCV 2021).
+
+The target of sample i in epoch t mixes its label with the student's own
+prediction of it in the previous epoch:
+
+    y_i = (1 - a_t) q_i + a_t softmax(z_{t-1,i}),    a_t = a_T (t + 1) / epochs  (t 0-based)
+
+and the loss is the soft-target cross-entropy, summed over classes, batch
+mean. Before a sample has a previous prediction (epoch 0) its target is the
+label, as in the official code. Previous predictions come from the project's
+single :class:`~aikd.methods.buffer.PredictionBuffer` (logits, float16),
+written after every optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aikd.methods.base import Batch, Method, MethodContext, StepOutput, register_method
+from aikd.methods.buffer import PredictionBuffer
+from aikd.methods.functional import soft_cross_entropy
+
+
+def pskd_alpha(epoch: int, epochs: int, alpha_T: float = 0.8) -> float:
+    """a_t grows linearly from a_T / epochs in the first epoch to a_T in the last."""
+    return alpha_T * (epoch + 1) / epochs
+
+
+def pskd_targets(labels: Tensor, previous_probs: Tensor, has_previous: Tensor, alpha_t: float) -> Tensor:
+    """(1 - a_t) q + a_t P_prev for samples with a previous prediction, q for the others."""
+    q = labels if labels.ndim == 2 else F.one_hot(labels, previous_probs.shape[1]).float()
+    mixed = (1 - alpha_t) * q + alpha_t * previous_probs
+    return mixed.where(has_previous.unsqueeze(1), q)
+
+
+@dataclass
+class PSKDConfig:
+    alpha_T: float = 0.8  # a_T, the final weight of the previous predictions
+
+
+@register_method("pskd", PSKDConfig)
+class PSKD(Method):
+    def __init__(self, hparams: PSKDConfig, ctx: MethodContext) -> None:
+        super().__init__(hparams, ctx)
+        self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes)
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        logits = model(batch.images)
+        previous, has_previous = self.buffer.read(batch.indices)
+        alpha_t = pskd_alpha(batch.epoch, self.ctx.epochs, self.hparams.alpha_T)
+        targets = pskd_targets(batch.targets, previous.softmax(dim=1), has_previous, alpha_t)
+        return StepOutput(logits, {"soft_ce": soft_cross_entropy(logits.float(), targets)})
+
+    def on_step_end(self, batch: Batch, output: StepOutput) -> None:
+        self.buffer.write(batch.indices, output.logits)

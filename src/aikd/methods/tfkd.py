@@ -1,0 +1,84 @@
+"""TF-KD (teacher-free KD, Yuan et al. CVPR 2020): two variants.
+
+tfkd_self: the teacher is a pre-trained copy of the student's own architecture,
+
+    L = (1 - a) CE(q, p_s) + a T^2 KL(p(z_T; T) || p(z_S; T)),   a = 0.95, T = 6
+
+tfkd_reg: a hand-made "virtual teacher" puts 0.99 on the label and spreads
+0.01 over the other classes; it is softened by tau and the student is not,
+
+    p_d = 0.99 q + 0.01 / (C - 1) (1 - q)
+    L = (1 - a) CE(q, p_s) + a KL(softmax(p_d / tau) || p_s),     a = 0.1, tau = 20
+
+(both as the official code, which also softmaxes the probabilities p_d
+themselves). The official code computes KL with ``nn.KLDivLoss()`` (mean over
+batch x classes) times a multiplier; here KL is summed over classes and
+averaged over the batch, which equals theirs when the multiplier is C.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aikd.methods.base import Batch, Method, StepOutput, register_method
+from aikd.methods.functional import distillation_kl, kl_from_probs
+
+
+@dataclass
+class TFKDSelfConfig:
+    alpha: float = 0.95
+    temperature: float = 6.0
+
+
+@register_method("tfkd_self", TFKDSelfConfig)
+class TFKDSelf(Method):
+    """Distillation from a pre-trained copy of the same architecture."""
+
+    requires_teacher = True
+    teacher_same_architecture = True
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        h = self.hparams
+        logits = model(batch.images)
+        with torch.no_grad():
+            teacher_logits = self.ctx.teacher(batch.images).float()
+        return StepOutput(logits, {
+            "ce": (1 - h.alpha) * F.cross_entropy(logits, batch.targets),
+            "kd": h.alpha * distillation_kl(teacher_logits, logits.float(), h.temperature),
+        })
+
+
+def virtual_teacher(targets: Tensor, num_classes: int, correct_prob: float = 0.99) -> Tensor:
+    """p_d: ``correct_prob`` on the label, the rest spread evenly; soft targets are mixed the same way."""
+    q = targets if targets.ndim == 2 else F.one_hot(targets, num_classes).float()
+    return correct_prob * q + (1 - correct_prob) / (num_classes - 1) * (1 - q)
+
+
+def tf_reg_loss(logits: Tensor, targets: Tensor, alpha: float, tau: float,
+                correct_prob: float = 0.99) -> tuple[Tensor, Tensor]:
+    """The weighted terms ((1 - a) CE, a KL(softmax(p_d / tau) || p_s)) of TF-KD's regularizer."""
+    teacher = F.softmax(virtual_teacher(targets, logits.shape[1], correct_prob) / tau, dim=1)
+    ce = F.cross_entropy(logits, targets)
+    return (1 - alpha) * ce, alpha * kl_from_probs(teacher, F.log_softmax(logits, dim=1))
+
+
+@dataclass
+class TFKDRegConfig:
+    alpha: float = 0.1
+    temperature: float = 20.0  # tau
+    correct_prob: float = 0.99
+
+
+@register_method("tfkd_reg", TFKDRegConfig)
+class TFKDReg(Method):
+    """Label-smoothing-like regularization with a virtual teacher: no pre-trained model."""
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        h = self.hparams
+        logits = model(batch.images)
+        ce, reg = tf_reg_loss(logits.float(), batch.targets, h.alpha, h.temperature, h.correct_prob)
+        return StepOutput(logits, {"ce": ce, "reg": reg})
