@@ -71,6 +71,8 @@ class TeacherConfig:
     """A pre-trained model for methods that distil from one (KD, TF-KD, AI-KD)."""
 
     checkpoint: str | None = None
+    # Architecture of the teacher that `aikd pipeline` trains in phase 1 (None: the student's).
+    model: str | None = None
 
 
 @dataclass

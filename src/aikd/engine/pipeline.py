@@ -41,10 +41,15 @@ def split_phase_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str
     return common, per_phase
 
 
-def superior_config(student: dict[str, Any]) -> dict[str, Any]:
-    """Phase 1's config: the student's data, model and recipe with plain CE, no teacher."""
+def superior_config(student: dict[str, Any], teacher_model: str | None) -> dict[str, Any]:
+    """Phase 1's config: the student's data and recipe with plain CE and no teacher.
+
+    The model is the student's, or ``teacher.model`` for teacher-student KD.
+    """
     phase1 = {k: v for k, v in student.items() if k in ("seed", "deterministic", "device", "data", "model", "train")}
     phase1["method"] = "ce"
+    if teacher_model is not None:
+        phase1["model"] = {"name": teacher_model}
     return phase1
 
 
@@ -82,8 +87,15 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
     student_cfg = from_dict(apply_overrides(base, per_phase["phase2"]), source=str(config))
     result: dict[str, Any] = {"config": str(config), "superior": None}
     method_cls = METHODS.get(student_cfg.method)
+    teacher_model = student_cfg.teacher.model
+    if method_cls.teacher_same_architecture and teacher_model not in (None, student_cfg.model.name):
+        raise ConfigError(
+            f"Method '{student_cfg.method}' distils from a copy of the student's own architecture "
+            f"('{student_cfg.model.name}'), but teacher.model is '{teacher_model}'. Remove teacher.model."
+        )
     if method_cls.needs_teacher(student_cfg.method_config()) and student_cfg.teacher.checkpoint is None:
-        sup_cfg = from_dict(apply_overrides(superior_config(base), per_phase["phase1"]), source=f"{config} (phase 1)")
+        sup_data = apply_overrides(superior_config(base, teacher_model), per_phase["phase1"])
+        sup_cfg = from_dict(sup_data, source=f"{config} (phase 1)")
         sup_dir = Path(cache_dir or out / "superior") / superior_key(sup_cfg)
         log(f"aikd: phase 1, superior model -> {sup_dir}")
         result["superior"] = train_or_reuse(sup_cfg, sup_dir, quiet, log)

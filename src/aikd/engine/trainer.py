@@ -41,7 +41,7 @@ from aikd.engine.runtime import (
 from aikd.errors import AikdError, CheckpointError, ConfigError
 from aikd.methods import METHODS, Batch, MethodContext
 from aikd.metrics import classification_metrics, predict
-from aikd.models import build_model
+from aikd.models import build_model, resolve_stem
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -62,8 +62,7 @@ class Trainer:
         d = self.data
         self.model = build_model(cfg.model.name, d.num_classes, d.in_channels, d.image_size,
                                  cfg.model.stem).to(self.device)
-        self.stem = cfg.model.stem if cfg.model.stem != "auto" else (
-            "cifar" if d.image_size < 100 else "imagenet")
+        self.stem = resolve_stem(cfg.model.stem, d.image_size)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         method_cls = METHODS.get(cfg.method)

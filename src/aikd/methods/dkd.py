@@ -3,7 +3,7 @@
 With b = [p_y, 1 - p_y] the binary target / non-target split of p(z; T):
 
     TCKD = T^2 KL(b_T || b_S)
-    NCKD = T^2 KL(p(z_T - 1000 q; T) || p(z_S - 1000 q; T))      (target class masked out)
+    NCKD = T^2 KL(softmax(z_T / T - 1000 q) || softmax(z_S / T - 1000 q))   (target class masked out)
     L    = CE + min((t + 1) / warmup, 1) (alpha TCKD + beta NCKD)   (t 0-based: mdistiller counts from 1)
 """
 
@@ -37,8 +37,9 @@ def tckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, te
 def nckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """Non-target-class KD: KL among the non-target classes (target logit pushed down by 1000), times T^2."""
     mask = F.one_hot(labels, student_logits.shape[1]).float()
-    p_t = F.softmax((teacher_logits - 1000.0 * mask) / temperature, dim=1)
-    log_p_s = F.log_softmax((student_logits - 1000.0 * mask) / temperature, dim=1)
+    # mdistiller masks after the division, so the target logit is always 1000 below the others.
+    p_t = F.softmax(teacher_logits / temperature - 1000.0 * mask, dim=1)
+    log_p_s = F.log_softmax(student_logits / temperature - 1000.0 * mask, dim=1)
     return temperature**2 * kl_from_probs(p_t, log_p_s)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,4 +30,5 @@ def kl_from_probs(target_probs: Tensor, student_log_probs: Tensor) -> Tensor:
     Terms with a zero target probability contribute zero (0 log 0 = 0).
     """
     t = target_probs.clamp_min(1e-30)
-    return (target_probs * (t.log() - student_log_probs)).sum(dim=1).mean()
+    terms = target_probs * (t.log() - student_log_probs)
+    return terms.where(target_probs > 0, torch.zeros_like(terms)).sum(dim=1).mean()

@@ -50,6 +50,11 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
     ``stem="auto"`` picks the CIFAR stem for images under 100 pixels, as the
     paper does for CIFAR-100 and Tiny-ImageNet, and the ImageNet stem above.
     """
-    if stem == "auto":
-        stem = "cifar" if image_size < 100 else "imagenet"
-    return MODELS.get(name)(ModelSpec(num_classes, in_channels, image_size, stem))
+    return MODELS.get(name)(ModelSpec(num_classes, in_channels, image_size, resolve_stem(stem, image_size)))
+
+
+def resolve_stem(stem: str, image_size: int) -> str:
+    """``auto`` -> ``cifar`` below 100 px, ``imagenet`` from 100 px up."""
+    if stem != "auto":
+        return stem
+    return "cifar" if image_size < 100 else "imagenet"
