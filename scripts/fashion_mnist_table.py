@@ -14,6 +14,7 @@ NAMES = {
     "superior": "Baseline (CE)", "aikd": "AI-KD", "aikd_no_adv": "No Adv", "aikd_only_guide": "Only Guide",
     "aikd_only_progressive": "Only Progressive", "kd": "KD (teacher: the CE model)", "tfkd_self": "TF-KD self",
     "tfkd_reg": "TF-KD reg", "cskd": "CS-KD", "pskd": "PS-KD", "dkd": "DKD (teacher: the CE model)",
+    "aekt": "AEKT (teacher: the CE model)", "bss": "BSS (teacher: the CE model)", "amkd": "AMKD (teacher: the CE model)",
 }
 
 

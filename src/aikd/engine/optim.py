@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
 from aikd.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD with (Nesterov) momentum and weight decay on every parameter, as the official codes do."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+def build_optimizer(model: nn.Module, cfg: TrainConfig, extra: Iterable[nn.Parameter] = ()) -> torch.optim.SGD:
+    """SGD with (Nesterov) momentum and weight decay on every parameter, as the official codes do.
+
+    ``extra`` adds training-only parameters a method owns (they share the recipe).
+    """
+    return torch.optim.SGD([*model.parameters(), *extra], lr=cfg.lr, momentum=cfg.momentum,
                            nesterov=cfg.nesterov and cfg.momentum > 0,
                            weight_decay=cfg.weight_decay)
 

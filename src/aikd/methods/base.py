@@ -9,6 +9,9 @@ logs them. Whatever a method needs beyond that plugs in through hooks:
 * modules with their own optimizer (AI-KD's discriminator): register them as
   sub-modules and step them inside :meth:`Method.training_step`; put the
   optimizer state in :meth:`Method.extra_state`;
+* training-only modules optimised with the student (AEKT's distillation
+  head): return their parameters from :meth:`Method.student_parameters`;
+  they are not part of the model, so inference never sees them;
 * per-sample state indexed by dataset index (PS-KD / AI-KD buffers):
   registered buffers, updated in :meth:`Method.on_step_end`;
 * a different batch sampler (CS-KD's class-wise pairs): override
@@ -98,6 +101,10 @@ class Method(nn.Module):
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         """Called after the last batch of every epoch."""
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """Method-owned parameters trained by the student's optimizer (AEKT's distillation head)."""
+        return []
 
     def extra_state(self) -> dict[str, Any]:
         """State outside ``state_dict()``, such as a private optimizer's."""

@@ -24,11 +24,16 @@ def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     return -(target_probs * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-def kl_from_probs(target_probs: Tensor, student_log_probs: Tensor) -> Tensor:
-    """KL(target || student) from probabilities and log-probabilities, summed over classes, batch mean.
+def kl_per_sample(target_probs: Tensor, student_log_probs: Tensor) -> Tensor:
+    """KL(target || student) of every sample, from probabilities and log-probabilities.
 
     Terms with a zero target probability contribute zero (0 log 0 = 0).
     """
     t = target_probs.clamp_min(1e-30)
     terms = target_probs * (t.log() - student_log_probs)
-    return terms.where(target_probs > 0, torch.zeros_like(terms)).sum(dim=1).mean()
+    return terms.where(target_probs > 0, torch.zeros_like(terms)).sum(dim=1)
+
+
+def kl_from_probs(target_probs: Tensor, student_log_probs: Tensor) -> Tensor:
+    """KL(target || student), summed over classes, mean over the batch."""
+    return kl_per_sample(target_probs, student_log_probs).mean()

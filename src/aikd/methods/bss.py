@@ -1,0 +1,150 @@
+"""BSS (boundary supporting samples, Heo et al. AAAI 2019): distillation with adversarial samples.
+
+The frozen teacher is attacked toward a class k it finds plausible, producing
+samples near its decision boundary between its top-1 class b and k; the
+student then matches the teacher on those samples too.
+
+Attack (batched, on the teacher's logits f; METHODS.md):
+    b = teacher top-1, k ~ softmax(f) over the classes other than b
+    repeat up to 10 times:  g = grad_x (f_k - f_b)
+        x <- x + eta (f_b - f_k + 1e-4) g / ||g||_2,  eta = 0.3 while the teacher still predicts b, else 0
+Base samples: correctly classified by teacher and student; at most 64 per
+batch, those with the largest sum_{j != y} (p_T,j - p_S,j)^2.
+Loss (T = 3, n = epoch, N = epochs):
+    L = CE + a(n) KD(x) + b(n) KD(x_adv),  a(n) = 3 (1 - n/N) + 1,  b(n) = max(2 (1 - 4n / (3N)), 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aikd.methods.base import Batch, Method, StepOutput, register_method
+from aikd.methods.functional import distillation_kl
+
+
+def select_base_samples(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor,
+                        max_samples: int = 64) -> Tensor:
+    """Batch positions to attack: both models right, largest non-target disagreement first."""
+    teacher_logits, student_logits = teacher_logits.detach(), student_logits.detach()
+    correct = (teacher_logits.argmax(1) == labels) & (student_logits.argmax(1) == labels)
+    diff = (F.softmax(teacher_logits, dim=1) - F.softmax(student_logits, dim=1)) ** 2
+    score = diff.sum(1) - diff.gather(1, labels.unsqueeze(1)).squeeze(1)  # sum over j != y
+    candidates = torch.nonzero(correct).flatten()
+    order = torch.argsort(score[candidates], descending=True, stable=True)
+    return candidates[order[:max_samples]]
+
+
+def sample_attack_targets(teacher_logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """k for each sample: drawn from the teacher's softmax with its top-1 class removed."""
+    probs = F.softmax(teacher_logits.detach().float(), dim=1)
+    probs.scatter_(1, probs.argmax(1, keepdim=True), 0.0)
+    probs = probs + 1e-12 * (probs.sum(1, keepdim=True) == 0)  # a one-hot teacher: pick uniformly
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@dataclass
+class AttackResult:
+    images: Tensor  # the adversarial samples
+    source: Tensor  # b, the teacher's top-1 class before the attack
+    target: Tensor  # k, the class attacked toward
+    flipped: Tensor  # the teacher no longer predicts b at the end
+    steps: int  # attack steps taken
+
+
+def bss_attack(teacher: nn.Module, images: Tensor, targets: Tensor, steps: int = 10, eta: float = 0.3,
+               margin: float = 1e-4) -> AttackResult:
+    """Move each image toward the teacher's boundary between its top-1 class and ``targets``.
+
+    The teacher must be in eval mode (so samples do not interact through
+    BatchNorm); only the images receive gradients, never its weights.
+    """
+    x = images.detach().clone()
+    with torch.no_grad():
+        source = teacher(x).argmax(1)
+    rows = torch.arange(len(x), device=x.device)
+    taken = 0
+    for _ in range(steps):
+        x.requires_grad_(True)
+        with torch.enable_grad():
+            logits = teacher(x).float()
+            f_b, f_k = logits[rows, source], logits[rows, targets]
+            (grad,) = torch.autograd.grad((f_k - f_b).sum(), x)
+        active = logits.argmax(1) == source  # eta = 0 once the teacher's prediction has left b
+        if not bool(active.any()):
+            break
+        norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+        scale = eta * active.float() * (f_b - f_k + margin).detach() / norm
+        x = (x + scale.view(-1, *([1] * (x.dim() - 1))) * grad).detach()
+        taken += 1
+    with torch.no_grad():
+        flipped = teacher(x).argmax(1) != source
+    return AttackResult(x.detach(), source, targets, flipped, taken)
+
+
+def bss_weights(epoch: int, epochs: int) -> tuple[float, float]:
+    """(a(n), b(n)): the clean and adversarial KD weights at epoch n of N."""
+    n, total = epoch, epochs
+    return 3 * (1 - n / total) + 1, max(2 * (1 - 4 * n / (3 * total)), 0.0)
+
+
+@dataclass
+class BSSConfig:
+    temperature: float = 3.0
+    attack_size: int = 64  # base samples per batch
+    attack_steps: int = 10
+    eta: float = 0.3
+
+
+@register_method("bss", BSSConfig)
+class BSS(Method):
+    requires_teacher = True
+
+    def adversarial_batch(self, batch: Batch, teacher_logits: Tensor, student_logits: Tensor
+                          ) -> tuple[Tensor, AttackResult] | None:
+        """Select base samples and attack the teacher on them; None when fewer than two qualify.
+
+        (The student's train-mode forward on the attacked samples needs two for BatchNorm.)
+        """
+        h = self.hparams
+        labels = batch.targets if batch.targets.ndim == 1 else batch.targets.argmax(dim=1)
+        base = select_base_samples(teacher_logits, student_logits, labels, h.attack_size)
+        if len(base) < 2:
+            return None
+        targets = sample_attack_targets(teacher_logits[base])
+        return base, bss_attack(self.ctx.teacher, batch.images[base], targets, h.attack_steps, h.eta)
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        h = self.hparams
+        logits = model(batch.images)
+        with torch.no_grad():
+            teacher_logits = self.ctx.teacher(batch.images).float()
+        w_clean, w_adv = bss_weights(batch.epoch, self.ctx.epochs)
+        losses = {
+            "ce": F.cross_entropy(logits, batch.targets),
+            "kd": w_clean * distillation_kl(teacher_logits, logits.float(), h.temperature),
+        }
+        stats: dict[str, Tensor] = {}
+        if w_adv > 0:
+            attacked = self.adversarial_batch(batch, teacher_logits, logits)
+            if attacked is not None:
+                _, attack = attacked
+                with torch.no_grad():
+                    teacher_adv = self.ctx.teacher(attack.images).float()
+                student_adv = model(attack.images)
+                losses.update(
+                    self.boundary_losses(batch, logits, teacher_logits, attack, teacher_adv, student_adv, w_adv))
+                stats["attack_flipped"] = attack.flipped.float().mean()
+                stats["attack_size"] = torch.tensor(float(len(attack.images)), device=logits.device)
+        return StepOutput(logits, losses, stats)
+
+    def boundary_losses(self, batch: Batch, logits: Tensor, teacher_logits: Tensor, attack: AttackResult,
+                        teacher_adv: Tensor, student_adv: Tensor, weight: float) -> dict[str, Tensor]:
+        """Loss terms on the boundary samples: KD toward the teacher, weighted by b(n).
+
+        ``logits`` / ``teacher_logits`` are both models' outputs on the clean batch.
+        """
+        return {"kd_adv": weight * distillation_kl(teacher_adv, student_adv.float(), self.hparams.temperature)}
