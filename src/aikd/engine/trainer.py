@@ -40,6 +40,7 @@ from aikd.engine.runtime import (
 )
 from aikd.errors import AikdError, CheckpointError, ConfigError
 from aikd.methods import METHODS, Batch, MethodContext
+from aikd.methods.base import hard_labels
 from aikd.metrics import classification_metrics, predict
 from aikd.models import build_model, resolve_stem
 
@@ -226,7 +227,7 @@ class Trainer:
                     sums[f"loss.{key}"] += value.detach().float() * n
                 for key, value in out.stats.items():
                     sums[f"stat.{key}"] += value.detach().float() * n
-                sums["train.acc"] += (out.logits.argmax(1) == batch_labels(batch)[:n]).sum() * 100.0
+                sums["train.acc"] += (out.logits.argmax(1) == hard_labels(batch.targets)[:n]).sum() * 100.0
             bar.update(1)
             if bar.n % 25 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{float(sums['train.loss']) / seen:.4f}")
@@ -309,11 +310,6 @@ class Trainer:
             for name in ("metrics.jsonl", "summary.json", "config.yaml"):
                 (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
-
-
-def batch_labels(batch: Batch) -> Tensor:
-    """Hard labels of a batch, also when its targets are mixed soft labels."""
-    return batch.targets if batch.targets.ndim == 1 else batch.targets.argmax(1)
 
 
 def _config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Method, MethodContext, StepOutput, register_method
+from aikd.methods.base import Batch, Method, MethodContext, StepOutput, hard_labels, register_method
 from aikd.methods.dkd import binary_split, dkd_warmup
 from aikd.methods.functional import kl_per_sample
 
@@ -111,9 +111,8 @@ class AEKT(Method):
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         h = self.hparams
         logits = model(batch.images)
-        with torch.no_grad():
-            teacher_logits = self.ctx.teacher(batch.images).float()
-        labels = batch.targets if batch.targets.ndim == 1 else batch.targets.argmax(dim=1)
+        teacher_logits = self.teacher_logits(batch.images)
+        labels = hard_labels(batch.targets)
         distill_logits = self.head(logits.float()) if self.head is not None else logits.float()
         explicit, implicit = aekt_terms(distill_logits, teacher_logits, labels, h.temperature,
                                         h.explicit_weight, h.implicit_weight)

@@ -200,8 +200,7 @@ class AIKD(Method):
         stats: dict[str, Tensor] = {}
         sup = None
         if self.ctx.teacher is not None:
-            with torch.no_grad():
-                sup = self.ctx.teacher(batch.images).float()
+            sup = self.teacher_logits(batch.images)
         if h.alpha_g > 0:
             l_g = guide_loss(logits.float(), sup, h.temp_g)
             losses["guide"] = h.alpha_g * l_g

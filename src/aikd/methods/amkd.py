@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aikd.methods.base import Batch, register_method
+from aikd.methods.base import Batch, hard_labels, register_method
 from aikd.methods.bss import BSS, AttackResult, BSSConfig
 
 
@@ -68,7 +68,7 @@ class AMKD(BSS):
                         teacher_adv: Tensor, student_adv: Tensor, weight: float) -> dict[str, Tensor]:
         h = self.hparams
         losses = super().boundary_losses(batch, logits, teacher_logits, attack, teacher_adv, student_adv, weight)
-        labels = batch.targets if batch.targets.ndim == 1 else batch.targets.argmax(dim=1)
+        labels = hard_labels(batch.targets)
         negatives, found = pick_negatives(attack.target, labels)
         if not bool(found.any()):
             return losses

@@ -102,6 +102,11 @@ class Method(nn.Module):
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         """Called after the last batch of every epoch."""
 
+    def teacher_logits(self, images: Tensor) -> Tensor:
+        """The frozen teacher's logits on ``images``: float32, no gradient."""
+        with torch.no_grad():
+            return self.ctx.teacher(images).float()
+
     def student_parameters(self) -> list[nn.Parameter]:
         """Method-owned parameters trained by the student's optimizer (AEKT's distillation head)."""
         return []
@@ -112,6 +117,11 @@ class Method(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned."""
+
+
+def hard_labels(targets: Tensor) -> Tensor:
+    """Class indices of a batch's targets, also when they are mixed soft labels."""
+    return targets if targets.ndim == 1 else targets.argmax(dim=1)
 
 
 METHODS: Registry[type[Method]] = Registry("method", "method")

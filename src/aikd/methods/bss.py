@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Method, StepOutput, register_method
+from aikd.methods.base import Batch, Method, StepOutput, hard_labels, register_method
 from aikd.methods.functional import distillation_kl
 
 
@@ -110,7 +110,7 @@ class BSS(Method):
         (The student's train-mode forward on the attacked samples needs two for BatchNorm.)
         """
         h = self.hparams
-        labels = batch.targets if batch.targets.ndim == 1 else batch.targets.argmax(dim=1)
+        labels = hard_labels(batch.targets)
         base = select_base_samples(teacher_logits, student_logits, labels, h.attack_size)
         if len(base) < 2:
             return None
@@ -120,8 +120,7 @@ class BSS(Method):
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         h = self.hparams
         logits = model(batch.images)
-        with torch.no_grad():
-            teacher_logits = self.ctx.teacher(batch.images).float()
+        teacher_logits = self.teacher_logits(batch.images)
         w_clean, w_adv = bss_weights(batch.epoch, self.ctx.epochs)
         losses = {
             "ce": F.cross_entropy(logits, batch.targets),
@@ -132,8 +131,7 @@ class BSS(Method):
             attacked = self.adversarial_batch(batch, teacher_logits, logits)
             if attacked is not None:
                 _, attack = attacked
-                with torch.no_grad():
-                    teacher_adv = self.ctx.teacher(attack.images).float()
+                teacher_adv = self.teacher_logits(attack.images)
                 student_adv = model(attack.images)
                 losses.update(
                     self.boundary_losses(batch, logits, teacher_logits, attack, teacher_adv, student_adv, w_adv))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Method, StepOutput, register_method
+from aikd.methods.base import Batch, Method, StepOutput, hard_labels, register_method
 from aikd.methods.functional import kl_from_probs
 
 
@@ -63,9 +63,8 @@ class DKD(Method):
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         h = self.hparams
         logits = model(batch.images)
-        with torch.no_grad():
-            teacher_logits = self.ctx.teacher(batch.images).float()
-        labels = batch.targets if batch.targets.ndim == 1 else batch.targets.argmax(dim=1)
+        teacher_logits = self.teacher_logits(batch.images)
+        labels = hard_labels(batch.targets)
         ramp = dkd_warmup(batch.epoch, h.warmup)
         tckd = tckd_loss(logits.float(), teacher_logits, labels, h.temperature)
         nckd = nckd_loss(logits.float(), teacher_logits, labels, h.temperature)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -40,7 +39,6 @@ class KD(Method):
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         logits = model(batch.images)
-        with torch.no_grad():
-            teacher_logits = self.ctx.teacher(batch.images).float()
+        teacher_logits = self.teacher_logits(batch.images)
         ce, kd = kd_loss(logits.float(), teacher_logits, batch.targets, self.hparams.alpha, self.hparams.temperature)
         return StepOutput(logits, {"ce": ce, "kd": kd})

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -44,8 +43,7 @@ class TFKDSelf(Method):
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         h = self.hparams
         logits = model(batch.images)
-        with torch.no_grad():
-            teacher_logits = self.ctx.teacher(batch.images).float()
+        teacher_logits = self.teacher_logits(batch.images)
         return StepOutput(logits, {
             "ce": (1 - h.alpha) * F.cross_entropy(logits, batch.targets),
             "kd": h.alpha * distillation_kl(teacher_logits, logits.float(), h.temperature),
