@@ -4,6 +4,7 @@
 # every seed trains its CE baseline (= AI-KD's superior model = the KD/TF-KD teacher) once.
 # Extra arguments are overrides for every run. JOBS runs that many pipelines at once,
 # one CPU thread each (the first config of every seed runs first and trains the cache).
+# Finished runs with the same config are reused, so a stopped sweep resumes where it was.
 #   OUT=runs/fm JOBS=2 scripts/fashion_mnist_sweep.sh data.train_limit=20000
 set -euo pipefail
 OUT=${OUT:-runs/fashion_mnist}
@@ -16,7 +17,7 @@ OVERRIDES="$*"  # overrides hold no spaces (KEY=VALUE)
 run() {  # run CONFIG SEED
   # shellcheck disable=SC2086
   "$AIKD" pipeline -q -c "configs/fashion_mnist/$1.yaml" -o "$OUT/$1/seed$2" \
-    --cache "$OUT/superior" seed="$2" $OVERRIDES
+    --cache "$OUT/superior" seed="$2" $OVERRIDES || echo "FAILED: $1 seed $2" >&2
 }
 export -f run; export OUT AIKD OVERRIDES
 first=${CONFIGS%% *}

@@ -16,7 +16,7 @@ from aikd.engine import Trainer
 from aikd.engine.checkpoint import load_checkpoint, save_checkpoint
 from aikd.engine.model_io import model_meta
 from aikd.engine.pipeline import run_pipeline
-from aikd.errors import CheckpointError, ConfigError
+from aikd.errors import AikdError, CheckpointError, ConfigError
 from aikd.methods.aikd import (
     Discriminator,
     adversarial_loss,
@@ -214,17 +214,27 @@ def test_pipeline_runs_both_phases_and_reuses_phase_one(tmp_path):
     assert result["superior"]["method"] == "ce" and result["student"]["method"] == "aikd"
     assert (tmp_path / "student/summary.json").is_file()
     # A different student (No Adv) with the same phase-1 settings reuses the superior model.
-    run_pipeline(config, [*DIGITS, "aikd.adv_weight=0"], tmp_path, quiet=True, log=logs.append)
+    run_pipeline(config, [*DIGITS, "aikd.adv_weight=0"], tmp_path / "no_adv", cache_dir=sup_dir, quiet=True,
+                 log=logs.append)
     assert any("reusing" in line and "superior" in line for line in logs)
     assert len(list(sup_dir.iterdir())) == 1
     # Changing the recipe of phase 1 only trains a second superior model.
-    run_pipeline(config, [*DIGITS, "phase1.train.lr=0.05"], tmp_path, quiet=True, log=logs.append)
+    run_pipeline(config, [*DIGITS, "phase1.train.lr=0.05"], tmp_path / "lr", cache_dir=sup_dir, quiet=True,
+                 log=logs.append)
     assert len(list(sup_dir.iterdir())) == 2
     done = subprocess.run([sys.executable, "-m", "aikd", "eval", "-q", "-k",
                            str(tmp_path / "student/checkpoints/last.safetensors")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["method"] == "aikd"
+    # A finished student made with another config is never replaced silently.
+    before = (tmp_path / "student/summary.json").read_text()
+    with pytest.raises(AikdError, match="another config"):
+        run_pipeline(config, [*DIGITS, "aikd.alpha_p=0.2"], tmp_path, quiet=True, log=logs.append)
+    assert (tmp_path / "student/summary.json").read_text() == before
+    replaced = run_pipeline(config, [*DIGITS, "aikd.alpha_p=0.2"], tmp_path, quiet=True, overwrite=True,
+                            log=logs.append)
+    assert replaced["student"]["method"] == "aikd"
 
 
 def test_only_progressive_needs_no_phase_one(tmp_path):

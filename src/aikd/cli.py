@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output folder (student/ and superior/ inside)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--cache", help="folder of phase-1 models to share between pipelines (default OUT/superior)")
+    p.add_argument("--overwrite", action="store_true", help="replace a student run in OUT made with another config")
     _add_common(p)
 
     p = sub.add_parser(
@@ -111,7 +112,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from aikd.engine.pipeline import run_pipeline
 
     result = run_pipeline(args.config, args.overrides, args.out, cache_dir=args.cache, quiet=args.quiet,
-                          log=_logger(args.quiet))
+                          overwrite=args.overwrite, log=_logger(args.quiet))
     print(json.dumps({"superior": result["superior"] and _headline(result["superior"]),
                       "student": _headline(result["student"])}))
     return 0
@@ -122,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from aikd.report.tables import markdown_table
 
     config = REPO_CONFIGS / "fashion_mnist" / "aikd.yaml"
-    result = run_pipeline(config, args.overrides, args.out, quiet=args.quiet, log=_logger(args.quiet))
+    result = run_pipeline(config, args.overrides, args.out, quiet=args.quiet, overwrite=True, log=_logger(args.quiet))
     rows = [("Baseline (phase 1, CE)", result["superior"]), ("AI-KD (phase 2)", result["student"])]
     print(markdown_table(rows))
     return 0

@@ -22,7 +22,7 @@ import yaml
 
 from aikd.config import RunConfig, apply_overrides, from_dict, read_yaml
 from aikd.engine.trainer import LAST, train
-from aikd.errors import ConfigError
+from aikd.errors import AikdError, ConfigError
 from aikd.methods import METHODS
 
 PHASES = ("phase1", "phase2")
@@ -68,19 +68,34 @@ def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     return None
 
 
-def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log) -> dict[str, Any]:
-    """Train ``cfg`` in ``run_dir``, reuse a finished identical run, or resume an unfinished one."""
+def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` in ``run_dir``, reuse a finished identical run, or resume an unfinished one.
+
+    A run made with another config is replaced only with ``overwrite``; otherwise
+    the call stops with a message (a finished run is never lost silently).
+    """
     done = _finished(run_dir, cfg)
     if done is not None:
         log(f"aikd: reusing the finished run in {run_dir}")
         return done
-    resume = (run_dir / "checkpoints" / LAST).is_file() and not (run_dir / "summary.json").is_file()
-    return train(cfg, run_dir, resume=resume, overwrite=not resume, quiet=quiet)
+    finished = (run_dir / "summary.json").is_file()
+    started = finished or (run_dir / "checkpoints" / LAST).is_file()
+    if not started or overwrite:
+        return train(cfg, run_dir, overwrite=overwrite, quiet=quiet)
+    if finished:
+        raise AikdError(f"'{run_dir}' holds a finished run made with another config. Choose another output "
+                        f"folder, or pass --overwrite to replace it.")
+    log(f"aikd: resuming the unfinished run in {run_dir}")
+    return train(cfg, run_dir, resume=True, quiet=quiet)  # refuses, with the differing keys, if cfg changed
 
 
 def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *,
-                 cache_dir: str | Path | None = None, quiet: bool = False, log=print) -> dict[str, Any]:
-    """Run phase 1 (when the method needs it) and phase 2; return both summaries."""
+                 cache_dir: str | Path | None = None, quiet: bool = False, overwrite: bool = False,
+                 log=print) -> dict[str, Any]:
+    """Run phase 1 (when the method needs it) and phase 2; return both summaries.
+
+    ``overwrite`` replaces a student run in ``out_dir`` made with another config.
+    """
     out = Path(out_dir)
     common, per_phase = split_phase_overrides(overrides)
     base = apply_overrides(read_yaml(config), common)
@@ -105,7 +120,7 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
         raise ConfigError(f"phase1.* overrides were given, but method '{student_cfg.method}' with these settings "
                           f"has no phase 1 (it needs no pre-trained model, or teacher.checkpoint is set).")
     log(f"aikd: phase 2, {student_cfg.method} student -> {out / 'student'}")
-    result["student"] = train_or_reuse(student_cfg, out / "student", quiet, log)
+    result["student"] = train_or_reuse(student_cfg, out / "student", quiet, log, overwrite)
     result["student"]["run_dir"] = str(out / "student")
     (out / "pipeline.json").write_text(json.dumps(result, indent=2))
     return result
