@@ -12,6 +12,7 @@ Base samples: correctly classified by teacher and student; at most 64 per
 batch, those with the largest sum_{j != y} (p_T,j - p_S,j)^2.
 Loss (T = 3, n = epoch, N = epochs):
     L = CE + a(n) KD(x) + b(n) KD(x_adv),  a(n) = 3 (1 - n/N) + 1,  b(n) = max(2 (1 - 4n / (3N)), 0)
+with KD = KL(p(z_T; T) || p(z_S; T)) without a T^2 factor, as in the official code.
 """
 
 from __future__ import annotations
@@ -39,11 +40,15 @@ def select_base_samples(teacher_logits: Tensor, student_logits: Tensor, labels: 
 
 
 def sample_attack_targets(teacher_logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """k for each sample: drawn from the teacher's softmax with its top-1 class removed."""
-    probs = F.softmax(teacher_logits.detach().float(), dim=1)
-    probs.scatter_(1, probs.argmax(1, keepdim=True), 0.0)
-    probs = probs + 1e-12 * (probs.sum(1, keepdim=True) == 0)  # a one-hot teacher: pick uniformly
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    """k for each sample: drawn from the teacher's softmax with its top-1 class removed.
+
+    The softmax of the other logits *is* the renormalised teacher softmax without
+    the top-1, and unlike renormalising probabilities it cannot underflow to all
+    zeros for a very confident teacher.
+    """
+    logits = teacher_logits.detach().float().clone()
+    logits.scatter_(1, logits.argmax(1, keepdim=True), float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
 
 
 @dataclass
@@ -85,6 +90,16 @@ def bss_attack(teacher: nn.Module, images: Tensor, targets: Tensor, steps: int =
     return AttackResult(x.detach(), source, targets, flipped, taken)
 
 
+def bss_kd(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """KL(p(z_T; T) || p(z_S; T)), batch mean, *without* the usual T^2 factor.
+
+    The official code uses the soft cross-entropy -sum p_T log p_S at T, with no
+    T^2; KL differs from it by the teacher's entropy only, a constant for the
+    student, so the gradients are the same (and the logged term is 0 at a match).
+    """
+    return distillation_kl(teacher_logits, student_logits, temperature) / temperature**2
+
+
 def bss_weights(epoch: int, epochs: int) -> tuple[float, float]:
     """(a(n), b(n)): the clean and adversarial KD weights at epoch n of N."""
     n, total = epoch, epochs
@@ -124,7 +139,7 @@ class BSS(Method):
         w_clean, w_adv = bss_weights(batch.epoch, self.ctx.epochs)
         losses = {
             "ce": F.cross_entropy(logits, batch.targets),
-            "kd": w_clean * distillation_kl(teacher_logits, logits.float(), h.temperature),
+            "kd": w_clean * bss_kd(teacher_logits, logits.float(), h.temperature),
         }
         stats: dict[str, Tensor] = {}
         if w_adv > 0:
@@ -145,4 +160,4 @@ class BSS(Method):
 
         ``logits`` / ``teacher_logits`` are both models' outputs on the clean batch.
         """
-        return {"kd_adv": weight * distillation_kl(teacher_adv, student_adv.float(), self.hparams.temperature)}
+        return {"kd_adv": weight * bss_kd(teacher_adv, student_adv.float(), self.hparams.temperature)}
