@@ -35,13 +35,7 @@ DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "det
 SMALL = ["data.train_limit=400", "data.test_limit=200"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A second OpenMP thread only spins on a CPU shared with another run; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------- independent numpy references

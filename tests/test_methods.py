@@ -400,14 +400,7 @@ TERMS = {"kd": {"ce", "kd"}, "tfkd_self": {"ce", "kd"}, "tfkd_reg": {"ce", "reg"
 NEEDS_TEACHER = {"kd", "tfkd_self", "dkd"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads spin badly on a CPU shared with
-    another run (5-10x slower); restored afterwards so other test modules are unaffected."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
