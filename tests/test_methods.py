@@ -3,7 +3,6 @@ and short end-to-end runs on scikit-learn digits (both direct and through ``aikd
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -25,6 +24,7 @@ from aikd.methods.kd import kd_loss
 from aikd.methods.pskd import PSKD, PSKDConfig, pskd_alpha, pskd_targets
 from aikd.methods.tfkd import TFKDSelf, TFKDSelfConfig, tf_reg_loss, virtual_teacher
 from aikd.models import build_model
+from helpers import check_loss_records
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=2"]
 SMALL = ["data.train_limit=400", "data.test_limit=200"]  # a stratified subset: enough to learn, fast on a busy CPU
@@ -437,15 +437,7 @@ def test_every_method_trains_on_digits(tmp_path, superior, method):
     assert summary["dataset"] == "digits" and summary["num_train"] == N_TRAIN
     assert summary["teacher"] == (str(superior) if teacher else None)
     assert 0 <= summary["top1_err"] < 50, summary["top1_err"]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2]
-    for record in records:
-        terms = {k.removeprefix("loss.") for k in record if k.startswith("loss.")}
-        assert terms == TERMS[method]
-        values = [record[f"loss.{k}"] for k in terms]
-        assert all(np.isfinite(v) for v in values), record
-        assert record["train.loss"] == pytest.approx(sum(values), rel=1e-5)
-        assert 0 <= record["train.acc"] <= 100
+    records = check_loss_records(tmp_path / "metrics.jsonl", TERMS[method], epochs=2)
     # Train accuracy is over the samples the method predicts (CS-KD: the anchors, not the partners).
     assert sum(n for _, n in predicted) == N_TRAIN
     expected_acc = 100 * sum(k for k, _ in predicted) / N_TRAIN

@@ -1,0 +1,23 @@
+"""Assertions shared by test modules."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+
+def check_loss_records(metrics: Path, terms: set[str], epochs: int) -> list[dict]:
+    """Every epoch logged, with exactly ``terms`` as finite loss terms that sum to train.loss."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
+    for record in records:
+        logged = {k.removeprefix("loss.") for k in record if k.startswith("loss.")}
+        assert logged == terms
+        values = [record[f"loss.{k}"] for k in logged]
+        assert all(math.isfinite(v) for v in values), record
+        assert record["train.loss"] == pytest.approx(sum(values), rel=1e-5)
+        assert 0 <= record["train.acc"] <= 100
+    return records
