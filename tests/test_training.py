@@ -102,3 +102,21 @@ def test_fashion_mnist_one_epoch_subset_meets_the_bar(tmp_path):
     cfg = load_config("configs/fashion_mnist/ce.yaml", ["train.epochs=1", "data.train_limit=5000"])
     summary = Trainer(cfg, tmp_path, quiet=True).fit()
     assert summary["top1_err"] < 25.0, summary
+
+
+def test_method_parameters_get_their_own_learning_rate():
+    from torch import nn
+
+    from aikd.config import TrainConfig
+    from aikd.engine.optim import build_optimizer, build_scheduler
+
+    extra = [nn.Parameter(torch.zeros(2))]
+    optimizer = build_optimizer(nn.Linear(3, 2), TrainConfig(lr=0.1, epochs=4), extra, extra_lr_scale=0.01)
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.1), pytest.approx(0.001)]
+    assert optimizer.param_groups[1]["params"][0] is extra[0]
+    scheduler = build_scheduler(optimizer, TrainConfig(lr=0.1, epochs=4), steps_per_epoch=1)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    # Both groups drop twice by 0.1 (at steps 2 and 3 of 4).
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-3), pytest.approx(1e-5)]

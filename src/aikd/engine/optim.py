@@ -10,12 +10,18 @@ from torch import nn
 from aikd.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, extra: Iterable[nn.Parameter] = ()) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, extra: Iterable[nn.Parameter] = (),
+                    extra_lr_scale: float = 1.0) -> torch.optim.SGD:
     """SGD with (Nesterov) momentum and weight decay on every parameter, as the official codes do.
 
-    ``extra`` adds training-only parameters a method owns (they share the recipe).
+    ``extra`` adds training-only parameters a method owns, in a second group whose
+    learning rate is ``extra_lr_scale`` times the model's (the schedule scales both).
     """
-    return torch.optim.SGD([*model.parameters(), *extra], lr=cfg.lr, momentum=cfg.momentum,
+    groups = [{"params": list(model.parameters())}]
+    extra = list(extra)
+    if extra:
+        groups.append({"params": extra, "lr": cfg.lr * extra_lr_scale})
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                            nesterov=cfg.nesterov and cfg.momentum > 0,
                            weight_decay=cfg.weight_decay)
 

@@ -77,7 +77,8 @@ class Trainer:
         sampler = self.method.batch_sampler(cfg.data.batch_size, cfg.seed)
         self.train_loader = d.loader(True, sampler, seed=cfg.seed, pin_memory=pin)
         self.test_loader = d.loader(False, pin_memory=pin)
-        self.optimizer = build_optimizer(self.model, cfg.train, self.method.student_parameters())
+        self.optimizer = build_optimizer(self.model, cfg.train, self.method.student_parameters(),
+                                         self.method.student_parameters_lr_scale())
         self.scheduler = build_scheduler(self.optimizer, cfg.train, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.amp_dtype == torch.float16)

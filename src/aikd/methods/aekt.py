@@ -90,6 +90,9 @@ class AEKTConfig:
     explicit_weight: ExplicitWeight = "gap"
     implicit_weight: ImplicitWeight = "one"
     head: bool = True  # the separate distillation head g
+    # The head maps logits (large, unnormalised inputs) and sits under beta * T^2: at the student's
+    # learning rate its weights blow up within a few steps, so it learns 100x slower.
+    head_lr_scale: float = 0.01
 
 
 @register_method("aekt", AEKTConfig)
@@ -107,6 +110,9 @@ class AEKT(Method):
 
     def student_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters()) if self.head is not None else []
+
+    def student_parameters_lr_scale(self) -> float:
+        return self.hparams.head_lr_scale
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         h = self.hparams

@@ -111,6 +111,10 @@ class Method(nn.Module):
         """Method-owned parameters trained by the student's optimizer (AEKT's distillation head)."""
         return []
 
+    def student_parameters_lr_scale(self) -> float:
+        """Learning-rate multiplier of :meth:`student_parameters` relative to ``train.lr``."""
+        return 1.0
+
     def extra_state(self) -> dict[str, Any]:
         """State outside ``state_dict()``, such as a private optimizer's."""
         return {}
