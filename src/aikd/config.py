@@ -95,9 +95,14 @@ class RunConfig:
         return self.methods[self.method]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML-ready form; method sections appear as top-level keys."""
-        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        out.update(out.pop("methods"))
+        """Plain, YAML-ready form, with the selected method's section as a top-level key.
+
+        Other methods' sections are left out: they do not shape the run, and a new
+        default in one method must not make another method's saved runs look changed.
+        """
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "methods"}
+        if self.method in self.methods:
+            out[self.method] = _plain(self.methods[self.method])
         return out
 
 
@@ -362,6 +367,14 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = child
         node[parts[-1]] = value
     return data
+
+
+def normalized(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A saved config in today's canonical form (new keys at their defaults), or None if it no longer validates."""
+    try:
+        return from_dict(data, source="saved config").to_dict()
+    except ConfigError:
+        return None
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from aikd.config import RunConfig, apply_overrides, from_dict, read_yaml
+from aikd.config import RunConfig, apply_overrides, from_dict, normalized, read_yaml
 from aikd.engine.trainer import LAST, train
 from aikd.errors import AikdError, ConfigError
 from aikd.methods import METHODS
@@ -63,7 +63,7 @@ def superior_key(cfg: RunConfig) -> str:
 def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The summary of a finished run in ``run_dir`` made with exactly ``cfg``, else None."""
     summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
-    if summary.is_file() and saved.is_file() and yaml.safe_load(saved.read_text()) == cfg.to_dict():
+    if summary.is_file() and saved.is_file() and normalized(yaml.safe_load(saved.read_text())) == cfg.to_dict():
         return json.loads(summary.read_text())
     return None
 

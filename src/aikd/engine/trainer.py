@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from aikd.config import RunConfig, save_config
+from aikd.config import RunConfig, normalized, save_config
 from aikd.data import DataBundle, load_data
 from aikd.engine.checkpoint import (
     atomic_write_bytes,
@@ -139,7 +139,7 @@ class Trainer:
             raise CheckpointError(f"'{path}' holds only weights; resume needs a full checkpoint "
                                   f"such as checkpoints/{LAST}.")
         saved = ckpt.meta.get("config", {})
-        differ = _config_diff(saved, self.cfg.to_dict())
+        differ = _config_diff(normalized(saved) or saved, self.cfg.to_dict())
         if differ:
             raise ConfigError(
                 f"Cannot resume from '{path}': the config differs from the checkpoint's in "
