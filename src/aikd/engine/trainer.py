@@ -241,10 +241,11 @@ class Trainer:
         record.update({k: float(v) / max(seen, 1) for k, v in sums.items()})
         bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
+            last = self.out / "checkpoints" / LAST
+            where = f"the last good checkpoint is '{last}'" if last.is_file() else "no checkpoint was written yet"
             raise AikdError(
                 f"Training diverged in epoch {epoch + 1}: {', '.join(bad)} became non-finite. "
-                f"Lower train.lr or check the method's weights; the last good checkpoint is "
-                f"'{self.out / 'checkpoints' / LAST}'."
+                f"Lower train.lr or check the method's weights; {where}."
             )
         return record
 
