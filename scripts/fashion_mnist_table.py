@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections import defaultdict
 
-from aikd.report.summaries import format_mean_std, load_summaries, mean_std
+from aikd.report.summaries import format_mean_std, load_summaries
 
 TABLES = {
     "AI-KD and its ablations (paper Table 4)": {
@@ -29,20 +29,18 @@ def main(root: str) -> None:
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in load_summaries(root):
         groups[row["run_dir"].split("/")[0]].append(row)
-    base_time = mean_std(r["time_per_epoch_s"] for r in groups["superior"])[0]
     for title, names in TABLES.items():
         print(f"\n### {title}\n")
-        print("| Method | Top-1 err % | Top-5 err % | Macro F1 | ECE % | seeds | s / epoch | vs CE |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("| Method | Top-1 err % | Top-5 err % | Macro F1 | ECE % | seeds |")
+        print("|---|---:|---:|---:|---:|---:|")
         for key, name in names.items():
             rows = groups.get(key)
             if not rows:
                 continue
-            t = mean_std(r["time_per_epoch_s"] for r in rows)[0]
             print(f"| {name} | {format_mean_std(r['top1_err'] for r in rows)} "
                   f"| {format_mean_std(r['top5_err'] for r in rows)} "
                   f"| {format_mean_std((r['macro_f1'] for r in rows), 4)} "
-                  f"| {format_mean_std(r['ece'] for r in rows)} | {len(rows)} | {t:.1f} | {t / base_time:.2f}x |")
+                  f"| {format_mean_std(r['ece'] for r in rows)} | {len(rows)} |")
 
 
 if __name__ == "__main__":
