@@ -17,6 +17,8 @@ examples:
   aikd pipeline -c configs/fashion_mnist/aikd.yaml -o runs/aikd seed=1
   aikd train -c configs/fashion_mnist/ce.yaml -o runs/ce train.epochs=2 data.train_limit=2000
   aikd eval -k runs/ce/checkpoints/last.safetensors -o runs/ce/eval.json
+  aikd sweep -c configs/fashion_mnist/aikd.yaml configs/fashion_mnist/pskd.yaml --seeds 0 1 2 -o runs/sweep
+  aikd report runs/sweep -f md --plots runs/sweep/figures
 """
 
 
@@ -54,7 +56,56 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-k", "--checkpoint", required=True, help="a .safetensors checkpoint")
     p.add_argument("-o", "--out", help="write the metrics to this JSON file")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit temperature scaling on the run's held-out training images (data.holdout) and "
+                        "report ECE and NLL after it")
+    p.add_argument("--plot", help="with --calibrate: write the reliability diagram to this PNG "
+                                  "(default: next to -o, else none)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "sweep", help="run configs x seeds through the pipeline, resuming where a previous sweep stopped",
+        description="Run every (config, seed) pair with 'aikd pipeline' into OUT/<folder>/<config>/seed<k>, "
+                    "sharing one phase-1 cache (OUT/superior) so a superior or teacher model is trained "
+                    "once per seed. Finished pairs are reused and unfinished ones resumed, so running "
+                    "the same command again continues a stopped sweep. Overrides apply to every run.",
+        epilog="example:\n  aikd sweep -c configs/fashion_mnist/aikd.yaml configs/fashion_mnist/pskd.yaml "
+               "--seeds 0 1 2 -o runs/sweep data.holdout=0.1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", nargs="+", required=True, help="YAML configs")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("-o", "--out", required=True, help="output folder of the sweep")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "report", help="the paper's tables (2, 3, 4) from the run summaries under a folder",
+        description="Collect every summary.json under DIR into the paper's tables: Table 2 (Top-1 error "
+                    "and macro F1), Table 3 (Top-5 error, ECE, ECE after temperature scaling) and Table 4 "
+                    "(AI-KD ablation); mean ± std over seeds, best bold, second underlined.",
+        epilog="example:\n  aikd report runs/sweep -f latex -o tables.tex --plots runs/sweep/figures",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="folder holding finished runs (searched recursively)")
+    p.add_argument("-f", "--format", choices=("md", "csv", "latex"), default="md", help="output format")
+    p.add_argument("-o", "--out", help="write the tables to this file instead of printing them")
+    p.add_argument("--plots", help="also write one reliability diagram per dataset and model into this folder")
+
+    p = sub.add_parser(
+        "tsne", help="t-SNE map of penultimate features of chosen classes, one panel per model",
+        description="Embed the penultimate features of the same test images of the chosen classes for each "
+                    "checkpoint with scikit-learn's t-SNE, and draw them side by side in one PNG "
+                    "(the paper's Figure 6: student vs superior model).",
+        epilog="example:\n  aikd tsne -k runs/aikd/student/checkpoints/last.safetensors "
+               "runs/aikd/superior/*/checkpoints/last.safetensors --names AI-KD Superior "
+               "--classes 0 1 2 3 4 -o tsne.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-k", "--checkpoints", nargs="+", required=True, help=".safetensors checkpoints")
+    p.add_argument("--names", nargs="+", help="panel titles, one per checkpoint")
+    p.add_argument("--classes", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="class indices")
+    p.add_argument("--per-class", type=int, default=200, help="test images per class (default 200)")
+    p.add_argument("-o", "--out", default="tsne.png", help="output PNG (default tsne.png)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the saved configs")
     _add_common(p)
 
     p = sub.add_parser(
@@ -89,9 +140,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from aikd.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validate before the heavy imports
+    from aikd.config import recipe_name
     from aikd.engine import train
 
-    summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet)
+    summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                    recipe=recipe_name(args.config, cfg.model.name, cfg.method))
     print(json.dumps(_headline(summary)))
     return 0
 
@@ -99,7 +152,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from aikd.evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.overrides, quiet=args.quiet)
+    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out and args.calibrate else None)
+    if args.plot and not args.calibrate:
+        raise AikdError("--plot draws the reliability diagram of --calibrate; add --calibrate.")
+    result = evaluate_checkpoint(args.checkpoint, args.overrides, quiet=args.quiet, calibrate=args.calibrate,
+                                 plot=plot)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +186,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from aikd.engine.sweep import run_sweep
+
+    done = run_sweep(args.config, args.seeds, args.out, args.overrides, quiet=args.quiet, log=_logger(args.quiet))
+    print(f"aikd sweep: {len(done)} runs finished in {args.out}; tables: aikd report {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from aikd.report.paper import collect_runs, paper_tables, reliability_figures, render
+
+    runs, duplicates = collect_runs(args.dir)
+    text = render(paper_tables(runs), args.format)
+    if duplicates:
+        print(f"aikd report: {duplicates} runs repeat a (recipe, dataset, model, seed) already counted "
+              f"and were left out", file=sys.stderr)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    if args.plots:
+        for path in reliability_figures(runs, args.plots):
+            print(f"aikd report: wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_tsne(args: argparse.Namespace) -> int:
+    from aikd.report.tsne import tsne_plot
+
+    path = tsne_plot(args.checkpoints, args.names, args.classes, args.per_class, args.out, args.overrides)
+    print(f"aikd tsne: wrote {path}")
+    return 0
+
+
 def _logger(quiet: bool):
     return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
@@ -139,7 +231,8 @@ def _headline(summary: dict) -> dict:
     return {k: summary[k] for k in keys}
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pipeline": cmd_pipeline, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pipeline": cmd_pipeline, "demo": cmd_demo, "sweep": cmd_sweep,
+            "report": cmd_report, "tsne": cmd_tsne}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,13 @@ class DataConfig:
     num_workers: int | None = None  # None: min(8, cpu count) for image folders
     image_size: int | None = None  # None: the dataset's own (32, 64 or 224)
     augment: Literal["standard", "none"] = "standard"
+    # Fraction of the training split held out of training (stratified, fixed by subset_seed);
+    # used only to fit the temperature of temperature scaling. 0: train on all of it, no TS.
+    holdout: float = 0.0
+    cutout: int = 0  # side of the Cutout square in pixels (paper Table 7: 16 on 32 px); 0: off
+    mix: Literal["none", "mixup", "cutmix"] = "none"  # batch mixing with soft labels (Table 7)
+    mix_alpha: float = 1.0  # the mixing ratio is drawn from Beta(mix_alpha, mix_alpha)
+    mix_prob: float = 1.0  # share of batches that are mixed
     download: bool = False  # torchvision download where the dataset supports it
 
 
@@ -250,6 +257,16 @@ def _check_values(cfg: RunConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if value is not None and value <= 0:
             raise ConfigError(f"Config key '{key}' must be positive or null, got {value}.")
+    if not 0 <= cfg.data.holdout < 1:
+        raise ConfigError(f"Config key 'data.holdout' is a fraction of the training split in [0, 1), "
+                          f"got {cfg.data.holdout}.")
+    if cfg.data.cutout < 0:
+        raise ConfigError(f"Config key 'data.cutout' is a patch side in pixels (0: off), got {cfg.data.cutout}.")
+    if cfg.data.mix_alpha <= 0:
+        raise ConfigError(f"Config key 'data.mix_alpha' must be positive (Beta distribution), "
+                          f"got {cfg.data.mix_alpha}.")
+    if not 0 <= cfg.data.mix_prob <= 1:
+        raise ConfigError(f"Config key 'data.mix_prob' is a probability in [0, 1], got {cfg.data.mix_prob}.")
     if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
         raise ConfigError(f"Config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}.")
     if cfg.train.lr <= 0:
@@ -386,3 +403,16 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def recipe_name(config_path: str | Path | None, model_name: str, method: str) -> str:
+    """The label of a run in reports: the config file's name without the model suffix.
+
+    ``configs/cifar100/aikd_no_adv_preact_resnet18.yaml`` -> ``aikd_no_adv``, because
+    reports put the model in the column; without a file, the method's name.
+    """
+    if config_path is None:
+        return method
+    stem = Path(config_path).stem
+    suffix = f"_{model_name}"
+    return stem[: -len(suffix)] if stem.endswith(suffix) and len(stem) > len(suffix) else stem

@@ -1,27 +1,49 @@
-"""Evaluating a saved model on its test split (``aikd eval``)."""
+"""Evaluating a saved model (``aikd eval``): test metrics, temperature scaling, penultimate features."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aikd.config import apply_overrides, from_dict
-from aikd.data import load_data
+import torch
+from torch import Tensor, nn
+
+from aikd.config import RunConfig, apply_overrides, from_dict
+from aikd.data import DataBundle, load_data
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.engine.model_io import model_from_checkpoint
 from aikd.engine.runtime import autocast_dtype, pick_device
-from aikd.errors import CheckpointError
+from aikd.errors import AikdError, CheckpointError
 from aikd.metrics import classification_metrics, predict
 
 
-def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                        quiet: bool = False) -> dict[str, Any]:
-    """Test metrics of the model in ``path`` on the test split of the data it was trained on.
+@dataclass
+class LoadedModel:
+    """A checkpoint's model on its device, with the config and data it was trained with."""
 
-    ``overrides`` adjust the saved config, e.g. ``data.root=/elsewhere``.
-    """
-    from aikd.engine.logger import progress_bar
+    path: Path
+    cfg: RunConfig
+    data: DataBundle
+    model: nn.Module
+    device: torch.device
+    name: str  # the architecture
+    epoch: int | None
 
+    def predict(self, split=None, quiet: bool = True, description: str = "eval") -> tuple[Tensor, Tensor]:
+        """Logits and labels on ``split`` (default: the test split)."""
+        from aikd.engine.logger import progress_bar
+
+        loader = self.data.loader(train=False, split=split)
+        bar = progress_bar(len(loader), description, quiet)
+        out = predict(self.model, loader, lambda x: self.data.to_device(x, False, None), self.device,
+                      autocast_dtype(self.cfg.train, self.device), bar)
+        bar.close()
+        return out
+
+
+def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedModel:
+    """Load a checkpoint with the data of its saved config (``overrides`` adjust it, e.g. data.root)."""
     ckpt = load_checkpoint(path)
     saved = ckpt.meta.get("config")
     if not isinstance(saved, dict):
@@ -36,11 +58,70 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
         )
     device = pick_device(cfg.device)
     model = model_from_checkpoint(ckpt).to(device)
-    loader = data.loader(train=False)
-    bar = progress_bar(len(loader), "eval", quiet)
-    logits, labels = predict(model, loader, lambda x: data.to_device(x, False, None), device,
-                             autocast_dtype(cfg.train, device), bar)
-    bar.close()
-    return {**classification_metrics(logits, labels), "checkpoint": str(path),
-            "method": cfg.method, "model": info["name"], "dataset": cfg.data.name,
-            "epoch": ckpt.meta.get("epoch")}
+    return LoadedModel(Path(path), cfg, data, model, device, info["name"], ckpt.meta.get("epoch"))
+
+
+def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (), quiet: bool = False,
+                        calibrate: bool = False, plot: str | Path | None = None) -> dict[str, Any]:
+    """Test metrics of the model in ``path`` on the test split of the data it was trained on.
+
+    ``calibrate`` fits temperature scaling on the run's held-out training images
+    (``data.holdout``) and adds ``temperature``, ``ece_ts`` and ``nll_ts``;
+    ``plot`` writes the reliability diagram before and after scaling there.
+    """
+    loaded = load_model(path, overrides)
+    logits, labels = loaded.predict(quiet=quiet)
+    result = {**classification_metrics(logits, labels), "checkpoint": str(path), "method": loaded.cfg.method,
+              "model": loaded.name, "dataset": loaded.cfg.data.name, "epoch": loaded.epoch}
+    if calibrate:
+        result.update(_calibrate(loaded, logits, labels, quiet, plot))
+    return result
+
+
+def _calibrate(loaded: LoadedModel, logits: Tensor, labels: Tensor, quiet: bool,
+               plot: str | Path | None) -> dict[str, float]:
+    from aikd.metrics.calibration import calibrate
+    from aikd.report.plots import reliability_diagram
+
+    if loaded.data.holdout is None:
+        raise AikdError(
+            f"'{loaded.path}' was trained on the whole training split (data.holdout=0), so no held-out "
+            f"images are left to fit the temperature on, and the test set must not be used. Retrain with "
+            f"data.holdout=0.1, or pass data.holdout=0.1 here to fit on 10% of the training split (images "
+            f"the model has seen, so the fitted temperature will be too low)."
+        )
+    held = loaded.predict(loaded.data.holdout, quiet, "holdout")
+    metrics, bins = calibrate(*held, logits, labels)
+    if plot is not None:
+        t = metrics["temperature"]
+        reliability_diagram({"before TS": bins["raw"], f"after TS (T={t:.2f})": bins["ts"]}, plot,
+                            f"{loaded.cfg.method} - {loaded.cfg.data.name}")
+    return metrics
+
+
+@torch.inference_mode()
+def penultimate_features(loaded: LoadedModel, classes: list[int], per_class: int,
+                         seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Penultimate features of up to ``per_class`` test images of each class in ``classes``.
+
+    The same images for every checkpoint on the same data (the pick depends on ``seed`` only).
+    """
+    test = loaded.data.test
+    bad = [c for c in classes if not 0 <= c < loaded.data.num_classes]
+    if bad:
+        raise AikdError(f"Classes {bad} do not exist: '{loaded.cfg.data.name}' has classes "
+                        f"0..{loaded.data.num_classes - 1}.")
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in classes:
+        members = torch.nonzero(test.labels == c).flatten()
+        picks.append(members[torch.randperm(len(members), generator=g)[:per_class]])
+    subset = test.subset(torch.sort(torch.cat(picks)).values)
+    loaded.model.eval()
+    feats, labels = [], []
+    for images, batch_labels, _ in loaded.data.loader(train=False, split=subset):
+        images = loaded.data.to_device(images.to(loaded.device), False, None)
+        _, f = loaded.model(images, return_features=True)
+        feats.append(f.float().cpu())
+        labels.append(batch_labels)
+    return torch.cat(feats), torch.cat(labels)

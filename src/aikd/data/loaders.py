@@ -135,15 +135,17 @@ class DataBundle:
     image_size: int
     augment: BatchAugment  # device-side normalization (and augmentation for in-memory data)
     cfg: DataConfig
+    holdout: Split | None = None  # training images kept out of training, for temperature scaling
 
     @property
     def in_memory(self) -> bool:
         return isinstance(self.train, ArraySplit)
 
-    def loader(self, train: bool, batch_sampler=None, seed: int = 0,
-               pin_memory: bool = False) -> TensorLoader | FileLoader:
-        """A loader over one split, with the given batch sampler or the default one."""
-        split = self.train if train else self.test
+    def loader(self, train: bool, batch_sampler=None, seed: int = 0, pin_memory: bool = False,
+               split: Split | None = None) -> TensorLoader | FileLoader:
+        """A loader over one split (training or test, or ``split`` for evaluation), with the given
+        batch sampler or the default one."""
+        split = split if split is not None else self.train if train else self.test
         if batch_sampler is None:
             size = self.cfg.batch_size if train else self.cfg.eval_batch_size
             batch_sampler = EpochBatchSampler(len(split), size, seed, shuffle=train)
@@ -186,6 +188,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
     for split, which in ((train, "training"), (test, "test")):
         if len(split) == 0:
             raise DataError(f"Dataset '{cfg.name}' under '{root}' has an empty {which} split.")
+    train, holdout = split_holdout(train, cfg.holdout, cfg.subset_seed)
     num_classes = len(train.classes)
     if isinstance(train, ArraySplit):
         in_channels, image_size = train.images.shape[1], train.images.shape[-1]
@@ -194,4 +197,21 @@ def load_data(cfg: DataConfig) -> DataBundle:
     mean, std = info.mean, info.std
     augment = BatchAugment(mean, std, crop_padding_for(image_size), info.flip,
                            cfg.augment == "standard")
-    return DataBundle(cfg.name, train, test, num_classes, in_channels, image_size, augment, cfg)
+    return DataBundle(cfg.name, train, test, num_classes, in_channels, image_size, augment, cfg, holdout)
+
+
+def split_holdout(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
+    """Withhold a stratified ``fraction`` of the training split; (train, None) when it is 0.
+
+    The held-out pick depends on ``seed`` (data.subset_seed) only, so every method
+    and training seed is calibrated on the same images.
+    """
+    size = round(fraction * len(train))
+    if size == 0:
+        return train, None
+    if size >= len(train):
+        raise DataError(f"data.holdout={fraction} leaves no training images out of {len(train)}.")
+    held = stratified_indices(train.labels, size, seed + 1)
+    keep = torch.ones(len(train), dtype=torch.bool)
+    keep[held] = False
+    return train.subset(torch.nonzero(keep).flatten()), train.subset(held)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from aikd.config import RunConfig, apply_overrides, from_dict, normalized, read_yaml
+from aikd.config import RunConfig, apply_overrides, from_dict, normalized, read_yaml, recipe_name
 from aikd.engine.trainer import LAST, train
 from aikd.errors import AikdError, ConfigError
 from aikd.methods import METHODS
@@ -68,7 +68,8 @@ def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     return None
 
 
-def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: bool = False) -> dict[str, Any]:
+def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: bool = False,
+                   recipe: str | None = None) -> dict[str, Any]:
     """Train ``cfg`` in ``run_dir``, reuse a finished identical run, or resume an unfinished one.
 
     A run made with another config is replaced only with ``overwrite``; otherwise
@@ -81,12 +82,13 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: b
     finished = (run_dir / "summary.json").is_file()
     started = finished or (run_dir / "checkpoints" / LAST).is_file()
     if not started or overwrite:
-        return train(cfg, run_dir, overwrite=overwrite, quiet=quiet)
+        return train(cfg, run_dir, overwrite=overwrite, quiet=quiet, recipe=recipe)
     if finished:
         raise AikdError(f"'{run_dir}' holds a finished run made with another config. Choose another output "
                         f"folder, or pass --overwrite to replace it.")
     log(f"aikd: resuming the unfinished run in {run_dir}")
-    return train(cfg, run_dir, resume=True, quiet=quiet)  # refuses, with the differing keys, if cfg changed
+    # train() refuses, naming the differing keys, if cfg changed since the checkpoint.
+    return train(cfg, run_dir, resume=True, quiet=quiet, recipe=recipe)
 
 
 def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *,
@@ -113,14 +115,15 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
         sup_cfg = from_dict(sup_data, source=f"{config} (phase 1)")
         sup_dir = Path(cache_dir or out / "superior") / superior_key(sup_cfg)
         log(f"aikd: phase 1, superior model -> {sup_dir}")
-        result["superior"] = train_or_reuse(sup_cfg, sup_dir, quiet, log)
+        result["superior"] = train_or_reuse(sup_cfg, sup_dir, quiet, log, recipe="ce")
         result["superior"]["run_dir"] = str(sup_dir)
         student_cfg.teacher.checkpoint = str(sup_dir / "checkpoints" / LAST)
     elif per_phase["phase1"]:
         raise ConfigError(f"phase1.* overrides were given, but method '{student_cfg.method}' with these settings "
                           f"has no phase 1 (it needs no pre-trained model, or teacher.checkpoint is set).")
     log(f"aikd: phase 2, {student_cfg.method} student -> {out / 'student'}")
-    result["student"] = train_or_reuse(student_cfg, out / "student", quiet, log, overwrite)
+    recipe = recipe_name(config, student_cfg.model.name, student_cfg.method)
+    result["student"] = train_or_reuse(student_cfg, out / "student", quiet, log, overwrite, recipe)
     result["student"]["run_dir"] = str(out / "student")
     (out / "pipeline.json").write_text(json.dumps(result, indent=2))
     return result

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from aikd.config import RunConfig, normalized, save_config
 from aikd.data import DataBundle, load_data
+from aikd.data.mixing import BatchMixer
 from aikd.engine.checkpoint import (
     atomic_write_bytes,
     load_checkpoint,
@@ -42,7 +43,9 @@ from aikd.errors import AikdError, CheckpointError, ConfigError
 from aikd.methods import METHODS, Batch, MethodContext
 from aikd.methods.base import hard_labels
 from aikd.metrics import classification_metrics, predict
+from aikd.metrics.calibration import ReliabilityBins, calibrate
 from aikd.models import build_model, resolve_stem
+from aikd.report.plots import reliability_diagram
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -51,10 +54,11 @@ class Trainer:
     """Trains one model with one method; :meth:`fit` returns the run's summary."""
 
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
-                 data: DataBundle | None = None) -> None:
+                 data: DataBundle | None = None, recipe: str | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.quiet = quiet
+        self.recipe = recipe or cfg.method  # the row label in reports (the config's name)
         seed_everything(cfg.seed, cfg.deterministic)
         self.device = pick_device(cfg.device)
         self.amp_dtype = autocast_dtype(cfg.train, self.device)
@@ -73,6 +77,7 @@ class Trainer:
         ctx = MethodContext(num_classes=d.num_classes, num_train=len(d.train), epochs=cfg.train.epochs,
                             device=self.device, train_labels=d.train.labels, teacher=teacher)
         self.method = method_cls(cfg.method_config(), ctx).to(self.device)
+        self.mixer = BatchMixer(cfg.data, d.num_classes, paired=self.method.paired_batches)
         pin = self.device.type == "cuda"
         sampler = self.method.batch_sampler(cfg.data.batch_size, cfg.seed)
         self.train_loader = d.loader(True, sampler, seed=cfg.seed, pin_memory=pin)
@@ -87,6 +92,7 @@ class Trainer:
         self.best: dict[str, Any] = {"top1_err": math.inf, "epoch": 0}
         self.train_times: list[float] = []
         self.last_eval: tuple[int, dict[str, float]] = (-1, {})
+        self.test_predictions: tuple[int, Tensor, Tensor] | None = None  # (epoch, logits, labels)
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -256,15 +262,37 @@ class Trainer:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
+        if self.mixer.active:
+            images, labels = self.mixer(images, labels, generator)
         return Batch(images, labels, indices.to(self.device, non_blocking=True), epoch, self.step)
 
     def evaluate(self) -> dict[str, float]:
         """Metrics of the current model on the whole test split."""
-        bar = progress_bar(len(self.test_loader), "eval", self.quiet)
-        logits, labels = predict(self.model, self.test_loader, self._prepare_eval, self.device,
-                                 self.amp_dtype, bar)
-        bar.close()
+        logits, labels = self._predict(self.test_loader, "eval")
+        self.test_predictions = (self.epoch, logits, labels)
         return classification_metrics(logits, labels)
+
+    def _predict(self, loader, description: str) -> tuple[Tensor, Tensor]:
+        bar = progress_bar(len(loader), description, self.quiet)
+        logits, labels = predict(self.model, loader, self._prepare_eval, self.device, self.amp_dtype, bar)
+        bar.close()
+        return logits, labels
+
+    def calibrate(self) -> dict[str, float]:
+        """Temperature scaling fitted on the held-out training images; {} when there are none.
+
+        Writes ``reliability.json`` (test-set bins before and after scaling) and
+        ``reliability.png`` into the run folder.
+        """
+        if self.data.holdout is None:
+            return {}
+        if self.test_predictions is None or self.test_predictions[0] != self.epoch:
+            self.evaluate()
+        _, test_logits, test_labels = self.test_predictions
+        held_logits, held_labels = self._predict(self.data.loader(False, split=self.data.holdout), "holdout")
+        metrics, bins = calibrate(held_logits, held_labels, test_logits, test_labels)
+        write_reliability(self.out, bins, metrics["temperature"], f"{self.recipe} - {self.cfg.data.name}")
+        return metrics
 
     def _prepare_eval(self, images: Tensor) -> Tensor:
         images = self.data.to_device(images, train=False, generator=None)
@@ -277,6 +305,8 @@ class Trainer:
         final = self.last_eval[1] if self.last_eval[0] == self.epoch else self.evaluate()
         return {
             **final,
+            **self.calibrate(),
+            "recipe": self.recipe,
             "method": self.cfg.method,
             "model": self.cfg.model.name,
             "dataset": self.cfg.data.name,
@@ -309,7 +339,7 @@ class Trainer:
                 )
             for name in ("checkpoints", "tensorboard"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+            for name in ("metrics.jsonl", "summary.json", "config.yaml", "reliability.json", "reliability.png"):
                 (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -327,7 +357,18 @@ def _config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "
     return out
 
 
+def write_reliability(out: Path, bins: dict[str, ReliabilityBins], temperature: float, title: str) -> None:
+    """The run's reliability bins as JSON (reports pool them over seeds) and as a diagram."""
+    payload = {"temperature": temperature, **{k: b.to_dict() for k, b in bins.items()}}
+    atomic_write_bytes(out / "reliability.json", json.dumps(payload).encode())
+    reliability_diagram({"before TS": bins["raw"], f"after TS (T={temperature:.2f})": bins["ts"]},
+                        out / "reliability.png", title)
+
+
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          quiet: bool = False) -> dict[str, Any]:
-    """Library entry point: train one run and return its summary."""
-    return Trainer(cfg, out_dir, quiet=quiet).fit(resume=resume, overwrite=overwrite)
+          quiet: bool = False, recipe: str | None = None) -> dict[str, Any]:
+    """Library entry point: train one run and return its summary.
+
+    ``recipe`` names the run in reports (``aikd report``); by default the method.
+    """
+    return Trainer(cfg, out_dir, quiet=quiet, recipe=recipe).fit(resume=resume, overwrite=overwrite)

@@ -75,6 +75,8 @@ class Method(nn.Module):
     requires_teacher: ClassVar[bool] = False
     # Self-distillation methods learn from a copy of the student's own architecture.
     teacher_same_architecture: ClassVar[bool] = False
+    # Batches are [anchors | partners] with partner i tied to anchor i (CS-KD): mixing keeps the pairs.
+    paired_batches: ClassVar[bool] = False
 
     def __init__(self, hparams: Any, ctx: MethodContext) -> None:
         super().__init__()

@@ -70,6 +70,8 @@ class CSKDConfig:
 
 @register_method("cskd", CSKDConfig)
 class CSKD(Method):
+    paired_batches = True
+
     def batch_sampler(self, batch_size: int, seed: int) -> ClassPairBatchSampler:
         if self.ctx.train_labels is None:
             raise ConfigError("cskd needs the training labels to pair samples of the same class.")

@@ -1,0 +1,340 @@
+"""The paper's tables, made only from run summaries on disk (``aikd report``).
+
+* Table 2: methods x (dataset, model), Top-1 error and macro F1;
+* Table 3: Top-5 error, ECE, and ECE after temperature scaling;
+* Table 4: the AI-KD ablation (which of L_G, L_P, L_A are on) with Top-1 error.
+
+Each cell is the mean ± sample standard deviation over seeds; in every column
+the best mean is bold and the second best underlined (lower is better, except
+macro F1), compared at the printed precision so equal-looking cells get equal
+marks. Rows are recipes: a config file's name without the model suffix
+(``aikd_no_adv_preact_resnet18.yaml`` -> ``aikd_no_adv``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aikd.errors import AikdError
+from aikd.report.summaries import mean_std
+
+LABELS = {"ce": "Baseline", "kd": "KD", "tfkd_self": "TF-KD (self)", "tfkd_reg": "TF-KD (reg)",
+          "cskd": "CS-KD", "pskd": "PS-KD", "dkd": "DKD", "aekt": "AEKT", "bss": "BSS", "amkd": "AMKD",
+          "aikd_only_guide": "Only Guide", "aikd_only_progressive": "Only Progressive",
+          "aikd_no_adv": "No Adv", "aikd": "AI-KD"}
+DATASET_ORDER = ("cifar100", "tiny-imagenet", "cub200", "stanford-dogs", "mit67", "fgvc-aircraft", "fashion-mnist")
+SEED_DIR = re.compile(r"seed\d+$")
+
+
+@dataclass
+class Run:
+    """One finished run as the report sees it."""
+
+    recipe: str
+    method: str
+    dataset: str
+    model: str
+    seed: int
+    metrics: dict[str, Any]
+    losses: tuple[bool, bool, bool] | None  # AI-KD's (L_G, L_P, L_A) switches; None for other methods
+    folder: Path
+
+
+@dataclass
+class Metric:
+    key: str
+    title: str
+    digits: int = 2
+    higher_is_better: bool = False
+
+
+TOP1 = Metric("top1_err", "Top-1 err")
+MACRO_F1 = Metric("macro_f1", "Macro F1", 4, higher_is_better=True)
+TOP5 = Metric("top5_err", "Top-5 err")
+ECE = Metric("ece", "ECE")
+ECE_TS = Metric("ece_ts", "ECE (TS)")
+
+
+@dataclass
+class Cell:
+    text: str
+    rank_value: float | None = None  # the mean rounded as printed, which is what is ranked
+    mark: str = ""  # "best", "second" or ""
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+
+
+@dataclass
+class Table:
+    """A two-level header (column groups, then metrics) and rows of cells."""
+
+    title: str
+    groups: list[str]
+    metrics: list[Metric]
+    row_names: list[str] = field(default_factory=list)
+    lead: list[str] = field(default_factory=list)  # extra leading columns (the ablation's switches)
+    lead_cells: list[list[str]] = field(default_factory=list)
+    cells: list[list[Cell]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- reading runs
+
+
+def collect_runs(root: str | Path) -> tuple[list[Run], int]:
+    """Every finished run under ``root``, one per (recipe, dataset, model, seed); and how many duplicates were left out.
+
+    A pipeline's phase-1 model and a ``ce`` run of the same seed are the same
+    recipe; the first found is kept.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise AikdError(f"Report folder '{root}' does not exist.")
+    runs: dict[tuple, Run] = {}
+    duplicates = 0
+    for path in sorted(root.rglob("summary.json")):
+        run = _read_run(path, root)
+        key = (run.recipe, run.dataset, run.model, run.seed)
+        if key in runs:
+            duplicates += 1
+        else:
+            runs[key] = run
+    if not runs:
+        raise AikdError(f"No finished runs (summary.json files) under '{root}'.")
+    return list(runs.values()), duplicates
+
+
+def _read_run(path: Path, root: Path) -> Run:
+    try:
+        summary = json.loads(path.read_text())
+        method, dataset, model, seed = summary["method"], summary["dataset"], summary["model"], int(summary["seed"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise AikdError(f"'{path}' is not a run summary written by aikd ({type(err).__name__}: {err}).") from None
+    return Run(_recipe(summary, path.parent.relative_to(root)), method, dataset, model, seed, summary,
+               _aikd_switches(path.parent / "config.yaml", method), path.parent)
+
+
+def _recipe(summary: dict[str, Any], run_dir: Path) -> str:
+    """The summary's recipe; for runs older than that field, the folder before ``seedN``, else the method."""
+    if summary.get("recipe"):
+        return summary["recipe"]
+    parts = run_dir.parts
+    for i, part in enumerate(parts[1:], start=1):
+        if SEED_DIR.fullmatch(part):
+            return parts[i - 1]
+    return summary["method"]
+
+
+def _aikd_switches(config: Path, method: str) -> tuple[bool, bool, bool] | None:
+    if method == "ce":
+        return (False, False, False)
+    if method != "aikd" or not config.is_file():
+        return None
+    section = (yaml.safe_load(config.read_text()) or {}).get("aikd", {})
+    return (section.get("alpha_g", 0) > 0, section.get("alpha_p", 0) > 0, section.get("adv_weight", 0) > 0)
+
+
+# ---------------------------------------------------------------------------- building tables
+
+
+def _group_name(dataset: str, model: str) -> str:
+    return f"{dataset} / {model}"
+
+
+def _group_order(runs: Sequence[Run]) -> list[tuple[str, str]]:
+    pairs = {(r.dataset, r.model) for r in runs}
+    rank = {name: i for i, name in enumerate(DATASET_ORDER)}
+    return sorted(pairs, key=lambda p: (rank.get(p[0], len(rank)), p[0], p[1]))
+
+
+def _recipe_order(recipes: set[str]) -> list[str]:
+    known = [r for r in LABELS if r in recipes]
+    return known + sorted(recipes - set(known))
+
+
+def _is_ablation(run: Run) -> bool:
+    return run.method == "aikd" and run.recipe != "aikd"
+
+
+def build_table(title: str, runs: Sequence[Run], metrics: Sequence[Metric],
+                keep: Callable[[Run], bool]) -> Table:
+    """Rows = recipes of the kept runs, columns = (dataset, model) x metrics, with ranks marked."""
+    runs = [r for r in runs if keep(r)]
+    groups = _group_order(runs)
+    by_cell: dict[tuple, list[Run]] = defaultdict(list)
+    for r in runs:
+        by_cell[(r.recipe, r.dataset, r.model)].append(r)
+    table = Table(title, [_group_name(*g) for g in groups], list(metrics))
+    recipes = _recipe_order({r.recipe for r in runs})
+    for recipe in recipes:
+        table.row_names.append(LABELS.get(recipe, recipe))
+        row = []
+        for dataset, model in groups:
+            members = by_cell.get((recipe, dataset, model), [])
+            row += [_cell(members, m) for m in metrics]
+        table.cells.append(row)
+    _note_seed_counts(table)
+    _mark_ranks(table)
+    return table
+
+
+def _note_seed_counts(table: Table) -> None:
+    """Append (n=k) to cells averaged over fewer seeds than the table's fullest cell."""
+    full = max((c.n for row in table.cells for c in row), default=0)
+    for row in table.cells:
+        for cell in row:
+            if 0 < cell.n < full:
+                cell.text += f" (n={cell.n})"
+
+
+def _cell(members: Sequence[Run], metric: Metric) -> Cell:
+    values = [r.metrics[metric.key] for r in members if r.metrics.get(metric.key) is not None]
+    if not values:
+        return Cell("–")
+    mean, std, n = mean_std(values)
+    text = f"{mean:.{metric.digits}f} ± {std:.{metric.digits}f}"
+    return Cell(text, round(mean, metric.digits), mean=mean, std=std, n=n)
+
+
+def _mark_ranks(table: Table) -> None:
+    """Bold the best and underline the second-best mean of every column (ties share a mark)."""
+    for col in range(len(table.groups) * len(table.metrics)):
+        metric = table.metrics[col % len(table.metrics)]
+        column = [row[col] for row in table.cells if row[col].rank_value is not None]
+        distinct = sorted({c.rank_value for c in column}, reverse=metric.higher_is_better)
+        if len(column) < 2:
+            continue
+        for cell in column:
+            if cell.rank_value == distinct[0]:
+                cell.mark = "best"
+            elif len(distinct) > 1 and cell.rank_value == distinct[1]:
+                cell.mark = "second"
+
+
+def paper_tables(runs: Sequence[Run]) -> list[Table]:
+    """Tables 2, 3 and 4 of the paper for whatever runs there are (empty tables are left out)."""
+    tables = [
+        build_table("Table 2: Top-1 error (%) and macro F1", runs, [TOP1, MACRO_F1], lambda r: not _is_ablation(r)),
+        build_table("Table 3: Top-5 error (%), ECE (%) and ECE after temperature scaling", runs,
+                    [TOP5, ECE, ECE_TS], lambda r: not _is_ablation(r)),
+    ]
+    ablation = build_table("Table 4: AI-KD ablation, Top-1 error (%)", runs, [TOP1],
+                           lambda r: r.losses is not None and (r.method == "aikd" or r.recipe == "ce"))
+    if any(r.method == "aikd" for r in runs):
+        switches = {LABELS.get(r.recipe, r.recipe): r.losses for r in runs if r.losses is not None}
+        ablation.lead = ["L_G", "L_P", "L_A"]
+        ablation.lead_cells = [["✓" if on else "" for on in switches[name]] for name in ablation.row_names]
+        tables.append(ablation)
+    return [t for t in tables if t.row_names]
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def render(tables: Sequence[Table], fmt: str) -> str:
+    """Markdown, LaTeX (booktabs) or CSV (one tidy row per cell and metric)."""
+    renderers = {"md": _markdown, "latex": _latex, "csv": _csv}
+    if fmt not in renderers:
+        raise AikdError(f"Unknown report format '{fmt}': choose md, csv or latex.")
+    return renderers[fmt](tables)
+
+
+def _markdown(tables: Sequence[Table]) -> str:
+    marks = {"best": "**{}**", "second": "<u>{}</u>", "": "{}"}
+    out = []
+    for t in tables:
+        head = ["Method", *t.lead] + [f"{g}: {m.title}" for g in t.groups for m in t.metrics]
+        out += [f"### {t.title}", "", "| " + " | ".join(head) + " |",
+                "|---|" + ":-:|" * len(t.lead) + "---:|" * (len(head) - 1 - len(t.lead))]
+        for i, name in enumerate(t.row_names):
+            lead = t.lead_cells[i] if t.lead else []
+            cells = [marks[c.mark].format(c.text) for c in t.cells[i]]
+            out.append("| " + " | ".join([name, *lead, *cells]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _latex(tables: Sequence[Table]) -> str:
+    marks = {"best": "\\textbf{{{}}}", "second": "\\underline{{{}}}", "": "{}"}
+
+    def tex(text: str) -> str:
+        return text.replace("±", "$\\pm$").replace("_", "\\_").replace("✓", "\\checkmark").replace("–", "--")
+
+    out = []
+    for t in tables:
+        k = len(t.metrics)
+        out += ["\\begin{table}[t]", "\\centering", f"\\caption{{{tex(t.title)}}}",
+                "\\begin{tabular}{l" + "c" * len(t.lead) + "c" * (k * len(t.groups)) + "}", "\\toprule"]
+        first = ["", *[""] * len(t.lead)] + [f"\\multicolumn{{{k}}}{{c}}{{{tex(g)}}}" for g in t.groups]
+        second = ["Method", *(tex(x) for x in t.lead)] + [tex(m.title) for _ in t.groups for m in t.metrics]
+        out += [" & ".join(first) + " \\\\", " & ".join(second) + " \\\\", "\\midrule"]
+        for i, name in enumerate(t.row_names):
+            lead = [tex(x) for x in t.lead_cells[i]] if t.lead else []
+            cells = [marks[c.mark].format(tex(c.text)) for c in t.cells[i]]
+            out.append(" & ".join([tex(name), *lead, *cells]) + " \\\\")
+        out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(out)
+
+
+def _csv(tables: Sequence[Table]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["table", "method", "dataset", "model", "metric", "mean", "std", "seeds", "rank"])
+    for t in tables:
+        for i, name in enumerate(t.row_names):
+            for j, cell in enumerate(t.cells[i]):
+                if cell.mean is None:
+                    continue
+                dataset, model = t.groups[j // len(t.metrics)].split(" / ")
+                metric = t.metrics[j % len(t.metrics)]
+                writer.writerow([t.title.split(":")[0], name, dataset, model, metric.key, f"{cell.mean:.6g}",
+                                 f"{cell.std:.6g}", cell.n, cell.mark])
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def reliability_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+    """One reliability diagram per (dataset, model), like the paper's Figures 4-5.
+
+    Each recipe with calibrated runs is one line (its test-set bins pooled over
+    seeds); AI-KD also gets its line after temperature scaling.
+    """
+    from aikd.metrics.calibration import ReliabilityBins
+    from aikd.report.plots import reliability_diagram
+
+    pooled: dict[tuple[str, str], dict[str, ReliabilityBins]] = defaultdict(dict)
+    for run in runs:
+        path = run.folder / "reliability.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        curves = pooled[(run.dataset, run.model)]
+        label = LABELS.get(run.recipe, run.recipe)
+        entries = [(label, data["raw"])] + ([(f"{label} + TS", data["ts"])] if run.recipe == "aikd" else [])
+        for name, bins in entries:
+            bins = ReliabilityBins.from_dict(bins)
+            curves[name] = curves[name] + bins if name in curves else bins
+    written = []
+    for (dataset, model), curves in sorted(pooled.items()):
+        order = [LABELS.get(r, r) for r in _recipe_order({r.recipe for r in runs})]
+        ordered = dict(sorted(curves.items(), key=lambda kv: _curve_rank(kv[0], order)))
+        path = Path(out_dir) / f"reliability_{dataset}_{model}.png"
+        written.append(reliability_diagram(ordered, path, f"{dataset} / {model}"))
+    return written
+
+
+def _curve_rank(name: str, order: list[str]) -> tuple[int, str]:
+    base = name.removesuffix(" + TS")
+    return (order.index(base) if base in order else len(order), name)

@@ -1,0 +1,68 @@
+"""PNG figures: reliability diagrams (paper Figures 4-5) and t-SNE maps (Figure 6).
+
+matplotlib runs on its file-only Agg backend, so plots work on machines
+without a display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from aikd.metrics.calibration import ReliabilityBins
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def reliability_diagram(curves: Mapping[str, ReliabilityBins], path: str | Path, title: str = "") -> Path:
+    """Accuracy against mean confidence per bin, one line per curve, with the identity line.
+
+    A curve under the diagonal is over-confident. Empty bins are skipped, and
+    the legend carries each curve's ECE so the figure reads on its own.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="black", linewidth=1, label="identity")
+    for name, bins in curves.items():
+        pairs = [(c, a) for c, a in zip(bins.mean_confidence(), bins.accuracy(), strict=True) if c is not None]
+        conf, acc = zip(*pairs, strict=True) if pairs else ((), ())
+        ax.plot(conf, acc, marker="o", markersize=3, linewidth=1.5, label=f"{name} (ECE {bins.ece():.2f}%)")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=7)
+    return _save(fig, path)
+
+
+def tsne_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str],
+                path: str | Path) -> Path:
+    """Side-by-side 2-D embeddings, one panel per model: (title, points (N, 2), labels (N,))."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), dpi=120, squeeze=False)
+    colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    for ax, (title, points, labels) in zip(axes[0], panels, strict=True):
+        for k, name in enumerate(class_names):
+            pick = labels == k
+            ax.scatter(points[pick, 0], points[pick, 1], s=4, color=colours(k % colours.N), label=name)
+        ax.set(title=title, xticks=[], yticks=[])
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,178 @@
+"""`aikd report` on hand-made summaries, and `aikd sweep` surviving a kill."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aikd.errors import AikdError
+from aikd.report.paper import collect_runs, paper_tables, render
+
+
+def write_run(root: Path, folder: str, recipe: str | None, method: str, seed: int, top1: float, f1: float,
+              dataset: str = "cifar100", model: str = "resnet18", aikd: dict | None = None, **extra) -> None:
+    run = root / folder
+    run.mkdir(parents=True)
+    summary = {"method": method, "dataset": dataset, "model": model, "seed": seed, "top1_err": top1,
+               "macro_f1": f1, "top5_err": top1 / 4, "ece": 5.0, "nll": 1.0, **extra}
+    if recipe is not None:
+        summary["recipe"] = recipe
+    (run / "summary.json").write_text(json.dumps(summary))
+    if aikd is not None:
+        (run / "config.yaml").write_text(yaml.safe_dump({"method": "aikd", "aikd": aikd}))
+
+
+FULL = {"alpha_g": 0.1, "alpha_p": 0.3, "adv_weight": 0.1}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for seed, (ce, aikd, pskd) in enumerate([(10.0, 9.0, 11.0), (12.0, 9.5, 11.0), (14.0, 10.0, 11.0)]):
+        write_run(tmp_path, f"superior/run{seed}", "ce", "ce", seed, ce, 0.80 + seed / 100)
+        write_run(tmp_path, f"c/aikd/seed{seed}/student", "aikd", "aikd", seed, aikd, 0.70, aikd=FULL)
+        write_run(tmp_path, f"c/pskd/seed{seed}/student", "pskd", "pskd", seed, pskd, 0.90)
+        write_run(tmp_path, f"c/aikd_no_adv/seed{seed}/student", "aikd_no_adv", "aikd", seed, 9.8, 0.7,
+                  aikd={**FULL, "adv_weight": 0.0})
+    return tmp_path
+
+
+def md_row(text: str, table: str, name: str) -> list[str]:
+    block = text.split(f"### {table}")[1].split("###")[0]
+    row = next(line for line in block.splitlines() if line.startswith(f"| {name} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_table2_means_stds_and_ranks(sweep):
+    runs, duplicates = collect_runs(sweep)
+    assert duplicates == 0 and len(runs) == 12
+    text = render(paper_tables(runs), "md")
+    # Top-1 error: AI-KD 9.50 ± 0.50 best, PS-KD 11.00 ± 0.00 second, Baseline 12.00 ± 2.00 (sample std).
+    assert md_row(text, "Table 2", "AI-KD")[1:3] == ["**9.50 ± 0.50**", "0.7000 ± 0.0000"]
+    assert md_row(text, "Table 2", "PS-KD")[1:3] == ["<u>11.00 ± 0.00</u>", "**0.9000 ± 0.0000**"]
+    assert md_row(text, "Table 2", "Baseline")[1:3] == ["12.00 ± 2.00", "<u>0.8100 ± 0.0100</u>"]
+    assert "No Adv" not in text.split("### Table 3")[0]  # ablations live in Table 4 only
+
+
+def test_table3_has_ece_after_scaling_when_runs_have_it(tmp_path):
+    for seed in range(2):
+        write_run(tmp_path, f"a/seed{seed}", "ce", "ce", seed, 10, 0.8, ece_ts=1.0 + seed)
+        write_run(tmp_path, f"b/seed{seed}", "pskd", "pskd", seed, 10, 0.8)
+    text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
+    assert md_row(text, "Table 3", "Baseline")[3] == "1.50 ± 0.71"
+    assert md_row(text, "Table 3", "PS-KD")[3] == "–"
+
+
+def test_table4_switches_come_from_the_saved_configs(sweep):
+    text = render(paper_tables(collect_runs(sweep)[0]), "md")
+    assert md_row(text, "Table 4", "Baseline")[1:5] == ["", "", "", "12.00 ± 2.00"]
+    assert md_row(text, "Table 4", "No Adv")[1:4] == ["✓", "✓", ""]
+    assert md_row(text, "Table 4", "AI-KD")[1:5] == ["✓", "✓", "✓", "**9.50 ± 0.50**"]
+    assert md_row(text, "Table 4", "No Adv")[4] == "<u>9.80 ± 0.00</u>"
+
+
+def test_latex_and_csv(sweep):
+    runs = collect_runs(sweep)[0]
+    latex = render(paper_tables(runs), "latex")
+    assert "\\textbf{9.50 $\\pm$ 0.50}" in latex and "\\underline{11.00 $\\pm$ 0.00}" in latex
+    assert latex.count("\\begin{tabular}") == 3 and "\\checkmark" in latex
+    rows = list(csv.DictReader(io.StringIO(render(paper_tables(runs), "csv"))))
+    cell = next(r for r in rows if r["table"] == "Table 2" and r["method"] == "Baseline" and r["metric"] == "top1_err")
+    assert (float(cell["mean"]), float(cell["std"]), cell["seeds"], cell["dataset"]) == (12.0, 2.0, "3", "cifar100")
+    assert next(r for r in rows if r["method"] == "AI-KD" and r["metric"] == "top1_err")["rank"] == "best"
+
+
+def test_ties_share_a_mark_and_columns_are_ranked_apart(tmp_path):
+    for recipe, err in (("kd", 10.001), ("dkd", 9.999), ("pskd", 12.0)):
+        write_run(tmp_path, f"{recipe}/seed0", recipe, recipe, 0, err, 0.5)
+        write_run(tmp_path, f"{recipe}/seed0b", recipe, recipe, 0, err, 0.5, model="densenet121")
+    text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
+    assert md_row(text, "Table 2", "KD")[1] == md_row(text, "Table 2", "DKD")[1] == "**10.00 ± 0.00**"
+    assert md_row(text, "Table 2", "PS-KD")[1] == "<u>12.00 ± 0.00</u>"
+    assert md_row(text, "Table 2", "PS-KD")[3] == "<u>12.00 ± 0.00</u>"  # the densenet121 column, ranked alone
+
+
+def test_recipe_falls_back_to_the_folder_and_missing_seeds_are_noted(tmp_path):
+    write_run(tmp_path, "aikd_only_guide/seed0/student", None, "aikd", 0, 9, 0.5,
+              aikd={**FULL, "alpha_p": 0, "adv_weight": 0})
+    write_run(tmp_path, "aikd/seed0/student", None, "aikd", 0, 9, 0.5, aikd=FULL)
+    write_run(tmp_path, "aikd/seed1/student", None, "aikd", 1, 10, 0.5, aikd=FULL)
+    write_run(tmp_path, "dup/aikd/seed1/student", "aikd", "aikd", 1, 50, 0.5, aikd=FULL)
+    runs, duplicates = collect_runs(tmp_path)
+    assert duplicates == 1 and sorted(r.recipe for r in runs) == ["aikd", "aikd", "aikd_only_guide"]
+    text = render(paper_tables(runs), "md")
+    assert md_row(text, "Table 4", "Only Guide")[1:5] == ["✓", "", "", "**9.00 ± 0.00 (n=1)**"]
+
+
+def test_empty_or_foreign_folders_are_clear_errors(tmp_path):
+    with pytest.raises(AikdError, match="No finished runs"):
+        collect_runs(tmp_path)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x/summary.json").write_text("{not json")
+    with pytest.raises(AikdError, match=r"x/summary.json' is not a run summary"):
+        collect_runs(tmp_path)
+
+
+# ---------------------------------------------------------------------- aikd sweep, killed and resumed
+
+DIGITS = {"data": {"name": "digits", "train_limit": 384, "test_limit": 200, "batch_size": 64},
+          "model": {"name": "small_cnn"}, "deterministic": True}
+
+
+def aikd_cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "aikd", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_sweep_killed_after_one_run_resumes_without_rerunning_it(tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "ce.yaml").write_text(yaml.safe_dump({**DIGITS, "method": "ce", "train": {"epochs": 1}}))
+    (configs / "tfkd_self.yaml").write_text(yaml.safe_dump({**DIGITS, "method": "tfkd_self",
+                                                           "train": {"epochs": 25}}))
+    out = tmp_path / "sweep"
+    command = ["sweep", "-c", str(configs / "ce.yaml"), str(configs / "tfkd_self.yaml"), "--seeds", "0", "-o",
+               str(out), "-q"]
+    first = out / "configs/ce/seed0/student/summary.json"
+    proc = aikd_cli(*command)
+    deadline = time.time() + 120
+    while not first.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.is_file(), proc.stdout.read()
+    assert not (out / "configs/tfkd_self/seed0/student/summary.json").is_file()  # killed mid-sweep
+    stamp = first.stat().st_mtime_ns
+    done = subprocess.run([sys.executable, "-m", "aikd", *command[:-1]], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert first.stat().st_mtime_ns == stamp  # the finished run was not trained again
+    assert f"reusing the finished run in {first.parent}" in done.stderr
+    student = json.loads((out / "configs/tfkd_self/seed0/student/summary.json").read_text())
+    assert student["recipe"] == "tfkd_self" and student["epochs"] == 25
+    assert len(list((out / "superior").iterdir())) == 1  # one phase-1 model for the seed
+    assert [e["config"] for e in json.loads((out / "sweep.json").read_text())] == [
+        str(configs / "ce.yaml"), str(configs / "tfkd_self.yaml")]
+    report = subprocess.run([sys.executable, "-m", "aikd", "report", str(out)], capture_output=True, text=True)
+    assert report.returncode == 0 and "| TF-KD (self) |" in report.stdout and "| Baseline |" in report.stdout
+
+
+def test_sweep_checks_every_config_before_training(tmp_path):
+    good = tmp_path / "ce.yaml"
+    good.write_text(yaml.safe_dump({**DIGITS, "method": "ce"}))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**DIGITS, "method": "pskd", "pskd": {"alpha_t": 0.8}}))
+    done = subprocess.run([sys.executable, "-m", "aikd", "sweep", "-c", str(good), str(bad), "-o",
+                           str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and "pskd.alpha_t" in done.stderr
+    assert not (tmp_path / "out/tmp").exists() and not any((tmp_path / "out").rglob("summary.json"))
