@@ -358,7 +358,8 @@ CLI_ERROR_CASES = {
     "missing_checkpoint": (["eval", "-k", "missing.safetensors"], ["missing.safetensors"]),
 }
 CLI_HELP_CASES = {"main": ["--help"], "train": ["train", "--help"], "eval": ["eval", "--help"],
-                  "demo": ["demo", "--help"]}
+                  "demo": ["demo", "--help"], "pipeline": ["pipeline", "--help"], "sweep": ["sweep", "--help"],
+                  "report": ["report", "--help"], "tsne": ["tsne", "--help"]}
 
 
 class _CliRuns:

@@ -951,3 +951,11 @@ def test_batch_augment_normalize_and_train():
     assert torch.allclose(trained, aug.normalize(cropped))
     plain = BatchAugment(mean, std, padding=2, flip=True, augment=False)
     assert torch.allclose(plain.train(images, torch.Generator().manual_seed(6)), got)
+
+
+def test_class_without_training_images_is_named(tmp_path):
+    layout = build_imagefolder(tmp_path, np.random.default_rng(31))
+    (layout.root / "train" / "zebra").mkdir()  # a class folder left empty
+    (layout.root / "test" / "zebra").mkdir()
+    with pytest.raises(DataError, match=r"class 'zebra' has no training images"):
+        load_data(file_cfg("imagefolder", layout.root))

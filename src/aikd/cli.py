@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from aikd.errors import AikdError
+from aikd.errors import AikdError, RunInterrupted
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
     p.add_argument("-o", "--out", required=True, help="output folder of the run")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoints/last.safetensors")
+    p.add_argument("--resume", nargs="?", const="last", metavar="auto|PATH",
+                   help="continue the run in OUT: from checkpoints/last.safetensors; 'auto': from the newest valid "
+                        "checkpoint there, or start fresh if there is none (for preemptible jobs); or from PATH")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT")
     _add_common(p)
 
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except RunInterrupted as err:
+        print(f"aikd: {err}", file=sys.stderr)
+        return err.exit_code
     except AikdError as err:
         print(f"aikd: error: {err}", file=sys.stderr)
         return 2

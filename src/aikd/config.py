@@ -71,6 +71,11 @@ class TrainConfig:
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on CUDA, off elsewhere
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
     eval_every: int = 1
+    keep_last: int = 1  # epoch checkpoints kept: last.safetensors plus keep_last - 1 older epoch-NNNN ones
+    # A step whose loss is NaN or infinite: "stop" the run naming the loss term, or "skip" the step
+    # (no update, counted in the summary) and stop only after max_skipped_steps of them.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 100
 
 
 @dataclass
@@ -248,6 +253,8 @@ def _check_values(cfg: RunConfig) -> None:
         "data.batch_size": cfg.data.batch_size,
         "data.eval_batch_size": cfg.data.eval_batch_size,
         "train.eval_every": cfg.train.eval_every,
+        "train.keep_last": cfg.train.keep_last,
+        "train.max_skipped_steps": cfg.train.max_skipped_steps,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -31,3 +31,11 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean X?' for the closest choice, or '' if none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" Did you mean '{close[0]}'?" if close else ""
+
+
+class RunInterrupted(AikdError):
+    """A run stopped by a signal after saving a checkpoint; ``exit_code`` follows the shell's 128 + N."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

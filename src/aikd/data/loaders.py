@@ -8,6 +8,7 @@ needs (each rank takes a slice of the same permutation).
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,16 +62,40 @@ class EpochBatchSampler:
         return full + (1 if rest > 1 or (rest == 1 and not self.shuffle) else 0)
 
 
+class ResumableBatchSampler:
+    """Wraps an epoch batch sampler so that one epoch can start at a given batch.
+
+    A run resumed from a mid-epoch checkpoint draws the epoch's batch order
+    again (it depends only on seed and epoch) and skips the batches it already
+    trained on; the skip applies to the next epoch only.
+    """
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.start = start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self.start = self.start, 0
+        yield from itertools.islice(iter(self.inner), start, None)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 class TensorLoader:
     """Batches straight out of in-memory uint8 tensors: one index op per batch."""
 
     def __init__(self, split: ArraySplit, batch_sampler, pin_memory: bool = False) -> None:
         self.images = split.images.pin_memory() if pin_memory else split.images
         self.labels = split.labels
-        self.batch_sampler = batch_sampler
+        self.batch_sampler = ResumableBatchSampler(batch_sampler)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.batch_sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[BatchTuple]:
         for batch in self.batch_sampler:
@@ -106,15 +131,15 @@ class FileLoader:
 
     def __init__(self, dataset: ImageFileDataset, batch_sampler, num_workers: int,
                  pin_memory: bool) -> None:
-        self.batch_sampler = batch_sampler
+        self.batch_sampler = batch_sampler = ResumableBatchSampler(batch_sampler)
         self.loader = DataLoader(
             dataset, batch_sampler=batch_sampler, num_workers=num_workers,
             pin_memory=pin_memory, persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.batch_sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[BatchTuple]:
         yield from self.loader
@@ -181,6 +206,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
         )
     train = info.reader(root, True, cfg.download)
     test = info.reader(root, False, False)
+    _require_every_class(train, cfg.name, root)
     if cfg.train_limit is not None:
         train = train.subset(stratified_indices(train.labels, cfg.train_limit, cfg.subset_seed))
     if cfg.test_limit is not None:
@@ -215,3 +241,20 @@ def split_holdout(train: Split, fraction: float, seed: int) -> tuple[Split, Spli
     keep = torch.ones(len(train), dtype=torch.bool)
     keep[held] = False
     return train.subset(torch.nonzero(keep).flatten()), train.subset(held)
+
+
+def _require_every_class(train: Split, name: str, root: Path) -> None:
+    """A class without training images cannot be learned and skews every metric: refuse it by name.
+
+    Checked for image-file datasets, whose class list comes from folders or split files; the
+    in-memory sets have fixed class lists that their readers already check labels against.
+    """
+    if not isinstance(train, FileSplit):
+        return
+    counts = torch.bincount(train.labels, minlength=len(train.classes))
+    empty = [train.classes[i] for i in torch.nonzero(counts == 0).flatten().tolist()]
+    if empty:
+        shown = ", ".join(f"'{c}'" for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        verb = "class {} has" if len(empty) == 1 else "classes {} have"
+        raise DataError(f"Dataset '{name}' under '{root}': {verb.format(shown)} no training images. Add images, "
+                        f"or remove the class from the dataset's class list (its folder or split-file entries).")

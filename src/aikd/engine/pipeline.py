@@ -88,7 +88,7 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: b
                         f"folder, or pass --overwrite to replace it.")
     log(f"aikd: resuming the unfinished run in {run_dir}")
     # train() refuses, naming the differing keys, if cfg changed since the checkpoint.
-    return train(cfg, run_dir, resume=True, quiet=quiet, recipe=recipe)
+    return train(cfg, run_dir, resume="auto", quiet=quiet, recipe=recipe)
 
 
 def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *,

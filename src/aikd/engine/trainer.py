@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,7 @@ from aikd.engine.runtime import (
     seed_everything,
     use_channels_last,
 )
-from aikd.errors import AikdError, CheckpointError, ConfigError
+from aikd.errors import AikdError, CheckpointError, ConfigError, RunInterrupted
 from aikd.methods import METHODS, Batch, MethodContext
 from aikd.methods.base import hard_labels
 from aikd.metrics import classification_metrics, predict
@@ -93,6 +97,10 @@ class Trainer:
         self.train_times: list[float] = []
         self.last_eval: tuple[int, dict[str, float]] = (-1, {})
         self.test_predictions: tuple[int, Tensor, Tensor] | None = None  # (epoch, logits, labels)
+        self.position: dict[str, Any] | None = None  # where a mid-epoch checkpoint stopped
+        self.stop_signal: int | None = None  # set by SIGTERM / SIGINT: stop at the next step boundary
+        self.skipped_steps = 0  # steps skipped for a non-finite loss (train.on_nonfinite=skip)
+        self.last_epoch_end: int | None = None  # epoch of last.safetensors when it was saved at an epoch's end
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -119,7 +127,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, name: str, full: bool = True) -> Path:
+    def save(self, name: str, full: bool = True, position: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint; ``position`` marks a mid-epoch one (where in the epoch it stopped)."""
         state = None
         if full:
             state = {
@@ -131,9 +140,35 @@ class Trainer:
                 "rng": rng_state(),
                 "best": self.best,
                 "train_times": self.train_times,
+                "skipped_steps": self.skipped_steps,
             }
-        return save_checkpoint(self.out / "checkpoints" / name, self.model.state_dict(),
-                               self.meta(), state)
+            if position is not None:
+                state["position"] = position
+        if name == LAST:
+            self._keep_previous_last()
+        path = save_checkpoint(self.out / "checkpoints" / name, self.model.state_dict(), self.meta(), state)
+        if name == LAST:
+            self.last_epoch_end = None if position is not None else self.epoch
+        return path
+
+    def _keep_previous_last(self) -> None:
+        """With train.keep_last > 1, keep the checkpoint about to be replaced as epoch-NNNN.safetensors.
+
+        A hard link (a copy where links are not supported) made before the atomic
+        replace, so at every moment last.safetensors is whole.
+        """
+        keep, folder = self.cfg.train.keep_last, self.out / "checkpoints"
+        last = folder / LAST
+        if keep <= 1 or not last.is_file() or not self.last_epoch_end:
+            return  # nothing to keep, or a mid-epoch checkpoint (it only matters until the epoch ends)
+        kept = folder / f"epoch-{self.last_epoch_end:04d}.safetensors"
+        if not kept.exists():
+            try:
+                os.link(last, kept)
+            except OSError:
+                shutil.copyfile(last, kept)
+        for old in sorted(folder.glob("epoch-*.safetensors"))[: -(keep - 1)]:
+            old.unlink(missing_ok=True)
 
     def resume(self, path: str | Path | None = None) -> None:
         """Continue from a full checkpoint (by default OUTDIR/checkpoints/last.safetensors)."""
@@ -163,23 +198,36 @@ class Trainer:
         set_rng_state(ckpt.state["rng"])
         self.best = ckpt.state["best"]
         self.train_times = list(ckpt.state["train_times"])
+        self.skipped_steps = int(ckpt.state.get("skipped_steps", 0))
+        self.position = ckpt.state.get("position")
         self.epoch, self.step = int(ckpt.meta["epoch"]), int(ckpt.meta["step"])
+        self.last_epoch_end = self.epoch if self.position is None and path.name == LAST else None
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, resume: bool = False, overwrite: bool = False,
+    def fit(self, resume: bool | str | Path = False, overwrite: bool = False,
             stop_after: int | None = None) -> dict[str, Any] | None:
         """Train for ``train.epochs`` epochs, evaluate, write summary.json; return the summary.
 
+        ``resume``: True or "last" continues from checkpoints/last.safetensors,
+        "auto" from the newest valid checkpoint in the run folder (or starts
+        fresh when there is none), a path from that checkpoint.
         ``stop_after=N`` ends the call after epoch N (checkpointed, no summary,
         returns None): a long run can be split into jobs that each ``resume``.
+        SIGTERM and SIGINT stop the run at the next step boundary with a
+        checkpoint there, and raise :class:`RunInterrupted`.
         """
-        self._prepare_out_dir(resume, overwrite)
-        if resume:
-            self.resume()
+        source = find_resume_checkpoint(self.out, resume) if resume else None
+        self._prepare_out_dir(source is not None, overwrite)
+        if source is not None:
+            self.resume(source)
         save_config(self.cfg, self.out / "config.yaml")
         logger = RunLogger(self.out, self.quiet)
         logger.info(self._banner())
+        if source is not None:
+            logger.info(f"aikd: resuming from '{source}' (epoch {self.epoch}"
+                        f"{', batch ' + str(self.position['batch']) if self.position else ''})")
+        previous_handlers = _catch_stop_signals(self)
         try:
             epochs = self.cfg.train.epochs
             while self.epoch < min(epochs, stop_after or epochs):
@@ -193,7 +241,10 @@ class Trainer:
                         self.save(BEST, full=False)
                 self.save(LAST)
                 logger.log_epoch(record)
+                if self.stop_signal is not None:
+                    raise self._interrupted(f"at the end of epoch {self.epoch}")
         finally:
+            _restore_signals(previous_handlers)
             logger.close()
         if self.epoch < epochs:
             return None
@@ -202,48 +253,66 @@ class Trainer:
         return summary
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        """One pass over the training data; returns the epoch's averaged loss terms."""
+        """One pass over the training data; returns the epoch's averaged loss terms.
+
+        After a mid-epoch checkpoint the epoch continues at the batch where it
+        stopped, with the augmentation generator and running sums it had there.
+        """
         start = time.perf_counter()
         model, method = self.model, self.method
         model.train()
-        self.train_loader.set_epoch(epoch)
-        method.on_epoch_start(epoch, model)
         generator = epoch_generator(self.cfg.seed, epoch, self.device)
         sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        seen = 0
-        bar = progress_bar(len(self.train_loader), f"epoch {epoch + 1}/{self.cfg.train.epochs}",
-                           self.quiet)
-        for images, labels, indices in self.train_loader:
+        first_batch, seen, earlier = 0, 0, 0.0
+        if self.position is not None and self.position["epoch"] == epoch:
+            first_batch, seen, earlier = self.position["batch"], self.position["seen"], self.position["elapsed"]
+            generator.set_state(self.position["generator"])
+            sums.update({k: v.to(self.device) for k, v in self.position["sums"].items()})
+        self.position = None
+        self.train_loader.set_epoch(epoch, first_batch)
+        method.on_epoch_start(epoch, model)
+        skipped_before = self.skipped_steps
+        bar = progress_bar(len(self.train_loader), f"epoch {epoch + 1}/{self.cfg.train.epochs}", self.quiet)
+        bar.update(first_batch)
+        for number, (images, labels, indices) in enumerate(self.train_loader, start=first_batch + 1):
             batch = self._to_batch(images, labels, indices, epoch, generator)
+            # A skipped step must not leave its forward's BatchNorm statistics behind either.
+            saved_buffers = self._copy_buffers() if self.cfg.train.on_nonfinite == "skip" else None
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 out = method.training_step(model, batch)
             loss = sum(out.losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.step += 1
-            method.on_step_end(batch, out)
-            n = len(out.logits)  # CS-KD's partners are not counted: its logits cover the anchors only
-            seen += n
-            with torch.no_grad():
-                sums["train.loss"] += loss.detach().float() * n
-                for key, value in out.losses.items():
-                    sums[f"loss.{key}"] += value.detach().float() * n
-                for key, value in out.stats.items():
-                    sums[f"stat.{key}"] += value.detach().float() * n
-                sums["train.acc"] += (out.logits.argmax(1) == hard_labels(batch.targets)[:n]).sum() * 100.0
+            if self._finite(out.losses, epoch, number):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                self.step += 1
+                method.on_step_end(batch, out)
+                n = len(out.logits)  # CS-KD's partners are not counted: its logits cover the anchors only
+                seen += n
+                self._accumulate(sums, out, loss, batch, n)
+            else:  # skipped: no update, no buffer write; the schedule moves on as if the step ran
+                self._restore_buffers(saved_buffers)
+                self.optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # "scheduler stepped before optimizer": intended here
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.scheduler.step()
+                self.step += 1
             bar.update(1)
-            if bar.n % 25 == 0 and not bar.disable:
+            if bar.n % 25 == 0 and not bar.disable and seen:
                 bar.set_postfix(loss=f"{float(sums['train.loss']) / seen:.4f}")
+            if self.stop_signal is not None and number < len(self.train_loader):
+                bar.close()
+                self._stop_mid_epoch(epoch, number, generator, sums, seen, earlier + time.perf_counter() - start)
         bar.close()
         method.on_epoch_end(epoch, model)
         lr = self.optimizer.param_groups[0]["lr"]
-        elapsed = time.perf_counter() - start
+        elapsed = earlier + time.perf_counter() - start
         self.train_times.append(elapsed)
-        record = {"epoch": epoch + 1, "epochs": self.cfg.train.epochs, "lr": lr, "time_s": elapsed}
+        record = {"epoch": epoch + 1, "epochs": self.cfg.train.epochs, "lr": lr, "time_s": elapsed,
+                  "skipped_steps": self.skipped_steps - skipped_before}
         record.update({k: float(v) / max(seen, 1) for k, v in sums.items()})
         bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
         if bad:
@@ -254,6 +323,68 @@ class Trainer:
                 f"Lower train.lr or check the method's weights; {where}."
             )
         return record
+
+    def _norm_statistics(self) -> list[Tensor]:
+        """Running statistics of every normalization layer of the student and the method (the critic)."""
+        layers = (m for root in (self.model, self.method) for m in root.modules()
+                  if isinstance(m, nn.modules.batchnorm._NormBase))
+        return [b for layer in layers for b in layer.buffers()]
+
+    def _copy_buffers(self) -> list[Tensor]:
+        return [b.detach().clone() for b in self._norm_statistics()]
+
+    def _restore_buffers(self, saved: list[Tensor] | None) -> None:
+        with torch.no_grad():
+            for buffer, value in zip(self._norm_statistics(), saved or [], strict=True):
+                buffer.copy_(value)
+
+    @staticmethod
+    def _accumulate(sums: dict[str, Tensor], out, loss: Tensor, batch: Batch, n: int) -> None:
+        """Add one step's loss terms, statistics and accuracy (weighted by its samples) to the epoch sums."""
+        with torch.no_grad():
+            sums["train.loss"] += loss.detach().float() * n
+            for key, value in out.losses.items():
+                sums[f"loss.{key}"] += value.detach().float() * n
+            for key, value in out.stats.items():
+                sums[f"stat.{key}"] += value.detach().float() * n
+            sums["train.acc"] += (out.logits.argmax(1) == hard_labels(batch.targets)[:n]).sum() * 100.0
+
+    def _finite(self, losses: dict[str, Tensor], epoch: int, number: int) -> bool:
+        """Whether every loss term is finite; applies train.on_nonfinite when one is not.
+
+        One device sync per step (a stacked check), the same as the loss logging needs anyway.
+        """
+        if bool(torch.stack([v.detach().float() for v in losses.values()]).isfinite().all()):
+            return True
+        bad = ", ".join(f"{k} = {float(v.detach())}" for k, v in losses.items()
+                        if not torch.isfinite(v.detach()).all())
+        where = f"in epoch {epoch + 1}, batch {number} of {len(self.train_loader)} (optimizer step {self.step + 1})"
+        policy = self.cfg.train
+        if policy.on_nonfinite == "skip" and self.skipped_steps < policy.max_skipped_steps:
+            self.skipped_steps += 1
+            return False
+        last = self.out / "checkpoints" / LAST
+        kept = f"the last good checkpoint is '{last}'" if last.is_file() else "no checkpoint was written yet"
+        reason = (f"after {self.skipped_steps} skipped steps (train.max_skipped_steps)"
+                  if policy.on_nonfinite == "skip" else "(train.on_nonfinite=stop)")
+        raise AikdError(
+            f"Training diverged {where}: loss term {bad} {reason}. Lower train.lr or the method's weights, "
+            f"or set train.on_nonfinite=skip to skip such steps; {kept}."
+        )
+
+    def _stop_mid_epoch(self, epoch: int, number: int, generator: torch.Generator, sums: dict[str, Tensor],
+                        seen: int, elapsed: float) -> None:
+        """Save a checkpoint after batch ``number`` of ``epoch`` and raise RunInterrupted."""
+        position = {"epoch": epoch, "batch": number, "generator": generator.get_state(),
+                    "sums": {k: v.detach().cpu() for k, v in sums.items()}, "seen": seen, "elapsed": elapsed}
+        self.save(LAST, position=position)
+        raise self._interrupted(f"in epoch {epoch + 1} after batch {number} of {len(self.train_loader)}")
+
+    def _interrupted(self, where: str) -> RunInterrupted:
+        name = signal.Signals(self.stop_signal).name
+        return RunInterrupted(
+            f"Stopped by {name} {where}; the run is saved in '{self.out / 'checkpoints' / LAST}'. Continue it "
+            f"with the same command plus --resume (or --resume auto).", self.stop_signal)
 
     def _to_batch(self, images: Tensor, labels: Tensor, indices: Tensor, epoch: int,
                   generator: torch.Generator) -> Batch:
@@ -321,6 +452,7 @@ class Trainer:
             "train_time_s": sum(self.train_times),
             "device": str(self.device),
             "teacher": self.cfg.teacher.checkpoint,
+            "skipped_steps": self.skipped_steps,
         }
 
     def _banner(self) -> str:
@@ -344,6 +476,59 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
 
 
+def _catch_stop_signals(trainer: Trainer) -> dict[int, Any]:
+    """Make SIGTERM and SIGINT ask ``trainer`` to stop at the next step boundary (main thread only).
+
+    A second signal of the same kind while stopping falls back to the previous handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+
+    def request_stop(signum, frame):
+        trainer.stop_signal = signum
+        signal.signal(signum, previous.get(signum, signal.SIG_DFL))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, request_stop)
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def find_resume_checkpoint(out: Path, which: bool | str | Path) -> Path | None:
+    """The checkpoint to resume from: last.safetensors (True / "last"), the newest valid one ("auto"), or a path.
+
+    "auto" skips damaged files (a kill during a write on a filesystem without
+    atomic rename, a truncated copy) and returns None when the folder holds no
+    checkpoint at all, so a preemptible job can always pass --resume auto.
+    """
+    folder = out / "checkpoints"
+    if which is True or which == "last":
+        return folder / LAST
+    if which != "auto":
+        return Path(which)
+    candidates = [p for p in (folder / LAST, *folder.glob("epoch-*.safetensors")) if p.is_file()]
+    if not candidates:
+        return None
+    ranked, broken = [], []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as err:
+            broken.append(f"{path.name} ({err})")
+            continue
+        if ckpt.state:
+            position = ckpt.state.get("position") or {}
+            ranked.append(((int(ckpt.meta.get("step", 0)), position.get("batch", 0), path.name == LAST), path))
+    if not ranked:
+        raise CheckpointError(f"No usable checkpoint in '{folder}' to resume from: {'; '.join(broken)}.")
+    return max(ranked)[1]
+
+
 def _config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     keys = sorted(set(saved) | set(current))
     out = []
@@ -365,7 +550,7 @@ def write_reliability(out: Path, bins: dict[str, ReliabilityBins], temperature: 
                         out / "reliability.png", title)
 
 
-def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool | str | Path = False, overwrite: bool = False,
           quiet: bool = False, recipe: str | None = None) -> dict[str, Any]:
     """Library entry point: train one run and return its summary.
 

@@ -95,7 +95,8 @@ def critic_step(critic: nn.Module, optimizer: torch.optim.Optimizer, superior_lo
     with torch.autocast(superior_logits.device.type, enabled=False):
         loss, stats = critic_loss(critic, superior_logits, student_logits, gp_weight)
     loss.backward()
-    optimizer.step()
+    if bool(torch.isfinite(loss)):  # a diverged student must not poison the critic's weights
+        optimizer.step()
     return stats
 
 
@@ -152,16 +153,25 @@ class AIKD(Method):
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=h.disc_lr, betas=betas)
         if self.use_prev and h.prev == "buffer":
             self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes)
-        self.snapshot: nn.Module | None = None  # previous epoch's weights (prev="snapshot")
+        # The student's weights at the end of the previous epoch (prev="snapshot"); kept out of
+        # state_dict() (it appears after epoch 1) and checkpointed through extra_state().
+        object.__setattr__(self, "snapshot", None)
+        self._pending_snapshot: dict[str, Tensor] | None = None
 
     @classmethod
     def needs_teacher(cls, hparams: AIKDConfig) -> bool:
         return hparams.alpha_g > 0 or hparams.adv_weight > 0
 
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
-        if self.use_prev and self.hparams.prev == "snapshot" and epoch > 0:
-            # The model as it ended the previous epoch; rebuilt identically on resume.
-            self.snapshot = copy.deepcopy(model).eval().requires_grad_(False)
+        if self._pending_snapshot is not None:  # resumed: rebuild the snapshot from its saved weights
+            snapshot = copy.deepcopy(model).eval().requires_grad_(False)
+            snapshot.load_state_dict(self._pending_snapshot)
+            object.__setattr__(self, "snapshot", snapshot)
+            self._pending_snapshot = None
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        if self.use_prev and self.hparams.prev == "snapshot":
+            object.__setattr__(self, "snapshot", copy.deepcopy(model).eval().requires_grad_(False))
 
     def _previous_logits(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
         """z_{t-1} for the batch and the mask of samples that have one."""
@@ -226,8 +236,12 @@ class AIKD(Method):
             self.buffer.write(batch.indices, output.logits)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"disc_opt": self.disc_opt.state_dict()} if self.use_adv else {}
+        state: dict[str, Any] = {"disc_opt": self.disc_opt.state_dict()} if self.use_adv else {}
+        if self.snapshot is not None:
+            state["snapshot"] = self.snapshot.state_dict()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self.use_adv:
             self.disc_opt.load_state_dict(state["disc_opt"])
+        self._pending_snapshot = state.get("snapshot")

@@ -1,0 +1,224 @@
+"""Runs that survive kills and divergence: exact resume, signals, kept checkpoints, non-finite losses.
+
+The kill tests use real `aikd train` subprocesses and real signals; "exact" means
+the final weights and method state are bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from aikd.config import load_config
+from aikd.engine import Trainer
+from aikd.engine.checkpoint import load_checkpoint
+from aikd.errors import AikdError
+from aikd.methods.aikd import Discriminator, critic_step
+
+# Fashion-MNIST subset: 47 batches of 64 per epoch, long enough for a signal to land mid-epoch.
+DATA = {"name": "fashion-mnist", "batch_size": 64, "train_limit": 3000, "test_limit": 500}
+RUN = {"data": DATA, "model": {"name": "small_cnn"}, "deterministic": True, "train": {"epochs": 2}}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def superior(tmp_path_factory):
+    out = tmp_path_factory.mktemp("superior")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    overrides = [f"data.{k}={v}" for k, v in DATA.items()]
+    Trainer(load_config(None, [*overrides, "model.name=small_cnn", "train.epochs=1"]), out, quiet=True).fit()
+    torch.set_num_threads(before)
+    return out / "checkpoints" / "last.safetensors"
+
+
+def config_file(tmp_path: Path, method: str, superior: Path, **section) -> Path:
+    data = {**RUN, "method": method}
+    if method == "aikd":
+        data["teacher"] = {"checkpoint": str(superior)}
+        data["aikd"] = section
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aikd", "train", "-q", "-c", str(config), "-o", str(out), *extra],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def interrupt(config: Path, out: Path, signum: int) -> subprocess.CompletedProcess:
+    """Start a run and send ``signum`` shortly after its first epoch is logged (early in epoch 2)."""
+    proc = subprocess.Popen([sys.executable, "-m", "aikd", "train", "-q", "-c", str(config), "-o", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.is_file() and metrics.read_text().count("\n") >= 1:
+            time.sleep(0.15)  # past the end-of-epoch bookkeeping, a few batches into epoch 2
+            proc.send_signal(signum)
+            break
+        time.sleep(0.005)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(out / "checkpoints" / "last.safetensors")
+    method = {f"method.{k}": v for k, v in ckpt.state["method"].items()}
+    return {**ckpt.model, **method}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = final_state(a), final_state(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    summary_a, summary_b = (json.loads((p / "summary.json").read_text()) for p in (a, b))
+    for key in ("top1_err", "top5_err", "macro_f1", "ece", "nll"):
+        assert summary_a[key] == summary_b[key], key
+    epochs = [[json.loads(x)["epoch"] for x in (p / "metrics.jsonl").read_text().splitlines()] for p in (a, b)]
+    assert epochs[0] == epochs[1] == [1, 2]
+
+
+CASES = [("ce", {}), ("pskd", {}), ("aikd", {}), ("aikd", {"prev": "snapshot"})]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, superior):
+    """One uninterrupted run per case, shared by the kill tests."""
+    root = tmp_path_factory.mktemp("reference")
+    outs = {}
+    for method, section in CASES:
+        name = method + "".join(f"_{v}" for v in section.values())
+        done = run(config_file(root, method, superior, **section), root / name)
+        assert done.returncode == 0, done.stderr
+        outs[name] = root / name
+    return outs
+
+
+@pytest.mark.parametrize(("method", "section"), CASES, ids=["ce", "pskd", "aikd", "aikd-snapshot"])
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, superior, references, method, section):
+    config = config_file(tmp_path, method, superior, **section)
+    killed = interrupt(config, tmp_path / "run", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "summary.json").exists()
+    resumed = run(config, tmp_path / "run", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path / "run", references[method + "".join(f"_{v}" for v in section.values())])
+
+
+@pytest.mark.parametrize(("method", "section", "signum"),
+                         [("ce", {}, signal.SIGTERM), ("pskd", {}, signal.SIGINT), ("aikd", {}, signal.SIGTERM),
+                          ("aikd", {"prev": "snapshot"}, signal.SIGTERM)],
+                         ids=["ce-term", "pskd-int", "aikd-term", "aikd-snapshot-term"])
+def test_signal_saves_a_mid_epoch_checkpoint_and_resume_is_exact(tmp_path, superior, references, method, section,
+                                                                 signum):
+    config = config_file(tmp_path, method, superior, **section)
+    stopped = interrupt(config, tmp_path / "run", signum)
+    assert stopped.returncode == 128 + signum, stopped.stderr
+    assert f"Stopped by {signal.Signals(signum).name} in epoch 2 after batch" in stopped.stderr
+    assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
+    position = load_checkpoint(tmp_path / "run/checkpoints/last.safetensors").state["position"]
+    assert position["epoch"] == 1 and 1 <= position["batch"] < 47
+    resumed = run(config, tmp_path / "run", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path / "run", references[method + "".join(f"_{v}" for v in section.values())])
+
+
+# ---------------------------------------------------------------------- kept checkpoints and --resume auto
+
+TINY = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true",
+        "data.train_limit=256", "data.test_limit=100"]
+
+
+def test_keep_last_keeps_that_many_epoch_checkpoints(tmp_path, one_thread):
+    Trainer(load_config(None, [*TINY, "train.epochs=4", "train.keep_last=3"]), tmp_path, quiet=True).fit()
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.glob("epoch-*")) == ["epoch-0002.safetensors", "epoch-0003.safetensors"]
+    for name, epoch in (("epoch-0002.safetensors", 2), ("epoch-0003.safetensors", 3), ("last.safetensors", 4)):
+        assert load_checkpoint(folder / name).meta["epoch"] == epoch
+
+
+def test_resume_auto_skips_a_damaged_last_checkpoint(tmp_path, one_thread):
+    cfg = [*TINY, "train.epochs=3", "train.keep_last=2"]
+    reference = Trainer(load_config(None, cfg), tmp_path / "reference", quiet=True)
+    reference.fit()
+    Trainer(load_config(None, cfg), tmp_path / "run", quiet=True).fit(stop_after=2)
+    last = tmp_path / "run/checkpoints/last.safetensors"
+    last.write_bytes(last.read_bytes()[:1000])  # a torn write
+    resumed = Trainer(load_config(None, cfg), tmp_path / "run", quiet=True)
+    resumed.fit(resume="auto")  # falls back to epoch-0001 and replays epoch 2
+    for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_resume_auto_in_an_empty_folder_starts_fresh(tmp_path, one_thread):
+    summary = Trainer(load_config(None, [*TINY, "train.epochs=1"]), tmp_path, quiet=True).fit(resume="auto")
+    assert summary["epochs"] == 1
+
+
+# ---------------------------------------------------------------------- non-finite losses
+
+
+def poison_batches(trainer: Trainer, numbers: set[int]) -> None:
+    """Make the input of the given batches (1-based, over the run) NaN, as a blown-up layer would."""
+    original, count = trainer._to_batch, [0]
+
+    def to_batch(*args, **kwargs):
+        batch = original(*args, **kwargs)
+        count[0] += 1
+        if count[0] in numbers:
+            batch.images = torch.full_like(batch.images, float("nan"))
+        return batch
+
+    trainer._to_batch = to_batch
+
+
+def test_nonfinite_loss_stops_naming_the_term_and_the_step(tmp_path, one_thread):
+    trainer = Trainer(load_config(None, [*TINY, "train.epochs=2"]), tmp_path, quiet=True)
+    poison_batches(trainer, {7})  # batch 3 of epoch 2 (4 batches per epoch)
+    with pytest.raises(AikdError, match=r"diverged in epoch 2, batch 3 of 4 \(optimizer step 7\): loss term ce = nan"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "checkpoints/last.safetensors").meta["epoch"] == 1  # the good one is intact
+
+
+def test_skip_policy_skips_counts_and_keeps_the_model_finite(tmp_path, superior, one_thread):
+    cfg = load_config(None, [*TINY, "train.epochs=2", "method=aikd", f"teacher.checkpoint={superior}",
+                             "train.on_nonfinite=skip"])
+    trainer = Trainer(cfg, tmp_path, quiet=True)
+    poison_batches(trainer, {2, 6})
+    summary = trainer.fit()
+    assert summary["skipped_steps"] == 2
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [1, 1]
+    for tensor in [*trainer.model.state_dict().values(), *trainer.method.state_dict().values()]:
+        if tensor.is_floating_point():
+            assert torch.isfinite(tensor).all()  # weights, BatchNorm statistics, critic, buffer
+    assert trainer.step == 8  # the schedule moved on through the skipped steps
+
+
+def test_skip_policy_gives_up_after_max_skipped_steps(tmp_path, one_thread):
+    trainer = Trainer(load_config(None, [*TINY, "train.epochs=2", "train.on_nonfinite=skip",
+                                         "train.max_skipped_steps=2"]), tmp_path, quiet=True)
+    poison_batches(trainer, {1, 2, 3})
+    with pytest.raises(AikdError, match=r"after 2 skipped steps \(train.max_skipped_steps\)"):
+        trainer.fit()
+
+
+def test_critic_step_ignores_nonfinite_student_logits():
+    critic = Discriminator(5)
+    optimizer = torch.optim.Adam(critic.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in critic.parameters()]
+    student = torch.full((8, 5), float("nan"))
+    critic_step(critic, optimizer, torch.randn(8, 5), student)
+    for a, b in zip(before, critic.parameters(), strict=True):
+        assert torch.equal(a, b)
