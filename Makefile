@@ -17,7 +17,7 @@ test: $(BIN)/.installed $(FMNIST)
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 
 setup: $(BIN)/.installed $(FMNIST)
 

@@ -336,6 +336,17 @@ def test_load_frozen_model_rejects_class_count_mismatch(tmp_path):
     assert str(path) in msg
 
 
+def test_load_frozen_model_rejects_a_model_of_other_data_with_the_same_class_count(tmp_path):
+    path, _ = _saved_small_cnn(tmp_path)  # 10 classes named 0..9, 28 px
+    with pytest.raises(CheckpointError, match="trained on 28-pixel images, but this run uses 8-pixel"):
+        load_frozen_model(path, CPU, num_classes=10, in_channels=1, image_size=8)
+    with pytest.raises(CheckpointError, match=r"other classes \(0, 1, 2, 3, \.\.\.\) than this dataset's \(T-shirt"):
+        load_frozen_model(path, CPU, num_classes=10, in_channels=1, image_size=28,
+                          classes=["T-shirt", *map(str, range(1, 10))])
+    assert load_frozen_model(path, CPU, num_classes=10, in_channels=1, image_size=28,
+                             classes=[str(i) for i in range(10)]) is not None
+
+
 def test_load_frozen_model_rejects_channel_and_architecture_mismatch(tmp_path):
     path, _ = _saved_small_cnn(tmp_path)
     with pytest.raises(CheckpointError, match="1-channel"):

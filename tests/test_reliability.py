@@ -24,8 +24,8 @@ from aikd.engine.checkpoint import load_checkpoint
 from aikd.errors import AikdError
 from aikd.methods.aikd import Discriminator, critic_step
 
-# Fashion-MNIST subset: 47 batches of 64 per epoch, long enough for a signal to land mid-epoch.
-DATA = {"name": "fashion-mnist", "batch_size": 64, "train_limit": 3000, "test_limit": 500}
+# Fashion-MNIST subset: 32 batches of 64 per epoch, long enough for a signal to land mid-epoch.
+DATA = {"name": "fashion-mnist", "batch_size": 64, "train_limit": 2048, "test_limit": 200}
 RUN = {"data": DATA, "model": {"name": "small_cnn"}, "deterministic": True, "train": {"epochs": 2}}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -89,38 +89,46 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert epochs[0] == epochs[1] == [1, 2]
 
 
-CASES = [("ce", {}), ("pskd", {}), ("aikd", {}), ("aikd", {"prev": "snapshot"})]
-
-
 @pytest.fixture(scope="module")
-def references(tmp_path_factory, superior):
-    """One uninterrupted run per case, shared by the kill tests."""
-    root = tmp_path_factory.mktemp("reference")
-    outs = {}
-    for method, section in CASES:
+def reference(tmp_path_factory, superior):
+    """reference(method, section): the folder of an uninterrupted run, made once per case on first use."""
+    root, outs = tmp_path_factory.mktemp("reference"), {}
+
+    def get(method: str, section: dict) -> Path:
         name = method + "".join(f"_{v}" for v in section.values())
-        done = run(config_file(root, method, superior, **section), root / name)
-        assert done.returncode == 0, done.stderr
-        outs[name] = root / name
-    return outs
+        if name not in outs:
+            done = run(config_file(root, method, superior, **section), root / name)
+            assert done.returncode == 0, done.stderr
+            outs[name] = root / name
+        return outs[name]
+
+    return get
 
 
-@pytest.mark.parametrize(("method", "section"), CASES, ids=["ce", "pskd", "aikd", "aikd-snapshot"])
-def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, superior, references, method, section):
+# The default suite kills CE, PS-KD and AI-KD (buffer) with SIGKILL, and stops PS-KD and AI-KD
+# (snapshot) with a signal; the other combinations run with the slow checks.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("method", "section"), [("ce", {}), ("pskd", {}), ("aikd", {}),
+                                                 pytest.param("aikd", {"prev": "snapshot"}, marks=SLOW)],
+                         ids=["ce", "pskd", "aikd", "aikd-snapshot"])
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, superior, reference, method, section):
     config = config_file(tmp_path, method, superior, **section)
     killed = interrupt(config, tmp_path / "run", signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "run" / "summary.json").exists()
     resumed = run(config, tmp_path / "run", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_run(tmp_path / "run", references[method + "".join(f"_{v}" for v in section.values())])
+    assert_same_run(tmp_path / "run", reference(method, section))
 
 
 @pytest.mark.parametrize(("method", "section", "signum"),
-                         [("ce", {}, signal.SIGTERM), ("pskd", {}, signal.SIGINT), ("aikd", {}, signal.SIGTERM),
+                         [pytest.param("ce", {}, signal.SIGTERM, marks=SLOW), ("pskd", {}, signal.SIGINT),
+                          pytest.param("aikd", {}, signal.SIGTERM, marks=SLOW),
                           ("aikd", {"prev": "snapshot"}, signal.SIGTERM)],
                          ids=["ce-term", "pskd-int", "aikd-term", "aikd-snapshot-term"])
-def test_signal_saves_a_mid_epoch_checkpoint_and_resume_is_exact(tmp_path, superior, references, method, section,
+def test_signal_saves_a_mid_epoch_checkpoint_and_resume_is_exact(tmp_path, superior, reference, method, section,
                                                                  signum):
     config = config_file(tmp_path, method, superior, **section)
     stopped = interrupt(config, tmp_path / "run", signum)
@@ -128,10 +136,10 @@ def test_signal_saves_a_mid_epoch_checkpoint_and_resume_is_exact(tmp_path, super
     assert f"Stopped by {signal.Signals(signum).name} in epoch 2 after batch" in stopped.stderr
     assert "--resume" in stopped.stderr and "Traceback" not in stopped.stderr
     position = load_checkpoint(tmp_path / "run/checkpoints/last.safetensors").state["position"]
-    assert position["epoch"] == 1 and 1 <= position["batch"] < 47
+    assert position["epoch"] == 1 and 1 <= position["batch"] < 32
     resumed = run(config, tmp_path / "run", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr
-    assert_same_run(tmp_path / "run", references[method + "".join(f"_{v}" for v in section.values())])
+    assert_same_run(tmp_path / "run", reference(method, section))
 
 
 # ---------------------------------------------------------------------- kept checkpoints and --resume auto
@@ -191,14 +199,16 @@ def test_nonfinite_loss_stops_naming_the_term_and_the_step(tmp_path, one_thread)
     assert load_checkpoint(tmp_path / "checkpoints/last.safetensors").meta["epoch"] == 1  # the good one is intact
 
 
-def test_skip_policy_skips_counts_and_keeps_the_model_finite(tmp_path, superior, one_thread):
-    cfg = load_config(None, [*TINY, "train.epochs=2", "method=aikd", f"teacher.checkpoint={superior}",
+def test_skip_policy_skips_counts_and_keeps_the_model_finite(tmp_path, one_thread):
+    Trainer(load_config(None, [*TINY, "train.epochs=1"]), tmp_path / "teacher", quiet=True).fit()
+    teacher = tmp_path / "teacher/checkpoints/last.safetensors"
+    cfg = load_config(None, [*TINY, "train.epochs=2", "method=aikd", f"teacher.checkpoint={teacher}",
                              "train.on_nonfinite=skip"])
-    trainer = Trainer(cfg, tmp_path, quiet=True)
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
     poison_batches(trainer, {2, 6})
     summary = trainer.fit()
     assert summary["skipped_steps"] == 2
-    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [1, 1]
     for tensor in [*trainer.model.state_dict().values(), *trainer.method.state_dict().values()]:
         if tensor.is_floating_point():

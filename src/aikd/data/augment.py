@@ -10,9 +10,13 @@ be replayed exactly on resume.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
-from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 
 def crop_padding_for(image_size: int) -> int:
@@ -70,6 +74,8 @@ def file_transforms(image_size: int, mean: tuple[float, ...], std: tuple[float, 
     training; resize to 1/0.875 then center crop for testing. Small images
     (Tiny-ImageNet, 64 px): random crop with padding + flip, as for CIFAR.
     """
+    from torchvision.transforms import v2  # imported here: only image-file datasets need it
+
     large = image_size >= 100
     if train and augment:
         if large:

@@ -37,11 +37,14 @@ def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
 
 
 def load_frozen_model(path: str | Path, device: torch.device, *, num_classes: int,
-                      in_channels: int, role: str = "teacher",
-                      expect_model: str | None = None) -> Classifier:
-    """Load a trained model for inference only (eval mode, no gradients), checking its shape.
+                      in_channels: int, role: str = "teacher", expect_model: str | None = None,
+                      image_size: int | None = None, classes: list[str] | None = None) -> Classifier:
+    """Load a trained model for inference only (eval mode, no gradients), checking that it fits the data.
 
-    ``role`` names the model in error messages ("teacher", "superior model").
+    ``role`` names the model in error messages ("teacher", "superior model"). ``image_size`` and
+    ``classes``, when given, must match what the model was trained on: a model from another
+    dataset with the same class count would otherwise load and teach nonsense, or fail deep
+    inside the first forward.
     """
     ckpt = load_checkpoint(path)
     info = ckpt.meta.get("model", {})
@@ -56,6 +59,16 @@ def load_frozen_model(path: str | Path, device: torch.device, *, num_classes: in
             f"The {role} checkpoint '{path}' takes {info.get('in_channels')}-channel images, but "
             f"this dataset has {in_channels} channels."
         )
+    if image_size is not None and info.get("image_size") not in (None, image_size):
+        raise CheckpointError(
+            f"The {role} checkpoint '{path}' was trained on {info.get('image_size')}-pixel images, but this "
+            f"run uses {image_size}-pixel images. Train the {role} on the same data and image size."
+        )
+    if classes is not None and info.get("classes") not in (None, classes):
+        raise CheckpointError(
+            f"The {role} checkpoint '{path}' was trained on other classes ({_preview(info['classes'])}) than "
+            f"this dataset's ({_preview(classes)}). Train the {role} on the same dataset."
+        )
     if expect_model is not None and info.get("name") != expect_model:
         raise CheckpointError(
             f"The {role} checkpoint '{path}' is a '{info.get('name')}', but this method needs the "
@@ -64,3 +77,7 @@ def load_frozen_model(path: str | Path, device: torch.device, *, num_classes: in
     model = model_from_checkpoint(ckpt).to(device).eval()
     model.requires_grad_(False)
     return model
+
+
+def _preview(names: list[str], shown: int = 4) -> str:
+    return ", ".join(map(str, names[:shown])) + (", ..." if len(names) > shown else "")

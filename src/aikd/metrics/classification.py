@@ -10,10 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    multiclass_calibration_error,
-    multiclass_f1_score,
-)
 
 ECE_BINS = 15
 
@@ -28,12 +24,16 @@ def topk_error(logits: Tensor, labels: Tensor, k: int) -> float:
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> float:
     """ECE in percent: sum over bins of |accuracy - confidence| weighted by the bin's share."""
+    from torchmetrics.functional.classification import multiclass_calibration_error  # 2 s to import: lazily
+
     return 100.0 * float(multiclass_calibration_error(
         probs, labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
 
 
 def classification_metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:
     """All summary metrics for a set of logits (N, C) and integer labels (N,)."""
+    from torchmetrics.functional.classification import multiclass_f1_score
+
     logits = logits.float()
     num_classes = logits.shape[1]
     probs = logits.softmax(dim=1)

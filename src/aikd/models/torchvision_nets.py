@@ -3,19 +3,26 @@
 The paper uses the ImageNet-style networks for the 224-pixel fine-grained sets
 and the CIFAR variants (3x3 stride-1 first convolution, no max-pool) for
 32-pixel images; ``ModelSpec.stem`` selects which. Weights start random: the
-paper trains every model from scratch.
+paper trains every model from scratch. torchvision is imported when one of
+these is built, not when aikd is imported (it adds seconds to every command).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
-from torchvision import models as tvm
 
 from aikd.models.base import MODELS, Classifier, ModelSpec
+
+if TYPE_CHECKING:
+    from torchvision import models as tvm
 
 
 @MODELS.register("resnet18")
 def resnet18(spec: ModelSpec) -> Classifier:
+    from torchvision import models as tvm
+
     net = tvm.resnet18(weights=None)
     if spec.stem == "cifar":
         net.conv1 = nn.Conv2d(spec.in_channels, 64, 3, 1, 1, bias=False)
@@ -41,6 +48,8 @@ class _DenseNetFeatures(nn.Module):
 
 @MODELS.register("densenet121")
 def densenet121(spec: ModelSpec) -> Classifier:
+    from torchvision import models as tvm
+
     net = tvm.densenet121(weights=None)
     if spec.stem == "cifar":
         net.features.conv0 = nn.Conv2d(spec.in_channels, 64, 3, 1, 1, bias=False)
