@@ -26,6 +26,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or epoch lines")
 
 
+def _command(sub, name: str, *, help: str, description: str, example: str) -> argparse.ArgumentParser:
+    """A sub-command whose help ends with a worked example."""
+    return sub.add_parser(name, help=help, description=description, epilog=f"example:\n  {example}",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aikd",
@@ -33,13 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_MAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "train", help="train one model with one method from a YAML config",
+    p = _command(
+        sub, "train", help="train one model with one method from a YAML config",
         description="Train one model with the method, data and recipe of a YAML config. "
                     "KEY=VALUE overrides change any config key (dotted).",
-        epilog="example:\n  aikd train -c configs/fashion_mnist/ce.yaml -o runs/ce "
-               "train.epochs=2 data.train_limit=2000 seed=1",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        example="aikd train -c configs/fashion_mnist/ce.yaml -o runs/ce "
+                "train.epochs=2 data.train_limit=2000 seed=1")
     p.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
     p.add_argument("-o", "--out", required=True, help="output folder of the run")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -49,12 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT")
     _add_common(p)
 
-    p = sub.add_parser(
-        "eval", help="evaluate a saved model on its test split",
+    p = _command(
+        sub, "eval", help="evaluate a saved model on its test split",
         description="Evaluate a checkpoint on the test split of the dataset it was trained on. "
                     "KEY=VALUE overrides adjust the saved config (for example data.root).",
-        epilog="example:\n  aikd eval -k runs/ce/checkpoints/last.safetensors -o eval.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        example="aikd eval -k runs/ce/checkpoints/last.safetensors -o eval.json")
     p.add_argument("-k", "--checkpoint", required=True, help="a .safetensors checkpoint")
     p.add_argument("-o", "--out", help="write the metrics to this JSON file")
     p.add_argument("--calibrate", action="store_true",
@@ -65,42 +69,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     _add_common(p)
 
-    p = sub.add_parser(
-        "sweep", help="run configs x seeds through the pipeline, resuming where a previous sweep stopped",
+    p = _command(
+        sub, "sweep", help="run configs x seeds through the pipeline, resuming where a previous sweep stopped",
         description="Run every (config, seed) pair with 'aikd pipeline' into OUT/<folder>/<config>/seed<k>, "
                     "sharing one phase-1 cache (OUT/superior) so a superior or teacher model is trained "
                     "once per seed. Finished pairs are reused and unfinished ones resumed, so running "
                     "the same command again continues a stopped sweep. Overrides apply to every run.",
-        epilog="example:\n  aikd sweep -c configs/fashion_mnist/aikd.yaml configs/fashion_mnist/pskd.yaml "
-               "--seeds 0 1 2 -o runs/sweep data.holdout=0.1",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        example="aikd sweep -c configs/fashion_mnist/aikd.yaml configs/fashion_mnist/pskd.yaml "
+                "--seeds 0 1 2 -o runs/sweep data.holdout=0.1")
     p.add_argument("-c", "--config", nargs="+", required=True, help="YAML configs")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("-o", "--out", required=True, help="output folder of the sweep")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     _add_common(p)
 
-    p = sub.add_parser(
-        "report", help="the paper's tables (2, 3, 4) from the run summaries under a folder",
+    p = _command(
+        sub, "report", help="the paper's tables (2, 3, 4) from the run summaries under a folder",
         description="Collect every summary.json under DIR into the paper's tables: Table 2 (Top-1 error "
                     "and macro F1), Table 3 (Top-5 error, ECE, ECE after temperature scaling) and Table 4 "
                     "(AI-KD ablation); mean ± std over seeds, best bold, second underlined.",
-        epilog="example:\n  aikd report runs/sweep -f latex -o tables.tex --plots runs/sweep/figures",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        example="aikd report runs/sweep -f latex -o tables.tex --plots runs/sweep/figures")
     p.add_argument("dir", help="folder holding finished runs (searched recursively)")
     p.add_argument("-f", "--format", choices=("md", "csv", "latex"), default="md", help="output format")
     p.add_argument("-o", "--out", help="write the tables to this file instead of printing them")
     p.add_argument("--plots", help="also write one reliability diagram per dataset and model into this folder")
 
-    p = sub.add_parser(
-        "tsne", help="t-SNE map of penultimate features of chosen classes, one panel per model",
+    p = _command(
+        sub, "tsne", help="t-SNE map of penultimate features of chosen classes, one panel per model",
         description="Embed the penultimate features of the same test images of the chosen classes for each "
                     "checkpoint with scikit-learn's t-SNE, and draw them side by side in one PNG "
                     "(the paper's Figure 6: student vs superior model).",
-        epilog="example:\n  aikd tsne -k runs/aikd/student/checkpoints/last.safetensors "
-               "runs/aikd/superior/*/checkpoints/last.safetensors --names AI-KD Superior "
-               "--classes 0 1 2 3 4 -o tsne.png",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        example="aikd tsne -k runs/aikd/student/checkpoints/last.safetensors "
+                "runs/aikd/superior/*/checkpoints/last.safetensors --names AI-KD Superior "
+                "--classes 0 1 2 3 4 -o tsne.png")
     p.add_argument("-k", "--checkpoints", nargs="+", required=True, help=".safetensors checkpoints")
     p.add_argument("--names", nargs="+", help="panel titles, one per checkpoint")
     p.add_argument("--classes", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="class indices")
@@ -109,15 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the saved configs")
     _add_common(p)
 
-    p = sub.add_parser(
-        "pipeline", help="two phases: train the superior model with CE, then the student against it",
+    p = _command(
+        sub, "pipeline", help="two phases: train the superior model with CE, then the student against it",
         description="Phase 1 trains the superior (teacher) model with CE and the student's recipe; phase 2 "
                     "trains the student with the config's method against it. A finished phase-1 model with "
                     "the same settings is reused. Overrides apply to both phases; prefix one with phase1. or "
                     "phase2. to target a single phase. teacher.checkpoint=PATH skips phase 1.",
-        epilog="example:\n  aikd pipeline -c configs/fashion_mnist/aikd.yaml -o runs/aikd seed=1 "
-               "phase1.train.epochs=20",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        example="aikd pipeline -c configs/fashion_mnist/aikd.yaml -o runs/aikd seed=1 "
+                "phase1.train.epochs=20")
     p.add_argument("-c", "--config", required=True, help="YAML config of the student's run")
     p.add_argument("-o", "--out", required=True, help="output folder (student/ and superior/ inside)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -125,12 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a student run in OUT made with another config")
     _add_common(p)
 
-    p = sub.add_parser(
-        "demo", help="the main job: AI-KD on the embedded Fashion-MNIST",
+    p = _command(
+        sub, "demo", help="the main job: AI-KD on the embedded Fashion-MNIST",
         description="Run the AI-KD pipeline on Fashion-MNIST (Debian's dataset-fashion-mnist) with the demo "
                     "recipe: the CE baseline (phase 1), then the AI-KD student (phase 2), and print both.",
-        epilog="example:\n  aikd demo -o runs/demo",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        example="aikd demo -o runs/demo")
     p.add_argument("-o", "--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     _add_common(p)

@@ -101,6 +101,7 @@ class Trainer:
         self.stop_signal: int | None = None  # set by SIGTERM / SIGINT: stop at the next step boundary
         self.skipped_steps = 0  # steps skipped for a non-finite loss (train.on_nonfinite=skip)
         self.last_epoch_end: int | None = None  # epoch of last.safetensors when it was saved at an epoch's end
+        self._norm_buffers: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -273,17 +274,20 @@ class Trainer:
         self.train_loader.set_epoch(epoch, first_batch)
         method.on_epoch_start(epoch, model)
         skipped_before = self.skipped_steps
+        skip_policy = self.cfg.train.on_nonfinite == "skip"
+        watch = NonFiniteWatch(self.device, epoch, self.step - first_batch, len(self.train_loader))
         bar = progress_bar(len(self.train_loader), f"epoch {epoch + 1}/{self.cfg.train.epochs}", self.quiet)
         bar.update(first_batch)
         for number, (images, labels, indices) in enumerate(self.train_loader, start=first_batch + 1):
             batch = self._to_batch(images, labels, indices, epoch, generator)
             # A skipped step must not leave its forward's BatchNorm statistics behind either.
-            saved_buffers = self._copy_buffers() if self.cfg.train.on_nonfinite == "skip" else None
+            saved_buffers = self._copy_norm_statistics() if skip_policy else None
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 out = method.training_step(model, batch)
             loss = sum(out.losses.values())
-            if self._finite(out.losses, epoch, number):
+            if not (skip_policy and self._skip_nonfinite(out.losses, watch, number)):
+                watch.record(out.losses, number)  # on the device: no sync in the hot path
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -295,19 +299,23 @@ class Trainer:
                 seen += n
                 self._accumulate(sums, out, loss, batch, n)
             else:  # skipped: no update, no buffer write; the schedule moves on as if the step ran
-                self._restore_buffers(saved_buffers)
+                self._restore_norm_statistics(saved_buffers)
                 self.optimizer.zero_grad(set_to_none=True)
                 with warnings.catch_warnings():  # "scheduler stepped before optimizer": intended here
                     warnings.simplefilter("ignore", UserWarning)
                     self.scheduler.step()
                 self.step += 1
             bar.update(1)
-            if bar.n % 25 == 0 and not bar.disable and seen:
-                bar.set_postfix(loss=f"{float(sums['train.loss']) / seen:.4f}")
+            if number % CHECK_EVERY == 0:  # a sync point anyway, for the progress bar
+                self._stop_if_diverged(watch)
+                if not bar.disable and seen:
+                    bar.set_postfix(loss=f"{float(sums['train.loss']) / seen:.4f}")
             if self.stop_signal is not None and number < len(self.train_loader):
                 bar.close()
+                self._stop_if_diverged(watch)  # never checkpoint a diverged model
                 self._stop_mid_epoch(epoch, number, generator, sums, seen, earlier + time.perf_counter() - start)
         bar.close()
+        self._stop_if_diverged(watch)
         method.on_epoch_end(epoch, model)
         lr = self.optimizer.param_groups[0]["lr"]
         elapsed = earlier + time.perf_counter() - start
@@ -326,17 +334,22 @@ class Trainer:
         return record
 
     def _norm_statistics(self) -> list[Tensor]:
-        """Running statistics of every normalization layer of the student and the method (the critic)."""
-        layers = (m for root in (self.model, self.method) for m in root.modules()
-                  if isinstance(m, nn.modules.batchnorm._NormBase))
-        return [b for layer in layers for b in layer.buffers()]
+        """Running statistics of every normalization layer of the student and the method (the critic).
 
-    def _copy_buffers(self) -> list[Tensor]:
+        Collected once: the modules do not change during a run, and the tensors are updated in place.
+        """
+        if self._norm_buffers is None:
+            layers = (m for root in (self.model, self.method) for m in root.modules()
+                      if isinstance(m, nn.modules.batchnorm._NormBase))
+            self._norm_buffers = [b for layer in layers for b in layer.buffers()]
+        return self._norm_buffers
+
+    def _copy_norm_statistics(self) -> list[Tensor]:
         return [b.detach().clone() for b in self._norm_statistics()]
 
-    def _restore_buffers(self, saved: list[Tensor] | None) -> None:
+    def _restore_norm_statistics(self, saved: list[Tensor]) -> None:
         with torch.no_grad():
-            for buffer, value in zip(self._norm_statistics(), saved or [], strict=True):
+            for buffer, value in zip(self._norm_statistics(), saved, strict=True):
                 buffer.copy_(value)
 
     @staticmethod
@@ -350,28 +363,27 @@ class Trainer:
                 sums[f"stat.{key}"] += value.detach().float() * n
             sums["train.acc"] += (out.logits.argmax(1) == hard_labels(batch.targets)[:n]).sum() * 100.0
 
-    def _finite(self, losses: dict[str, Tensor], epoch: int, number: int) -> bool:
-        """Whether every loss term is finite; applies train.on_nonfinite when one is not.
-
-        One device sync per step (a stacked check), the same as the loss logging needs anyway.
-        """
+    def _skip_nonfinite(self, losses: dict[str, Tensor], watch: NonFiniteWatch, number: int) -> bool:
+        """train.on_nonfinite=skip: whether to skip this step (a device sync per step, the price of
+        deciding before the update); stops after train.max_skipped_steps skipped steps."""
         if bool(torch.stack([v.detach().float() for v in losses.values()]).isfinite().all()):
-            return True
-        bad = ", ".join(f"{k} = {float(v.detach())}" for k, v in losses.items()
-                        if not torch.isfinite(v.detach()).all())
-        where = f"in epoch {epoch + 1}, batch {number} of {len(self.train_loader)} (optimizer step {self.step + 1})"
-        policy = self.cfg.train
-        if policy.on_nonfinite == "skip" and self.skipped_steps < policy.max_skipped_steps:
-            self.skipped_steps += 1
             return False
+        if self.skipped_steps < self.cfg.train.max_skipped_steps:
+            self.skipped_steps += 1
+            return True
+        watch.record(losses, number)
+        self._stop_if_diverged(watch, f"after {self.skipped_steps} skipped steps (train.max_skipped_steps)")
+        return False  # unreachable: the watch holds this step
+
+    def _stop_if_diverged(self, watch: NonFiniteWatch, reason: str = "(train.on_nonfinite=stop)") -> None:
+        """Raise, naming the first non-finite loss term and its step, if the watch saw one (syncs)."""
+        first = watch.first()
+        if first is None:
+            return
         last = self.out / "checkpoints" / LAST
         kept = f"the last good checkpoint is '{last}'" if last.is_file() else "no checkpoint was written yet"
-        reason = (f"after {self.skipped_steps} skipped steps (train.max_skipped_steps)"
-                  if policy.on_nonfinite == "skip" else "(train.on_nonfinite=stop)")
-        raise AikdError(
-            f"Training diverged {where}: loss term {bad} {reason}. Lower train.lr or the method's weights, "
-            f"or set train.on_nonfinite=skip to skip such steps; {kept}."
-        )
+        raise AikdError(f"Training diverged {first} {reason}. Lower train.lr or the method's weights, or set "
+                        f"train.on_nonfinite=skip to skip such steps; {kept}.")
 
     def _stop_mid_epoch(self, epoch: int, number: int, generator: torch.Generator, sums: dict[str, Tensor],
                         seen: int, elapsed: float) -> None:
@@ -475,6 +487,40 @@ class Trainer:
             for name in ("metrics.jsonl", "summary.json", "config.yaml", "reliability.json", "reliability.png"):
                 (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
+
+
+CHECK_EVERY = 25  # steps between divergence checks (and progress-bar updates), each a device sync
+
+
+class NonFiniteWatch:
+    """Remembers, on the training device, the first batch of an epoch whose loss terms were not all finite.
+
+    Recording is a few tensor ops with no host sync, so the hot path does not wait on the
+    device every step; :meth:`first` syncs and is called every CHECK_EVERY steps and at the
+    end of the epoch. The run stops at most CHECK_EVERY - 1 steps after the bad one, before
+    any checkpoint of the diverged model is written.
+    """
+
+    def __init__(self, device: torch.device, epoch: int, step_before_first_batch: int, batches: int) -> None:
+        self.batch = torch.full((), -1, dtype=torch.long, device=device)
+        self.values: dict[str, Tensor] = {}  # each term's value at the first bad batch (terms may vary: AMKD)
+        self.epoch, self.step0, self.batches = epoch, step_before_first_batch, batches
+
+    def record(self, losses: dict[str, Tensor], number: int) -> None:
+        values = {k: v.detach().float() for k, v in losses.items()}
+        new = (self.batch < 0) & ~torch.stack(list(values.values())).isfinite().all()
+        self.batch = torch.where(new, number, self.batch)
+        for key, value in values.items():
+            self.values[key] = torch.where(new, value, self.values.get(key, torch.zeros_like(value)))
+
+    def first(self) -> str | None:
+        """'in epoch E, batch B of N (optimizer step S): loss term ce = nan, ...' for the first bad batch, or None."""
+        batch = int(self.batch)
+        if batch < 0:
+            return None
+        terms = ", ".join(f"{k} = {float(v)}" for k, v in self.values.items() if not math.isfinite(float(v)))
+        return (f"in epoch {self.epoch + 1}, batch {batch} of {self.batches} (optimizer step {self.step0 + batch}): "
+                f"loss term {terms}")
 
 
 def _catch_stop_signals(trainer: Trainer) -> dict[int, Any]:

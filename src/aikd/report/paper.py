@@ -229,7 +229,7 @@ def paper_tables(runs: Sequence[Run]) -> list[Table]:
                     [TOP5, ECE, ECE_TS], lambda r: not _is_ablation(r)),
     ]
     ablation = build_table("Table 4: AI-KD ablation, Top-1 error (%)", runs, [TOP1],
-                           lambda r: r.losses is not None and (r.method == "aikd" or r.recipe == "ce"))
+                           lambda r: r.losses is not None)  # CE and AI-KD runs carry switches
     if any(r.method == "aikd" for r in runs):
         switches = {LABELS.get(r.recipe, r.recipe): r.losses for r in runs if r.losses is not None}
         ablation.lead = ["L_G", "L_P", "L_A"]
@@ -327,8 +327,8 @@ def reliability_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             bins = ReliabilityBins.from_dict(bins)
             curves[name] = curves[name] + bins if name in curves else bins
     written = []
+    order = [LABELS.get(r, r) for r in _recipe_order({r.recipe for r in runs})]
     for (dataset, model), curves in sorted(pooled.items()):
-        order = [LABELS.get(r, r) for r in _recipe_order({r.recipe for r in runs})]
         ordered = dict(sorted(curves.items(), key=lambda kv: _curve_rank(kv[0], order)))
         path = Path(out_dir) / f"reliability_{dataset}_{model}.png"
         written.append(reliability_diagram(ordered, path, f"{dataset} / {model}"))
