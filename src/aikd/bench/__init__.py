@@ -167,13 +167,37 @@ def loader_images_per_second(s: Setting, batches: int = 20, workers: tuple[int, 
             "loader_speedup": ours / theirs[best]}
 
 
+_RSS_CHILD = """
+import resource, sys, tempfile
+from pathlib import Path
+from aikd.bench import FULL, epoch_seconds, teacher_checkpoint
+setting = [s for s in FULL if s.model == sys.argv[1]][0]
+with tempfile.TemporaryDirectory() as tmp:
+    teacher = teacher_checkpoint(setting, Path(tmp))
+    epoch_seconds(setting, sys.argv[2], teacher, Path(tmp))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mib(s: Setting, name: str) -> float:
+    """Peak resident memory (MiB) of a fresh process that trains two epochs of ``name``."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _RSS_CHILD, s.model, name], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout.split()[-1]) / 1024  # Linux reports KiB
+
+
 def run_bench(quick: bool = False) -> dict[str, Any]:
     """Everything ``aikd bench`` measures, as one JSON-ready dict."""
     settings = QUICK if quick else FULL
     steps = step_costs(settings)
     loaders = [loader_images_per_second(s) for s in settings]
     aikd = [r["ratio"] for r in steps if r["method"] == "aikd"]
-    return {"machine": _machine(), "step_costs": steps, "loaders": loaders,
+    rss = {name: peak_rss_mib(settings[-1], name) for name in ("ce", "aikd")}
+    return {"machine": _machine(), "step_costs": steps, "loaders": loaders, "peak_rss_mib": rss,
+            "aikd_over_ce_peak_rss": rss["aikd"] / rss["ce"],
             "aikd_over_ce_time": aikd[-1], "loader_speedup": min(r["loader_speedup"] for r in loaders),
             "buffer_bytes_per_sample": {s.model: buffer_bytes_per_sample(s.classes) for s in settings}}
 
