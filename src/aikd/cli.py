@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     _add_common(p)
+
+    p = sub.add_parser(
+        "bench", help="measure every method's epoch cost relative to CE, and the input pipeline",
+        description="Side-by-side benchmarks on synthetic in-memory data (work in progress, issue 8).",
+        epilog="example:\n  aikd bench --quick -o bench.json", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small CNN only (under a minute on 2 CPU cores)")
+    p.add_argument("-o", "--out", help="write the results as JSON")
     return parser
 
 
@@ -221,6 +228,20 @@ def cmd_tsne(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from aikd.bench import markdown, run_bench
+
+    result = run_bench(quick=args.quick)
+    print(markdown(result["step_costs"]))
+    for r in result["loaders"]:
+        print(f"loader {r['shape']}: aikd {r['aikd_images_per_s']:.0f} img/s, torchvision+PIL "
+              f"{r['torchvision_images_per_s']:.0f} img/s ({r['torchvision_workers']} workers): "
+              f"{r['loader_speedup']:.1f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def _logger(quiet: bool):
     return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
@@ -232,7 +253,7 @@ def _headline(summary: dict) -> dict:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pipeline": cmd_pipeline, "demo": cmd_demo, "sweep": cmd_sweep,
-            "report": cmd_report, "tsne": cmd_tsne}
+            "report": cmd_report, "tsne": cmd_tsne, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
