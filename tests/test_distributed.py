@@ -177,3 +177,30 @@ def test_evaluation_blocks_cover_each_sample_once_in_order():
     for n, world in ((359, 2), (10, 3), (7, 4)):
         blocks = [[i for batch in BlockBatchSampler(n, 4, r, world) for i in batch] for r in range(world)]
         assert list(itertools.chain(*blocks)) == list(range(n))
+
+
+# ----------------------------------------------------------------------------- every other method (slow)
+
+# DKD and AEKT (beta = 8 with a 2-epoch teacher) swing by tens of points between seeds in runs this
+# short on digits, one process or two; AMKD's seed-0 single-process run lands at 7.5 % where seeds 1
+# and 2 land at 1.7-1.9 % (2 ranks: 2.2-2.5 %). For these the check is that the 2-rank run finishes
+# with finite metrics and one record per epoch.
+UNSTABLE_HERE = {"dkd", "aekt", "amkd"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["cskd", "kd", "tfkd_self", "tfkd_reg", "dkd", "aekt", "bss", "amkd",
+                                    "aikd_no_adv"])
+def test_every_method_trains_data_parallel(method, teacher, tmp_path):
+    runs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"{method}-{ranks}"
+        args = train_args(method, out, teacher)
+        done = aikd(*args) if ranks == 1 else torchrun(*args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[ranks] = summary(out)
+    one, two = runs[1], runs[2]
+    assert all(torch.isfinite(torch.tensor(two[k])) for k in ("top1_err", "nll", "ece"))
+    assert len((tmp_path / f"{method}-2" / "metrics.jsonl").read_text().splitlines()) == 4
+    if method not in UNSTABLE_HERE:
+        assert abs(one["top1_err"] - two["top1_err"]) <= 2 * TOP1_TOLERANCE, (one["top1_err"], two["top1_err"])
