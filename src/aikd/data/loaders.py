@@ -244,8 +244,9 @@ class DataBundle:
                                     tuple(self.augment.std.flatten().tolist()), train,
                                     self.cfg.augment == "standard")
         workers = self.cfg.num_workers
-        if workers is None:
-            workers = min(8, os.cpu_count() or 1)
+        if workers is None:  # the node's CPUs are shared by the ranks torchrun started on it
+            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            workers = min(8, max(1, (os.cpu_count() or 1) // ranks_here))
         return FileLoader(ImageFileDataset(split, transform), batch_sampler, workers, pin_memory)
 
     def to_device(self, images: Tensor, train: bool, generator: torch.Generator | None) -> Tensor:
