@@ -157,12 +157,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc is not None:
         return _relaunch_with_torchrun(args.nproc, args.argv)
     from aikd.config import recipe_name
-    from aikd.distributed import current
     from aikd.engine import train
 
     summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
                     recipe=recipe_name(args.config, cfg.model.name, cfg.method), stop_after=args.stop_after)
-    if current().is_main:
+    if _is_main_process():
         print(json.dumps(_headline(summary)) if summary else
               f"aikd: stopped after epoch {args.stop_after} as asked; continue with the same command plus --resume")
     return 0
@@ -207,8 +206,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     result = run_pipeline(args.config, args.overrides, args.out, cache_dir=args.cache, quiet=args.quiet,
                           overwrite=args.overwrite, log=_logger(args.quiet))
-    print(json.dumps({"superior": result["superior"] and _headline(result["superior"]),
-                      "student": _headline(result["student"])}))
+    if _is_main_process():
+        print(json.dumps({"superior": result["superior"] and _headline(result["superior"]),
+                          "student": _headline(result["student"])}))
     return 0
 
 
@@ -273,7 +273,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _logger(quiet: bool):
-    return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    """Progress messages on stderr; one voice in a distributed run (rank 0)."""
+    if quiet or not _is_main_process():
+        return lambda msg: None
+    return lambda msg: print(msg, file=sys.stderr, flush=True)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (read from the environment: works before the process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _headline(summary: dict) -> dict:
