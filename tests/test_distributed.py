@@ -204,3 +204,33 @@ def test_every_method_trains_data_parallel(method, teacher, tmp_path):
     assert len((tmp_path / f"{method}-2" / "metrics.jsonl").read_text().splitlines()) == 4
     if method not in UNSTABLE_HERE:
         assert abs(one["top1_err"] - two["top1_err"]) <= 2 * TOP1_TOLERANCE, (one["top1_err"], two["top1_err"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_saves_one_mid_epoch_checkpoint_and_resume_matches(teacher, tmp_path):
+    """A scheduler's SIGTERM reaches torchrun, which passes it on; both ranks stop at the same batch."""
+    import signal
+    import time
+
+    args = ["train", "-c", str(CONFIGS / "pskd.yaml"), "data.name=digits", "data.batch_size=16", "train.epochs=3",
+            "device=cpu"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert torchrun(*args, "-q", "-o", str(straight)).returncode == 0
+    log = tmp_path / "log.txt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "aikd",
+               *args, "-o", str(stopped)]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 300
+        while "epoch 1/3" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    position = load_checkpoint(stopped / "checkpoints" / "last.safetensors").state["position"]
+    assert position["epoch"] == 1 and position["batch"] % 25 == 0  # the ranks agree every 25 steps
+    assert len(position["generators"]) == 2
+    assert not (stopped / "summary.json").exists()
+    assert torchrun(*args, "-q", "-o", str(stopped), "--resume").returncode == 0
+    for key in ("top1_err", "nll", "ece"):
+        assert summary(stopped)[key] == pytest.approx(summary(straight)[key], rel=1e-4, abs=1e-5), key
