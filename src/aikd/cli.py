@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in OUT: from checkpoints/last.safetensors; 'auto': from the newest valid "
                         "checkpoint there, or start fresh if there is none (for preemptible jobs); or from PATH")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in OUT")
+    p.add_argument("--stop-after", type=int, metavar="EPOCH",
+                   help="end after this epoch with a checkpoint and no summary, to split a long run over "
+                        "several jobs (each next one with --resume)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel training in N processes on this machine (one per GPU; gloo on CPU): "
+                        "a shortcut for 'torchrun --nproc-per-node N -m aikd train ...'")
     _add_common(p)
 
     p = _command(
@@ -147,13 +154,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     from aikd.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validate before the heavy imports
+    if args.nproc is not None:
+        return _relaunch_with_torchrun(args.nproc, args.argv)
     from aikd.config import recipe_name
     from aikd.engine import train
 
     summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
-                    recipe=recipe_name(args.config, cfg.model.name, cfg.method))
-    print(json.dumps(_headline(summary)))
+                    recipe=recipe_name(args.config, cfg.model.name, cfg.method), stop_after=args.stop_after)
+    if _is_main_process():
+        print(json.dumps(_headline(summary)) if summary else
+              f"aikd: stopped after epoch {args.stop_after} as asked; continue with the same command plus --resume")
     return 0
+
+
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """``aikd train --nproc N ...`` becomes ``torchrun --nproc-per-node N -m aikd train ...`` (same process id,
+    so a scheduler's signals reach torchrun, which passes them on to every rank)."""
+    from aikd.distributed import launched_by_torchrun
+
+    if nproc < 1:
+        raise AikdError(f"--nproc {nproc}: give the number of processes, 1 or more.")
+    rest = [a for i, a in enumerate(argv) if not (a == "--nproc" or a.startswith("--nproc=")
+                                                  or (i > 0 and argv[i - 1] == "--nproc"))]
+    if launched_by_torchrun():
+        raise AikdError("--nproc starts torchrun itself; under torchrun, leave it out.")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "aikd", *rest]
+    print(f"aikd: {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -177,8 +206,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     result = run_pipeline(args.config, args.overrides, args.out, cache_dir=args.cache, quiet=args.quiet,
                           overwrite=args.overwrite, log=_logger(args.quiet))
-    print(json.dumps({"superior": result["superior"] and _headline(result["superior"]),
-                      "student": _headline(result["student"])}))
+    if _is_main_process():
+        print(json.dumps({"superior": result["superior"] and _headline(result["superior"]),
+                          "student": _headline(result["student"])}))
     return 0
 
 
@@ -243,7 +273,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _logger(quiet: bool):
-    return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    """Progress messages on stderr; one voice in a distributed run (rank 0)."""
+    if quiet or not _is_main_process():
+        return lambda msg: None
+    return lambda msg: print(msg, file=sys.stderr, flush=True)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (read from the environment: works before the process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _headline(summary: dict) -> dict:
@@ -257,7 +295,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pipeline": cmd_pipeline, "dem
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except RunInterrupted as err:

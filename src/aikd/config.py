@@ -76,6 +76,10 @@ class TrainConfig:
     # (no update, counted in the summary) and stop only after max_skipped_steps of them.
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 100
+    # Data-parallel runs (torchrun): BatchNorm statistics over the global batch instead of each
+    # rank's slice (SyncBatchNorm; CUDA only). Off: each rank normalizes its slice, and the running
+    # statistics are averaged over the ranks at every epoch's end.
+    sync_bn: bool = False
 
 
 @dataclass

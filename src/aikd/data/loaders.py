@@ -86,6 +86,70 @@ class ResumableBatchSampler:
         return len(self.inner)
 
 
+class ShardedBatchSampler:
+    """One rank's share of every global batch of an epoch batch sampler (data-parallel training).
+
+    ``data.batch_size`` stays the global batch: the inner sampler draws the same
+    batches on every rank (its order depends only on seed and epoch) and rank r
+    keeps the r-th contiguous slice of each, so N ranks together train on exactly
+    the batches a single process would, each on batch_size / N samples. With
+    ``paired`` batches ([anchors | partners], CS-KD) the anchors are sliced and
+    each anchor keeps its partner. A last global batch too small to give every
+    rank two samples (BatchNorm cannot train on one) is dropped on all ranks, so
+    they always take the same number of steps.
+    """
+
+    def __init__(self, inner, rank: int, world_size: int, paired: bool = False) -> None:
+        self.inner, self.rank, self.world_size, self.paired = inner, rank, world_size, paired
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def _share(self, items: list[int]) -> list[int]:
+        size, extra = divmod(len(items), self.world_size)
+        start = self.rank * size + min(self.rank, extra)
+        return items[start:start + size + (self.rank < extra)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in itertools.islice(iter(self.inner), len(self)):
+            if self.paired:
+                half = len(batch) // 2
+                anchors = self._share(list(range(half)))
+                yield [batch[i] for i in anchors] + [batch[half + i] for i in anchors]
+            else:
+                yield self._share(batch)
+
+    def __len__(self) -> int:
+        batches = len(self.inner)
+        full, rest = divmod(self.inner.num_samples, self.inner.batch_size)
+        last_is_partial = batches > full
+        return batches - (1 if last_is_partial and rest < 2 * self.world_size else 0)
+
+
+class BlockBatchSampler:
+    """Sequential batches over one rank's contiguous block of a split (distributed evaluation).
+
+    Rank r takes samples [r * N / W, (r + 1) * N / W): no sample is padded in or
+    left out, and the ranks' predictions, gathered in rank order, are the
+    split's predictions in dataset order.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int) -> None:
+        self.start = num_samples * rank // world_size
+        self.stop = num_samples * (rank + 1) // world_size
+        self.batch_size = batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Evaluation order does not change between epochs."""
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(self.start, self.stop, self.batch_size):
+            yield list(range(start, min(start + self.batch_size, self.stop)))
+
+    def __len__(self) -> int:
+        return -(-(self.stop - self.start) // self.batch_size)
+
+
 class TensorLoader:
     """Batches straight out of in-memory uint8 tensors: one index op per batch."""
 
@@ -180,8 +244,9 @@ class DataBundle:
                                     tuple(self.augment.std.flatten().tolist()), train,
                                     self.cfg.augment == "standard")
         workers = self.cfg.num_workers
-        if workers is None:
-            workers = min(8, os.cpu_count() or 1)
+        if workers is None:  # the node's CPUs are shared by the ranks torchrun started on it
+            ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            workers = min(8, max(1, (os.cpu_count() or 1) // ranks_here))
         return FileLoader(ImageFileDataset(split, transform), batch_sampler, workers, pin_memory)
 
     def to_device(self, images: Tensor, train: bool, generator: torch.Generator | None) -> Tensor:

@@ -35,7 +35,16 @@ class RunLogger:
             if SummaryWriter is not None:
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
+    @classmethod
+    def silent(cls) -> RunLogger:
+        """A logger that writes and prints nothing: the non-zero ranks of a distributed run."""
+        logger = cls.__new__(cls)
+        logger.path, logger.quiet, logger.writer = None, True, None
+        return logger
+
     def log_epoch(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.writer is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from aikd.config import RunConfig, apply_overrides, from_dict, normalized, read_yaml, recipe_name
+from aikd.distributed import current
 from aikd.engine.trainer import LAST, train
 from aikd.errors import AikdError, ConfigError
 from aikd.methods import METHODS
@@ -125,5 +126,6 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
     recipe = recipe_name(config, student_cfg.model.name, student_cfg.method)
     result["student"] = train_or_reuse(student_cfg, out / "student", quiet, log, overwrite, recipe)
     result["student"]["run_dir"] = str(out / "student")
-    (out / "pipeline.json").write_text(json.dumps(result, indent=2))
+    if current().is_main:  # under torchrun every rank runs the pipeline; rank 0 writes its files
+        (out / "pipeline.json").write_text(json.dumps(result, indent=2))
     return result

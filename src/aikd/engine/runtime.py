@@ -57,8 +57,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """The augmentation RNG of one epoch: depends only on (seed, epoch), so it replays on resume."""
+def epoch_generator(seed: int, epoch: int, device: torch.device, rank: int = 0) -> torch.Generator:
+    """The augmentation RNG of one epoch: depends only on (seed, epoch), so it replays on resume.
+
+    Each rank of a distributed run draws its own augmentations (rank 0 draws a single process's).
+    """
     g = torch.Generator(device=device)
-    g.manual_seed(seed * 7_919 + epoch + 1)
+    g.manual_seed(seed * 7_919 + epoch + 1 + rank * 1_000_003)
     return g

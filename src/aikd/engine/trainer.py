@@ -23,8 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from aikd import distributed
 from aikd.config import RunConfig, normalized, save_config
 from aikd.data import DataBundle, load_data
+from aikd.data.loaders import BlockBatchSampler, EpochBatchSampler, ShardedBatchSampler
 from aikd.data.mixing import BatchMixer
 from aikd.engine.checkpoint import (
     atomic_write_bytes,
@@ -63,8 +65,9 @@ class Trainer:
         self.out = Path(out_dir)
         self.quiet = quiet
         self.recipe = recipe or cfg.method  # the row label in reports (the config's name)
+        self.dist = distributed.setup(cfg.device)  # rank 0 of 1 unless started by torchrun
         seed_everything(cfg.seed, cfg.deterministic)
-        self.device = pick_device(cfg.device)
+        self.device = distributed.device_for(self.dist, pick_device(cfg.device))
         self.amp_dtype = autocast_dtype(cfg.train, self.device)
         self.channels_last = use_channels_last(cfg.train, self.device)
         self.data = data if data is not None else load_data(cfg.data)
@@ -74,6 +77,9 @@ class Trainer:
         self.stem = resolve_stem(cfg.model.stem, d.image_size)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._check_distributed_config()
+        if self.dist.enabled and cfg.train.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         method_cls = METHODS.get(cfg.method)
         teacher = None
         if method_cls.needs_teacher(cfg.method_config()):
@@ -83,9 +89,9 @@ class Trainer:
         self.method = method_cls(cfg.method_config(), ctx).to(self.device)
         self.mixer = BatchMixer(cfg.data, d.num_classes, paired=self.method.paired_batches)
         pin = self.device.type == "cuda"
-        sampler = self.method.batch_sampler(cfg.data.batch_size, cfg.seed)
-        self.train_loader = d.loader(True, sampler, seed=cfg.seed, pin_memory=pin)
-        self.test_loader = d.loader(False, pin_memory=pin)
+        self.train_loader = d.loader(True, self._train_sampler(), seed=cfg.seed, pin_memory=pin)
+        self.test_loader = self._eval_loader(d.test)
+        self.train_model = self._data_parallel(self.model)
         self.optimizer = build_optimizer(self.model, cfg.train, self.method.student_parameters(),
                                          self.method.student_parameters_lr_scale())
         self.scheduler = build_scheduler(self.optimizer, cfg.train, len(self.train_loader))
@@ -104,6 +110,50 @@ class Trainer:
         self._norm_buffers: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ set-up helpers
+
+    def _check_distributed_config(self) -> None:
+        if not self.dist.enabled:
+            return
+        world, batch = self.dist.world_size, self.cfg.data.batch_size
+        if batch % world:
+            raise ConfigError(f"data.batch_size={batch} is the global batch of a distributed run and must split "
+                              f"evenly over its {world} processes: use a multiple of {world}.")
+        if self.cfg.train.sync_bn and self.device.type != "cuda":
+            raise ConfigError("train.sync_bn=true needs CUDA GPUs (SyncBatchNorm has no CPU kernels); "
+                              "on CPU leave it off: running statistics are averaged over the ranks each epoch.")
+
+    def _train_sampler(self):
+        """The method's epoch batch sampler (or shuffled batches), sliced per rank in a distributed run."""
+        d, cfg = self.data, self.cfg
+        sampler = self.method.batch_sampler(cfg.data.batch_size, cfg.seed)
+        if not self.dist.enabled:
+            return sampler
+        sampler = sampler or EpochBatchSampler(len(d.train), cfg.data.batch_size, cfg.seed)
+        return ShardedBatchSampler(sampler, self.dist.rank, self.dist.world_size, self.method.paired_batches)
+
+    def _eval_loader(self, split):
+        """Sequential batches over ``split``; in a distributed run over this rank's block of it."""
+        sampler = None
+        if self.dist.enabled:
+            sampler = BlockBatchSampler(len(split), self.cfg.data.eval_batch_size, self.dist.rank,
+                                        self.dist.world_size)
+        return self.data.loader(False, sampler, pin_memory=self.device.type == "cuda", split=split)
+
+    def _data_parallel(self, model: nn.Module) -> nn.Module:
+        """The student as the training step sees it: wrapped in DistributedDataParallel when distributed.
+
+        The running statistics are not broadcast every step (they are averaged at each epoch's end).
+        A method with several student forwards per step (BSS, AMKD) trains the bare model and the
+        loop averages its gradients after the backward pass, since DDP expects one forward per backward.
+        """
+        if not self.dist.enabled or self.method.multiple_student_forwards:
+            distributed.broadcast_parameters(model)
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
+                                       gradient_as_bucket_view=True)
 
     def _load_teacher(self, same_architecture_as: str | None) -> nn.Module:
         path = self.cfg.teacher.checkpoint
@@ -146,6 +196,8 @@ class Trainer:
             }
             if position is not None:
                 state["position"] = position
+        if not self.dist.is_main:
+            return self.out / "checkpoints" / name  # rank 0 writes; the others hold the same state
         if name == LAST:
             self._keep_previous_last()
         path = save_checkpoint(self.out / "checkpoints" / name, self.model.state_dict(), self.meta(), state)
@@ -220,11 +272,13 @@ class Trainer:
         checkpoint there, and raise :class:`RunInterrupted`.
         """
         source = find_resume_checkpoint(self.out, resume) if resume else None
-        self._prepare_out_dir(source is not None, overwrite)
+        # Rank 0 checks and prepares the folder; a refusal there stops every rank with its message.
+        distributed.on_main_then_share(lambda: self._prepare_out_dir(source is not None, overwrite))
         if source is not None:
             self.resume(source)
-        save_config(self.cfg, self.out / "config.yaml")
-        logger = RunLogger(self.out, self.quiet)
+        if self.dist.is_main:
+            save_config(self.cfg, self.out / "config.yaml")
+        logger = RunLogger(self.out, self.quiet) if self.dist.is_main else RunLogger.silent()
         logger.info(self._banner())
         if source is not None:
             logger.info(f"aikd: resuming from '{source}' (epoch {self.epoch}"
@@ -243,7 +297,7 @@ class Trainer:
                         self.save(BEST, full=False)
                 self.save(LAST)
                 logger.log_epoch(record)
-                if self.stop_signal is not None:
+                if self._stop_requested():
                     raise self._interrupted(f"at the end of epoch {self.epoch}")
         finally:
             _restore_signals(previous_handlers)
@@ -251,7 +305,9 @@ class Trainer:
         if self.epoch < epochs:
             return None
         summary = self.summary()
-        atomic_write_bytes(self.out / "summary.json", json.dumps(summary, indent=2).encode())
+        if self.dist.is_main:
+            atomic_write_bytes(self.out / "summary.json", json.dumps(summary, indent=2).encode())
+        distributed.barrier()  # every file of the run is written before any rank moves on (pipeline phase 2)
         return summary
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -261,15 +317,15 @@ class Trainer:
         stopped, with the augmentation generator and running sums it had there.
         """
         start = time.perf_counter()
-        model, method = self.model, self.method
+        model, method = self.train_model, self.method
         model.train()
-        generator = epoch_generator(self.cfg.seed, epoch, self.device)
+        generator = epoch_generator(self.cfg.seed, epoch, self.device, self.dist.rank)
         sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         first_batch, seen, earlier = 0, 0, 0.0
         if self.position is not None and self.position["epoch"] == epoch:
-            first_batch, seen, earlier = self.position["batch"], self.position["seen"], self.position["elapsed"]
-            generator.set_state(self.position["generator"])
-            sums.update({k: v.to(self.device) for k, v in self.position["sums"].items()})
+            first_batch, earlier = self.position["batch"], self.position["elapsed"]
+            self._restore_position(generator, sums)
+            seen = self.position["seen"] if self.dist.is_main else 0  # saved summed over the ranks
         self.position = None
         self.train_loader.set_epoch(epoch, first_batch)
         method.on_epoch_start(epoch, model)
@@ -290,6 +346,7 @@ class Trainer:
                 watch.record(out.losses, number)  # on the device: no sync in the hot path
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
+                self._average_gradients_outside_ddp()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
@@ -310,13 +367,16 @@ class Trainer:
                 self._stop_if_diverged(watch)
                 if not bar.disable and seen:
                     bar.set_postfix(loss=f"{float(sums['train.loss']) / seen:.4f}")
-            if self.stop_signal is not None and number < len(self.train_loader):
+            at_agreement_point = not self.dist.enabled or number % CHECK_EVERY == 0
+            if at_agreement_point and self._stop_requested() and number < len(self.train_loader):
                 bar.close()
                 self._stop_if_diverged(watch)  # never checkpoint a diverged model
                 self._stop_mid_epoch(epoch, number, generator, sums, seen, earlier + time.perf_counter() - start)
         bar.close()
         self._stop_if_diverged(watch)
-        method.on_epoch_end(epoch, model)
+        distributed.average_norm_statistics([self.model, method])
+        method.on_epoch_end(epoch, self.model)
+        seen = self._sum_over_ranks(sums, seen)
         lr = self.optimizer.param_groups[0]["lr"]
         elapsed = earlier + time.perf_counter() - start
         self.train_times.append(elapsed)
@@ -332,6 +392,51 @@ class Trainer:
                 f"Lower train.lr or check the method's weights; {where}."
             )
         return record
+
+    def _average_gradients_outside_ddp(self) -> None:
+        """Average the gradients DistributedDataParallel does not: the student's when the method runs it
+        bare (several forwards per step), and the method's own trained modules (AEKT's head)."""
+        if not self.dist.enabled:
+            return
+        if self.train_model is self.model:
+            distributed.average_gradients(self.model.parameters())
+        distributed.average_gradients(self.method.student_parameters())
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal (SIGTERM, SIGINT) reached this process, or any rank of a distributed run.
+
+        The ranks must stop at the same step, so in a distributed run this is a collective, and
+        the loop asks it every CHECK_EVERY batches: a signal takes effect within CHECK_EVERY steps.
+        """
+        if not self.dist.enabled:
+            return self.stop_signal is not None
+        stop = distributed.any_rank(self.stop_signal is not None, self.device)
+        if stop and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM  # another rank was signalled
+        return stop
+
+    def _sum_over_ranks(self, sums: dict[str, Tensor], seen: int) -> int:
+        """Turn this rank's epoch sums into the run's (in place); returns the samples seen by all ranks."""
+        if not self.dist.enabled:
+            return seen
+        keys = sorted(sums)
+        total = torch.stack([sums[k] for k in keys] + [torch.tensor(float(seen), device=self.device)])
+        distributed.all_reduce_sum_(total)
+        for key, value in zip(keys, total[:-1], strict=True):
+            sums[key] = value
+        return int(total[-1])
+
+    def _restore_position(self, generator: torch.Generator, sums: dict[str, Tensor]) -> None:
+        """This rank's augmentation generator and (on rank 0) the run's running sums at a mid-epoch checkpoint."""
+        states = self.position.get("generators") or [self.position["generator"]]
+        if len(states) == self.dist.world_size:
+            generator.set_state(states[self.dist.rank])
+        elif self.dist.is_main:
+            warnings.warn(f"The checkpoint was written by {len(states)} processes and this run has "
+                          f"{self.dist.world_size}: the rest of this epoch draws other augmentations than "
+                          f"the interrupted run would have.", stacklevel=2)
+        if self.dist.is_main:
+            sums.update({k: v.to(self.device) for k, v in self.position["sums"].items()})
 
     def _norm_statistics(self) -> list[Tensor]:
         """Running statistics of every normalization layer of the student and the method (the critic).
@@ -365,8 +470,10 @@ class Trainer:
 
     def _skip_nonfinite(self, losses: dict[str, Tensor], watch: NonFiniteWatch, number: int) -> bool:
         """train.on_nonfinite=skip: whether to skip this step (a device sync per step, the price of
-        deciding before the update); stops after train.max_skipped_steps skipped steps."""
-        if bool(torch.stack([v.detach().float() for v in losses.values()]).isfinite().all()):
+        deciding before the update); stops after train.max_skipped_steps skipped steps. In a distributed
+        run a step is skipped on every rank when any rank's loss is not finite."""
+        finite = torch.stack([v.detach().float() for v in losses.values()]).isfinite().all()
+        if not distributed.any_rank(~finite, self.device):
             return False
         if self.skipped_steps < self.cfg.train.max_skipped_steps:
             self.skipped_steps += 1
@@ -378,8 +485,9 @@ class Trainer:
     def _stop_if_diverged(self, watch: NonFiniteWatch, reason: str = "(train.on_nonfinite=stop)") -> None:
         """Raise, naming the first non-finite loss term and its step, if the watch saw one (syncs)."""
         first = watch.first()
-        if first is None:
+        if not distributed.any_rank(first is not None, self.device):
             return
+        first = first or "on another process of this distributed run"
         last = self.out / "checkpoints" / LAST
         kept = f"the last good checkpoint is '{last}'" if last.is_file() else "no checkpoint was written yet"
         raise AikdError(f"Training diverged {first} {reason}. Lower train.lr or the method's weights, or set "
@@ -388,7 +496,9 @@ class Trainer:
     def _stop_mid_epoch(self, epoch: int, number: int, generator: torch.Generator, sums: dict[str, Tensor],
                         seen: int, elapsed: float) -> None:
         """Save a checkpoint after batch ``number`` of ``epoch`` and raise RunInterrupted."""
-        position = {"epoch": epoch, "batch": number, "generator": generator.get_state(),
+        generators = distributed.all_gather_objects(generator.get_state().cpu())
+        seen = self._sum_over_ranks(sums, seen)
+        position = {"epoch": epoch, "batch": number, "generator": generators[0], "generators": generators,
                     "sums": {k: v.detach().cpu() for k, v in sums.items()}, "seen": seen, "elapsed": elapsed}
         self.save(LAST, position=position)
         raise self._interrupted(f"in epoch {epoch + 1} after batch {number} of {len(self.train_loader)}")
@@ -417,9 +527,14 @@ class Trainer:
         return classification_metrics(logits, labels)
 
     def _predict(self, loader, description: str) -> tuple[Tensor, Tensor]:
-        bar = progress_bar(len(loader), description, self.quiet)
+        """(logits, labels) of a whole split; in a distributed run each rank predicts its block and
+        the blocks are gathered in rank order, so every sample counts exactly once."""
+        bar = progress_bar(len(loader), description, self.quiet or not self.dist.is_main)
         logits, labels = predict(self.model, loader, self._prepare_eval, self.device, self.amp_dtype, bar)
         bar.close()
+        if self.dist.enabled:  # gathered on the device: NCCL moves GPU tensors only
+            logits = distributed.all_gather_rows(logits.to(self.device)).cpu()
+            labels = distributed.all_gather_rows(labels.to(self.device)).cpu()
         return logits, labels
 
     def calibrate(self) -> dict[str, float]:
@@ -433,9 +548,10 @@ class Trainer:
         if self.test_predictions is None or self.test_predictions[0] != self.epoch:
             self.evaluate()
         _, test_logits, test_labels = self.test_predictions
-        held_logits, held_labels = self._predict(self.data.loader(False, split=self.data.holdout), "holdout")
+        held_logits, held_labels = self._predict(self._eval_loader(self.data.holdout), "holdout")
         metrics, bins = calibrate(held_logits, held_labels, test_logits, test_labels)
-        write_reliability(self.out, bins, metrics["temperature"], f"{self.recipe} - {self.cfg.data.name}")
+        if self.dist.is_main:
+            write_reliability(self.out, bins, metrics["temperature"], f"{self.recipe} - {self.cfg.data.name}")
         return metrics
 
     def _prepare_eval(self, images: Tensor) -> Tensor:
@@ -464,6 +580,7 @@ class Trainer:
             "time_per_epoch_s": sum(self.train_times) / max(len(self.train_times), 1),
             "train_time_s": sum(self.train_times),
             "device": str(self.device),
+            "world_size": self.dist.world_size,
             "teacher": self.cfg.teacher.checkpoint,
             "skipped_steps": self.skipped_steps,
         }
@@ -472,7 +589,8 @@ class Trainer:
         d = self.data
         return (f"aikd: {self.cfg.method} | {self.cfg.model.name} on {d.name} "
                 f"({len(d.train)} train / {len(d.test)} test, {d.num_classes} classes) | "
-                f"{self.cfg.train.epochs} epochs | device {self.device} | out {self.out}")
+                f"{self.cfg.train.epochs} epochs | device {self.device}"
+                f"{f' x {self.dist.world_size} processes' if self.dist.enabled else ''} | out {self.out}")
 
     def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
         existing = (self.out / "checkpoints" / LAST).exists() or (self.out / "summary.json").exists()
@@ -598,9 +716,10 @@ def write_reliability(out: Path, bins: dict[str, ReliabilityBins], temperature: 
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool | str | Path = False, overwrite: bool = False,
-          quiet: bool = False, recipe: str | None = None) -> dict[str, Any]:
-    """Library entry point: train one run and return its summary.
+          quiet: bool = False, recipe: str | None = None, stop_after: int | None = None) -> dict[str, Any] | None:
+    """Library entry point: train one run and return its summary (None when ``stop_after`` ended it early).
 
     ``recipe`` names the run in reports (``aikd report``); by default the method.
     """
-    return Trainer(cfg, out_dir, quiet=quiet, recipe=recipe).fit(resume=resume, overwrite=overwrite)
+    return Trainer(cfg, out_dir, quiet=quiet, recipe=recipe).fit(resume=resume, overwrite=overwrite,
+                                                                 stop_after=stop_after)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aikd.distributed import any_rank, average_gradients
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, MethodContext, StepOutput, register_method
 from aikd.methods.buffer import PredictionBuffer
@@ -95,7 +96,11 @@ def critic_step(critic: nn.Module, optimizer: torch.optim.Optimizer, superior_lo
     with torch.autocast(superior_logits.device.type, enabled=False):
         loss, stats = critic_loss(critic, superior_logits, student_logits, gp_weight)
     loss.backward()
-    if bool(torch.isfinite(loss)):  # a diverged student must not poison the critic's weights
+    # A diverged student must not poison the critic's weights. In a data-parallel run the
+    # critic's gradients are averaged over the ranks and the skip is decided by all of them,
+    # so every rank keeps the same critic.
+    if not any_rank(~torch.isfinite(loss), loss.device):
+        average_gradients(critic.parameters())
         optimizer.step()
     return stats
 

@@ -77,6 +77,9 @@ class Method(nn.Module):
     teacher_same_architecture: ClassVar[bool] = False
     # Batches are [anchors | partners] with partner i tied to anchor i (CS-KD): mixing keeps the pairs.
     paired_batches: ClassVar[bool] = False
+    # More than one forward of the student with gradient per step (BSS's attacked samples): data-parallel
+    # training then averages the student's gradients itself, as DistributedDataParallel allows one.
+    multiple_student_forwards: ClassVar[bool] = False
 
     def __init__(self, hparams: Any, ctx: MethodContext) -> None:
         super().__init__()

@@ -117,6 +117,7 @@ class BSSConfig:
 @register_method("bss", BSSConfig)
 class BSS(Method):
     requires_teacher = True
+    multiple_student_forwards = True
 
     def adversarial_batch(self, batch: Batch, teacher_logits: Tensor, student_logits: Tensor
                           ) -> tuple[Tensor, AttackResult] | None:

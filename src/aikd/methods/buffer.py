@@ -6,12 +6,21 @@ knowledge without an extra forward pass. Logits are stored in float16, so the
 buffer costs ``2 * num_classes`` bytes per sample (200 B on CIFAR-100, 10 MB
 for its 50 000 images), plus one byte for the "seen" flag. Reads and writes
 are single indexed tensor ops.
+
+In a data-parallel run every rank holds the whole buffer (gather, not shard):
+each write first gathers the indices and logits of all ranks' slices of the
+global batch, so every rank's copy is the one a single process would have.
+That costs ``global_batch x (2 C + 8)`` bytes of communication per step and
+keeps reads local; sharding would save memory but, as samples move between
+ranks every epoch, would need an exchange per read instead.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from aikd.distributed import all_gather_rows
 
 
 class PredictionBuffer(nn.Module):
@@ -37,6 +46,8 @@ class PredictionBuffer(nn.Module):
 
     @torch.no_grad()
     def write(self, indices: Tensor, logits: Tensor) -> None:
-        indices = indices.to(self.logits.device)
-        self.logits[indices] = logits.detach().to(self.logits.device, self.logits.dtype)
+        """Store ``logits`` for ``indices`` (and, in a distributed run, every other rank's slice too)."""
+        indices = all_gather_rows(indices.to(self.logits.device))
+        logits = all_gather_rows(logits.detach().to(self.logits.device, self.logits.dtype))
+        self.logits[indices] = logits
         self.filled[indices] = True

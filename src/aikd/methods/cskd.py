@@ -57,6 +57,10 @@ class ClassPairBatchSampler:
             chunk = slice(i * self.batch_size, (i + 1) * self.batch_size)
             yield anchors[chunk].tolist() + partners[chunk].tolist()
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
     def __len__(self) -> int:
         full, rest = divmod(len(self.labels), self.batch_size)
         return full + (1 if rest > 1 else 0)  # one anchor alone cannot train BatchNorm
