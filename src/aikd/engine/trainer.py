@@ -165,7 +165,7 @@ class Trainer:
         teacher = load_frozen_model(path, self.device, num_classes=self.data.num_classes,
                                     in_channels=self.data.in_channels, expect_model=same_architecture_as,
                                     image_size=self.data.image_size, classes=list(self.data.train.classes))
-        return teacher.to(memory_format=torch.channels_last) if self.channels_last else teacher
+        return teacher.to(memory_format=torch.channels_last)  # see Method.teacher_logits
 
     def meta(self) -> dict[str, Any]:
         d = self.data
