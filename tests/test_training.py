@@ -120,3 +120,46 @@ def test_method_parameters_get_their_own_learning_rate():
         scheduler.step()
     # Both groups drop twice by 0.1 (at steps 2 and 3 of 4).
     assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-3), pytest.approx(1e-5)]
+
+
+def _digits_trainer(tmp_path, *overrides: str):
+    cfg = load_config(None, ["data.name=digits", "model.name=small_cnn", "train.epochs=1", "device=cpu",
+                             "data.batch_size=64", *overrides])
+    return Trainer(cfg, tmp_path / "run", quiet=True)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
+    from torch._dynamo.exc import InternalTorchDynamoError
+
+    def failing_compile(module):
+        def call(*args, **kwargs):
+            raise InternalTorchDynamoError("no compiler here")
+        return call
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    trainer = _digits_trainer(tmp_path, "train.compile=true")
+    with pytest.warns(UserWarning, match="torch.compile failed .*no compiler here.*eager"):
+        summary = trainer.fit()
+    assert "InternalTorchDynamoError" in trainer.train_model.failed
+    assert summary["top1_err"] < 50  # it trained
+
+
+def test_compile_wrapper_does_not_hide_errors_of_the_model(tmp_path, monkeypatch):
+    def model_error(module):
+        def call(*args, **kwargs):
+            raise ValueError("shape mismatch in the model")
+        return call
+
+    monkeypatch.setattr(torch, "compile", model_error)
+    trainer = _digits_trainer(tmp_path, "train.compile=true")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        trainer.fit()
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    compiled = _digits_trainer(tmp_path / "c", "train.compile=true")
+    result = compiled.fit()
+    assert compiled.train_model.failed is None  # this machine has the toolchain: it really compiled
+    eager = _digits_trainer(tmp_path / "e").fit()
+    assert abs(result["top1_err"] - eager["top1_err"]) <= 1.5

@@ -70,6 +70,9 @@ class TrainConfig:
     gamma: float = 0.1
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on CUDA, off elsewhere
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on for CUDA
+    # torch.compile the student's training forward (worth it on GPUs for long runs); a model or
+    # machine it fails on falls back to eager mode with a warning.
+    compile: bool = False
     eval_every: int = 1
     keep_last: int = 1  # epoch checkpoints kept: last.safetensors plus keep_last - 1 older epoch-NNNN ones
     # A step whose loss is NaN or infinite: "stop" the run naming the loss term, or "skip" the step

@@ -39,6 +39,7 @@ from aikd.engine.logger import RunLogger, progress_bar
 from aikd.engine.model_io import load_frozen_model, model_meta
 from aikd.engine.optim import build_optimizer, build_scheduler
 from aikd.engine.runtime import (
+    CompiledOrEager,
     autocast_dtype,
     epoch_generator,
     pick_device,
@@ -92,6 +93,8 @@ class Trainer:
         self.train_loader = d.loader(True, self._train_sampler(), seed=cfg.seed, pin_memory=pin)
         self.test_loader = self._eval_loader(d.test)
         self.train_model = self._data_parallel(self.model)
+        if cfg.train.compile:
+            self.train_model = CompiledOrEager(self.train_model)
         self.optimizer = build_optimizer(self.model, cfg.train, self.method.student_parameters(),
                                          self.method.student_parameters_lr_scale())
         self.scheduler = build_scheduler(self.optimizer, cfg.train, len(self.train_loader))
@@ -146,7 +149,8 @@ class Trainer:
         A method with several student forwards per step (BSS, AMKD) trains the bare model and the
         loop averages its gradients after the backward pass, since DDP expects one forward per backward.
         """
-        if not self.dist.enabled or self.method.multiple_student_forwards:
+        self.ddp_wraps_student = self.dist.enabled and not self.method.multiple_student_forwards
+        if not self.ddp_wraps_student:
             distributed.broadcast_parameters(model)
             return model
         from torch.nn.parallel import DistributedDataParallel
@@ -398,7 +402,7 @@ class Trainer:
         bare (several forwards per step), and the method's own trained modules (AEKT's head)."""
         if not self.dist.enabled:
             return
-        if self.train_model is self.model:
+        if not self.ddp_wraps_student:
             distributed.average_gradients(self.model.parameters())
         distributed.average_gradients(self.method.student_parameters())
 
