@@ -1,0 +1,63 @@
+"""Memory: peak resident memory of a method's training run, and the per-sample prediction buffer.
+
+Peak RSS is taken in a fresh process per method: a process's high-water mark never goes down, so measuring
+two methods in one process would report the larger of the two for both.
+
+That process is ``python -m aikd.bench.rss_child SETTING_JSON METHOD``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from aikd.bench.steps import Setting
+
+IMAGENET_1K_SAMPLES = 1_281_167
+IMAGENET_1K_CLASSES = 1000
+
+
+def peak_rss_mib(s: Setting, method: str) -> float:
+    """Peak resident memory (MiB) of a fresh Python process that trains two short epochs of ``method``."""
+    env = dict(os.environ)
+    # The child must import this very aikd (a worktree's src/), not whichever one the interpreter has installed.
+    source_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-m", "aikd.bench.rss_child", json.dumps(s.to_dict()), method],
+                          capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the peak-memory run of '{method}' failed:\n{done.stderr[-2000:]}")
+    return int(done.stdout.split()[-1]) / 1024  # Linux reports ru_maxrss in KiB
+
+
+def peak_rss_ratio(s: Setting) -> dict[str, Any]:
+    """Peak RSS of AI-KD and CE on the same setting, each in its own process, and their ratio."""
+    ce, aikd = peak_rss_mib(s, "ce"), peak_rss_mib(s, "aikd")
+    return {"model": s.model, "setting": s.to_dict(), "ce_mib": ce, "aikd_mib": aikd, "aikd_over_ce": aikd / ce}
+
+
+def buffer_bytes_per_sample(classes: int) -> int:
+    """Bytes the PS-KD / AI-KD prediction buffer holds per training sample, as the buffer itself reports."""
+    from aikd.methods.buffer import PredictionBuffer
+
+    return PredictionBuffer(1, classes).bytes_per_sample
+
+
+def buffer_footprint(classes_by_model: dict[str, int]) -> dict[str, Any]:
+    """Bytes per sample for each benchmarked model's class count, and the buffer's size for all of ImageNet-1k.
+
+    The ImageNet figure is bytes_per_sample x samples: the buffer is one dense row per training sample.
+    """
+    per_sample = buffer_bytes_per_sample(IMAGENET_1K_CLASSES)
+    total = per_sample * IMAGENET_1K_SAMPLES
+    return {
+        "bytes_per_sample": {model: {"classes": c, "bytes": buffer_bytes_per_sample(c)}
+                             for model, c in classes_by_model.items()},
+        "imagenet1k": {"samples": IMAGENET_1K_SAMPLES, "classes": IMAGENET_1K_CLASSES,
+                       "bytes_per_sample": per_sample, "bytes": total, "gib": total / 2**30},
+    }
+
