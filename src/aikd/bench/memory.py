@@ -21,23 +21,37 @@ IMAGENET_1K_SAMPLES = 1_281_167
 IMAGENET_1K_CLASSES = 1000
 
 
-def peak_rss_mib(s: Setting, method: str) -> float:
-    """Peak resident memory (MiB) of a fresh Python process that trains two short epochs of ``method``."""
-    env = dict(os.environ)
+def start_rss_child(s: Setting, method: str) -> subprocess.Popen:
+    """Start the fresh process that trains ``method`` briefly and prints its peak RSS.
+
+    It runs on one intra-op thread, so that several of them can run at once without spinning against each
+    other; the thread count does not change what training allocates.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     # The child must import this very aikd (a worktree's src/), not whichever one the interpreter has installed.
     source_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
-    done = subprocess.run([sys.executable, "-m", "aikd.bench.rss_child", json.dumps(s.to_dict()), method],
-                          capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"the peak-memory run of '{method}' failed:\n{done.stderr[-2000:]}")
-    return int(done.stdout.split()[-1]) / 1024  # Linux reports ru_maxrss in KiB
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
+    return subprocess.Popen([sys.executable, "-m", "aikd.bench.rss_child", json.dumps(s.to_dict()), method],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def peak_rss_mib(s: Setting, methods: list[str]) -> dict[str, float]:
+    """Peak resident memory (MiB) of one fresh process per method, all run at the same time."""
+    children = {method: start_rss_child(s, method) for method in methods}
+    peaks = {}
+    for method, child in children.items():
+        out, err = child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"the peak-memory run of '{method}' failed:\n{err[-2000:]}")
+        peaks[method] = int(out.split()[-1]) / 1024  # Linux reports ru_maxrss in KiB
+    return peaks
 
 
 def peak_rss_ratio(s: Setting) -> dict[str, Any]:
     """Peak RSS of AI-KD and CE on the same setting, each in its own process, and their ratio."""
-    ce, aikd = peak_rss_mib(s, "ce"), peak_rss_mib(s, "aikd")
-    return {"model": s.model, "setting": s.to_dict(), "ce_mib": ce, "aikd_mib": aikd, "aikd_over_ce": aikd / ce}
+    peaks = peak_rss_mib(s, ["ce", "aikd"])
+    return {"model": s.model, "setting": s.to_dict(), "ce_mib": peaks["ce"], "aikd_mib": peaks["aikd"],
+            "aikd_over_ce": peaks["aikd"] / peaks["ce"]}
 
 
 def buffer_bytes_per_sample(classes: int) -> int:

@@ -21,14 +21,20 @@ def cpu_model() -> str:
 
 
 def machine() -> dict[str, Any]:
-    """What the numbers depend on: CPU, core count, torch version and threads, device."""
+    """What the numbers depend on: CPU, core count, torch version and threads, device, and how busy it was.
+
+    The load average at the start tells a reader whether other work shared the CPUs: with two cores, one
+    other busy process slows multi-threaded steps several times over.
+    """
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": "cpu"}
+            "torch_threads": torch.get_num_threads(), "device": "cpu", "load_average_1min": load}
 
 
 def machine_line(m: dict[str, Any]) -> str:
+    load = "" if m["load_average_1min"] is None else f", load average {m['load_average_1min']:.2f} at start"
     return (f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
-            f"device {m['device']}")
+            f"device {m['device']}{load}")
 
 
 def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:

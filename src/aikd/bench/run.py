@@ -79,7 +79,7 @@ def headline(rows: list[dict[str, Any]], settings: tuple[Setting, ...]) -> dict[
 
 def run_bench(plan: BenchPlan = FULL_PLAN, log: Callable[[str], None] = _to_stderr) -> dict[str, Any]:
     """Everything ``aikd bench`` measures, in one process (memory in fresh child processes)."""
-    start = time.perf_counter()
+    start, host = time.perf_counter(), machine()  # the load average before this run adds its own
     methods = list(plan.methods or benchmarked_methods())
     if "aikd" not in methods:
         raise ValueError("the benchmark's headline is AI-KD over CE: include 'aikd' in the methods")
@@ -92,7 +92,7 @@ def run_bench(plan: BenchPlan = FULL_PLAN, log: Callable[[str], None] = _to_stde
     memory = {"peak_rss": peak_rss_ratio(plan.memory_setting),
               "buffer": buffer_footprint({s.model: s.classes for s in plan.settings})}
     return {
-        "machine": machine(), "quick": plan.quick,
+        "machine": host, "quick": plan.quick,
         **headline(rows, plan.settings),
         "loader_speedup": min(r["loader_speedup"] for r in loaders),
         "aikd_over_ce_peak_rss": memory["peak_rss"]["aikd_over_ce"],
