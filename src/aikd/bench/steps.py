@@ -111,15 +111,18 @@ def build_trainer(s: Setting, name: str, teacher: Path, folder: Path, epochs: in
     return Trainer(cfg, folder / name, quiet=True, data=synthetic_bundle(s, cfg))
 
 
-def epoch_seconds(trainer, epoch: int) -> float:
-    """Wall time of one training epoch (every step plus the method's epoch hooks)."""
+def step_seconds(trainer, epoch: int) -> float:
+    """Wall time of one training epoch (every step plus the method's epoch hooks) per step.
+
+    Per step rather than per epoch, in case a method's batch sampler makes a different number of batches.
+    """
     start = time.perf_counter()
     trainer.train_epoch(epoch)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / len(trainer.train_loader)
 
 
 def interleaved_times(trainers: dict[str, Any], rounds: int) -> tuple[list[float], dict[str, list[float]]]:
-    """Epoch times in the order CE, m1, CE, m2, ..., CE, repeated ``rounds`` times.
+    """Per-step times of epochs in the order CE, m1, CE, m2, ..., CE, repeated ``rounds`` times.
 
     Returns (CE times in order, each other method's times by round). Round r's time of the i-th method
     other than CE (both counted from 0) was taken between CE times r * (number of those methods) + i and
@@ -127,13 +130,13 @@ def interleaved_times(trainers: dict[str, Any], rounds: int) -> tuple[list[float
     """
     others = [name for name in trainers if name != "ce"]
     ce_epoch = 1  # epoch 0 of every trainer is its warm-up
-    ce_times = [epoch_seconds(trainers["ce"], ce_epoch)]
+    ce_times = [step_seconds(trainers["ce"], ce_epoch)]
     times: dict[str, list[float]] = {name: [] for name in others}
     for r in range(1, rounds + 1):
         for name in others:
-            times[name].append(epoch_seconds(trainers[name], r))
+            times[name].append(step_seconds(trainers[name], r))
             ce_epoch += 1
-            ce_times.append(epoch_seconds(trainers["ce"], ce_epoch))
+            ce_times.append(step_seconds(trainers["ce"], ce_epoch))
     return ce_times, times
 
 
@@ -159,11 +162,11 @@ def step_costs(s: Setting, methods: list[str]) -> list[dict[str, Any]]:
         for trainer in trainers.values():
             trainer.train_epoch(0)  # warm-up: first-touch allocations, lazy initialisation
         ce_times, times = interleaved_times(trainers, s.rounds)
-    ce_ms = 1000 * statistics.median(ce_times) / s.steps
+    ce_ms = 1000 * statistics.median(ce_times)
     rows = [{"model": s.model, "method": "ce", "ms_per_step": ce_ms, "ce_ms_per_step": ce_ms, "ratio": 1.0,
              "ratios": [1.0] * s.rounds}]
     for name, ratios in bracketed_ratios(ce_times, times).items():
-        rows.append({"model": s.model, "method": name, "ms_per_step": 1000 * statistics.median(times[name]) / s.steps,
+        rows.append({"model": s.model, "method": name, "ms_per_step": 1000 * statistics.median(times[name]),
                      "ce_ms_per_step": ce_ms, "ratio": statistics.median(ratios), "ratios": ratios})
     return rows
 
