@@ -3,7 +3,10 @@
 Peak RSS is taken in a fresh process per method: a process's high-water mark never goes down, so measuring
 two methods in one process would report the larger of the two for both.
 
-That process is ``python -m aikd.bench.rss_child SETTING_JSON METHOD``.
+That process is ``python -m aikd.bench.rss_child SETTING_JSON METHOD``; it reads its own high-water mark
+(VmHWM), not ``ru_maxrss``, which a child inherits from the parent that forked it. The peak includes
+torch itself (about 0.5 GiB) and varies by some 20 MiB between identical runs, which is the whole
+difference between AI-KD and CE on the small CNN; PreAct ResNet-18 shows the teacher and critic.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def peak_rss_mib(s: Setting, methods: list[str]) -> dict[str, float]:
         out, err = child.communicate()
         if child.returncode != 0:
             raise RuntimeError(f"the peak-memory run of '{method}' failed:\n{err[-2000:]}")
-        peaks[method] = int(out.split()[-1]) / 1024  # Linux reports ru_maxrss in KiB
+        peaks[method] = int(out.split()[-1]) / 1024
     return peaks
 
 
