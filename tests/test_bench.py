@@ -85,6 +85,18 @@ def test_peak_memory_comes_from_two_fresh_processes(result):
     assert rss["aikd_over_ce"] == pytest.approx(rss["aikd_mib"] / rss["ce_mib"])
 
 
+def test_a_child_reports_its_own_peak_not_its_parents():
+    """ru_maxrss would report at least the forking parent's size; the child must read its own high-water mark."""
+    ballast = torch.ones(1024**3, dtype=torch.uint8)  # 1 GiB, touched, in this (parent) process
+    env = {**os.environ, "PYTHONPATH": str(Path(aikd.__file__).resolve().parents[1])}
+    child = "from aikd.bench.rss_child import peak_rss_kib; print(peak_rss_kib())"
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, check=True)
+    parent_kib = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                          if line.startswith("VmRSS:")))
+    assert int(done.stdout) < parent_kib - 512 * 1024
+    del ballast
+
+
 @pytest.mark.parametrize("classes", [10, 100, 1000])
 def test_buffer_holds_two_bytes_per_class_plus_a_flag(classes):
     footprint = buffer_footprint({"model": classes})
