@@ -15,7 +15,7 @@ import os
 import pickle
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +30,7 @@ from aikd.data.augment import crop_padding_for
 from aikd.data.loaders import DataBundle, load_data
 from aikd.data.readers import DATASETS, FASHION_MNIST_ROOT
 
-Batches = Iterator[tuple[Tensor, Tensor]]  # (augmented, normalized float images, labels), forever
+Batches = Generator[tuple[Tensor, Tensor], None, None]  # (augmented, normalized float images, labels), forever
 
 FASHION_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte")
@@ -206,7 +206,7 @@ def images_per_second(batches: Batches, count: int, min_seconds: float = 0.0) ->
     return images / (time.perf_counter() - start)
 
 
-def _closing(batches: Batches, measure) -> float:
+def _closing(batches: Batches, measure: Callable[[Batches], float]) -> float:
     """Run ``measure(batches)``, then close the stream so a DataLoader's workers stop now, not at exit."""
     try:
         return measure(batches)
