@@ -1,0 +1,80 @@
+"""Memory: peak resident memory of a method's training run, and the per-sample prediction buffer.
+
+Peak RSS is taken in a fresh process per method: a process's high-water mark never goes down, so measuring
+two methods in one process would report the larger of the two for both.
+
+That process is ``python -m aikd.bench.rss_child SETTING_JSON METHOD``; it reads its own high-water mark
+(VmHWM), not ``ru_maxrss``, which a child inherits from the parent that forked it. The peak includes
+torch itself (about 0.5 GiB) and varies by some 20 MiB between identical runs, which is the whole
+difference between AI-KD and CE on the small CNN; PreAct ResNet-18 shows the teacher and critic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from aikd.bench.steps import Setting
+
+IMAGENET_1K_SAMPLES = 1_281_167
+IMAGENET_1K_CLASSES = 1000
+
+
+def start_rss_child(s: Setting, method: str) -> subprocess.Popen:
+    """Start the fresh process that trains ``method`` briefly and prints its peak RSS.
+
+    It runs on one intra-op thread, so that several of them can run at once without spinning against each
+    other; the thread count does not change what training allocates.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The child must import this very aikd (a worktree's src/), not whichever one the interpreter has installed.
+    source_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
+    return subprocess.Popen([sys.executable, "-m", "aikd.bench.rss_child", json.dumps(s.to_dict()), method],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def peak_rss_mib(s: Setting, methods: list[str]) -> dict[str, float]:
+    """Peak resident memory (MiB) of one fresh process per method, all run at the same time."""
+    children = {method: start_rss_child(s, method) for method in methods}
+    peaks = {}
+    for method, child in children.items():
+        out, err = child.communicate()
+        if child.returncode != 0:
+            raise RuntimeError(f"the peak-memory run of '{method}' failed:\n{err[-2000:]}")
+        peaks[method] = int(out.split()[-1]) / 1024
+    return peaks
+
+
+def peak_rss_ratio(s: Setting) -> dict[str, Any]:
+    """Peak RSS of AI-KD and CE on the same setting, each in its own process, and their ratio."""
+    peaks = peak_rss_mib(s, ["ce", "aikd"])
+    return {"model": s.model, "setting": s.to_dict(), "ce_mib": peaks["ce"], "aikd_mib": peaks["aikd"],
+            "aikd_over_ce": peaks["aikd"] / peaks["ce"]}
+
+
+def buffer_bytes_per_sample(classes: int) -> int:
+    """Bytes the PS-KD / AI-KD prediction buffer holds per training sample, as the buffer itself reports."""
+    from aikd.methods.buffer import PredictionBuffer
+
+    return PredictionBuffer(1, classes).bytes_per_sample
+
+
+def buffer_footprint(classes_by_model: dict[str, int]) -> dict[str, Any]:
+    """Bytes per sample for each benchmarked model's class count, and the buffer's size for all of ImageNet-1k.
+
+    The ImageNet figure is bytes_per_sample x samples: the buffer is one dense row per training sample.
+    """
+    per_sample = buffer_bytes_per_sample(IMAGENET_1K_CLASSES)
+    total = per_sample * IMAGENET_1K_SAMPLES
+    return {
+        "bytes_per_sample": {model: {"classes": c, "bytes": buffer_bytes_per_sample(c)}
+                             for model, c in classes_by_model.items()},
+        "imagenet1k": {"samples": IMAGENET_1K_SAMPLES, "classes": IMAGENET_1K_CLASSES,
+                       "bytes_per_sample": per_sample, "bytes": total, "gib": total / 2**30},
+    }
+

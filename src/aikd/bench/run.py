@@ -1,0 +1,105 @@
+"""One ``aikd bench`` run: every measurement of a plan, side by side, as one JSON-ready dict."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aikd.bench.inputs import (
+    compare_end_to_end,
+    compare_loaders,
+    fashion_mnist_files,
+    worker_counts,
+    write_cifar100_files,
+)
+from aikd.bench.memory import buffer_footprint, peak_rss_ratio
+from aikd.bench.report import machine
+from aikd.bench.steps import PREACT_RESNET18, SMALL_CNN, Setting, benchmarked_methods, step_costs
+from aikd.data.readers import FASHION_MNIST_ROOT
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """What one run measures and for how long; tests pass tiny plans."""
+
+    settings: tuple[Setting, ...]  # step costs: one model and data shape each
+    methods: tuple[str, ...] | None  # None: every registered method and variant; CE must come first
+    loader_batches: int  # torchvision batches timed per worker count (aikd: as many, and at least 0.5 s)
+    cifar_train_images: int  # images in the CIFAR-100 training pickle written for the loader comparison
+    end_to_end_steps: int  # timed training steps with each loader
+    memory_setting: Setting  # the run whose peak RSS is compared, AI-KD against CE
+    quick: bool = False
+    fashion_source: Path | None = Path(FASHION_MNIST_ROOT)  # real Fashion-MNIST; None or absent: random IDX files
+    workers: tuple[int, ...] | None = None  # DataLoader worker counts to try; None: 0, 1, 2, ... up to the CPUs
+
+
+# Small CNN only; CE, AI-KD and its ablation, and the two closest relatives (PS-KD shares the prediction
+# buffer, KD the teacher forward); shorter timings: about 40 s on 2 CPU cores (all 12 methods: about 55 s).
+QUICK_PLAN = BenchPlan(settings=(Setting("small_cnn", 1, 28, 10, steps=2, rounds=4),),
+                       methods=("ce", "aikd", "aikd_no_adv", "pskd", "kd"),
+                       loader_batches=20, cifar_train_images=10_000, end_to_end_steps=10,
+                       memory_setting=Setting("small_cnn", 1, 28, 10, steps=2), quick=True)
+# Both models: about 10 minutes on 2 CPU cores, most of it PreAct ResNet-18.
+FULL_PLAN = BenchPlan(settings=(SMALL_CNN, PREACT_RESNET18), methods=None, loader_batches=60,
+                      cifar_train_images=10_000, end_to_end_steps=30,
+                      memory_setting=Setting("preact_resnet18", 3, 32, 100, steps=1))
+
+
+def _to_stderr(message: str) -> None:
+    print(f"aikd bench: {message}", file=sys.stderr, flush=True)
+
+
+def input_pipeline(plan: BenchPlan, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Loader comparison on Fashion-MNIST and CIFAR-100 files, then end-to-end training on Fashion-MNIST."""
+    workers = list(plan.workers if plan.workers is not None else worker_counts())
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        fashion = fashion_mnist_files(root, plan.fashion_source)
+        write_cifar100_files(root, plan.cifar_train_images)
+        cifar = f"{plan.cifar_train_images:,} random images written in CIFAR-100's python layout"
+        loaders = []
+        for name, source in (("fashion-mnist", fashion), ("cifar100", cifar)):
+            log(f"loaders: {name}, torchvision at {workers} workers")
+            loaders.append(compare_loaders(name, root, source, plan.loader_batches, workers))
+        log("end to end: small_cnn CE training fed by each loader")
+        e2e = compare_end_to_end("fashion-mnist", root, plan.end_to_end_steps, loaders[0]["torchvision_workers"])
+    return loaders, e2e
+
+
+def headline(rows: list[dict[str, Any]], settings: tuple[Setting, ...]) -> dict[str, Any]:
+    """AI-KD's step cost over CE's on each model; the headline one is the last (largest) model's."""
+    by_model = {r["model"]: r["ratio"] for r in rows if r["method"] == "aikd"}
+    last = settings[-1].model
+    return {"aikd_over_ce_time": by_model[last], "aikd_over_ce_time_model": last,
+            "aikd_over_ce_time_by_model": by_model}
+
+
+def run_bench(plan: BenchPlan = FULL_PLAN, log: Callable[[str], None] = _to_stderr) -> dict[str, Any]:
+    """Everything ``aikd bench`` measures, in one process (memory in fresh child processes)."""
+    start, host = time.perf_counter(), machine()  # the load average before this run adds its own
+    methods = list(plan.methods or benchmarked_methods())
+    if "aikd" not in methods:
+        raise ValueError("the benchmark's headline is AI-KD over CE: include 'aikd' in the methods")
+    rows: list[dict[str, Any]] = []
+    for s in plan.settings:
+        log(f"step costs: {s.label}, {len(methods)} methods x {s.rounds} rounds")
+        rows += step_costs(s, methods)
+    loaders, e2e = input_pipeline(plan, log)
+    log(f"memory: peak RSS of CE and AI-KD on {plan.memory_setting.model}, each in a fresh process")
+    memory = {"peak_rss": peak_rss_ratio(plan.memory_setting),
+              "buffer": buffer_footprint({s.model: s.classes for s in plan.settings})}
+    return {
+        "machine": host, "quick": plan.quick,
+        **headline(rows, plan.settings),
+        "loader_speedup": min(r["loader_speedup"] for r in loaders),
+        "aikd_over_ce_peak_rss": memory["peak_rss"]["aikd_over_ce"],
+        "buffer_imagenet1k_gib": memory["buffer"]["imagenet1k"]["gib"],
+        "step_costs": {"settings": [s.to_dict() for s in plan.settings], "methods": methods, "rows": rows},
+        "loaders": loaders, "end_to_end": e2e, "memory": memory,
+        "wall_s": time.perf_counter() - start,
+    }
