@@ -91,8 +91,8 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
             f"(batch {rss['setting']['batch']}):", "",
             *_table(["CE MiB", "AI-KD MiB", "AI-KD / CE"], "rrr",
                     [[f"{rss['ce_mib']:.0f}", f"{rss['aikd_mib']:.0f}", f"{rss['aikd_over_ce']:.2f}x"]]), "",
-            f"Prediction buffer (PS-KD, AI-KD): 2 x classes + 1 bytes per sample (float16 logits and a "
-            f"'seen' flag): {per_model}. For ImageNet-1k ({imagenet['samples']:,} samples x "
+            f"Prediction buffer (PS-KD, AI-KD): 2 x classes bytes per sample (float16 logits, a NaN row for a sample "
+            f"not seen yet): {per_model}. For ImageNet-1k ({imagenet['samples']:,} samples x "
             f"{imagenet['classes']} classes, {imagenet['bytes_per_sample']} B each): {imagenet['bytes']:,} B "
             f"= {imagenet['gib']:.2f} GiB.", ""]
 
