@@ -332,7 +332,7 @@ class Trainer:
             seen = self.position["seen"] if self.dist.is_main else 0  # saved summed over the ranks
         self.position = None
         self.train_loader.set_epoch(epoch, first_batch)
-        method.on_epoch_start(epoch, model)
+        method.on_epoch_start(epoch, self.model)  # the bare student: AI-KD copies it for its snapshot
         skipped_before = self.skipped_steps
         skip_policy = self.cfg.train.on_nonfinite == "skip"
         watch = NonFiniteWatch(self.device, epoch, self.step - first_batch, len(self.train_loader))
