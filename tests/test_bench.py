@@ -207,3 +207,12 @@ def test_quick_bench_runs_from_the_command_line(tmp_path):
     assert all(positive_finite(saved[key]) for key in HEADLINE_RATIOS)
     assert (tmp_path / "b.md").read_text() == done.stdout
     assert [r["method"] for r in saved["step_costs"]["rows"]][:2] == ["ce", "aikd"]
+
+
+def test_bench_on_cuda_without_a_gpu_is_refused_by_name(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from aikd.cli import main
+
+    assert main(["bench", "--quick", "--device", "cuda"]) == 2
+    assert "device=cuda" in capsys.readouterr().err

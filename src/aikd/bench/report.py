@@ -20,7 +20,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def machine() -> dict[str, Any]:
+def machine(device: str = "cpu") -> dict[str, Any]:
     """What the numbers depend on: CPU, core count, torch version and threads, device, and how busy it was.
 
     The load average at the start tells a reader whether other work shared the CPUs: with two cores, one
@@ -28,7 +28,14 @@ def machine() -> dict[str, Any]:
     """
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": "cpu", "load_average_1min": load}
+            "torch_threads": torch.get_num_threads(), "device": _device_name(device), "load_average_1min": load}
+
+
+def _device_name(device: str) -> str:
+    """``cpu``, or ``cuda (NVIDIA H100 80GB HBM3)``: the step costs' device as a reader needs it."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
 
 
 def machine_line(m: dict[str, Any]) -> str:

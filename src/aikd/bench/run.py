@@ -36,6 +36,7 @@ class BenchPlan:
     quick: bool = False
     fashion_source: Path | None = Path(FASHION_MNIST_ROOT)  # real Fashion-MNIST; None or absent: random IDX files
     workers: tuple[int, ...] | None = None  # DataLoader worker counts to try; None: 0, 1, 2, ... up to the CPUs
+    device: str = "cpu"  # where the step costs are timed (the loader and memory parts run on the CPU)
 
 
 # Small CNN only; CE, AI-KD and its ablation, and the two closest relatives (PS-KD shares the prediction
@@ -81,14 +82,14 @@ def headline(rows: list[dict[str, Any]], settings: tuple[Setting, ...]) -> dict[
 
 def run_bench(plan: BenchPlan = FULL_PLAN, log: Callable[[str], None] = _to_stderr) -> dict[str, Any]:
     """Everything ``aikd bench`` measures, in one process (memory in fresh child processes)."""
-    start, host = time.perf_counter(), machine()  # the load average before this run adds its own
+    start, host = time.perf_counter(), machine(plan.device)  # the load average before this run adds its own
     methods = list(plan.methods or benchmarked_methods())
     if "aikd" not in methods:
         raise ValueError("the benchmark's headline is AI-KD over CE: include 'aikd' in the methods")
     rows: list[dict[str, Any]] = []
     for s in plan.settings:
         log(f"step costs: {s.label}, {len(methods)} methods x {s.rounds} rounds")
-        rows += step_costs(s, methods)
+        rows += step_costs(s, methods, plan.device)
     loaders, e2e = input_pipeline(plan, log)
     log(f"memory: peak RSS of CE and AI-KD on {plan.memory_setting.model}, each in a fresh process")
     memory = {"peak_rss": peak_rss_ratio(plan.memory_setting),

@@ -97,8 +97,8 @@ def teacher_checkpoint(s: Setting, folder: Path) -> Path:
     return save_checkpoint(folder / f"teacher-{s.model}.safetensors", model.state_dict(), meta)
 
 
-def build_trainer(s: Setting, name: str, teacher: Path, folder: Path, epochs: int):
-    """A CPU Trainer of method (or variant) ``name`` on the synthetic data of ``s``.
+def build_trainer(s: Setting, name: str, teacher: Path, folder: Path, epochs: int, device: str = "cpu"):
+    """A Trainer of method (or variant) ``name`` on the synthetic data of ``s``, on ``device``.
 
     ``epochs`` only sizes the learning-rate schedule and the methods' epoch-dependent weights; it must cover
     every epoch the caller runs so those stay in their intended range.
@@ -107,7 +107,7 @@ def build_trainer(s: Setting, name: str, teacher: Path, folder: Path, epochs: in
 
     method, extra = VARIANTS.get(name, (name, []))
     cfg = load_config(None, [f"method={method}", f"model.name={s.model}", f"data.batch_size={s.batch}",
-                             f"train.epochs={epochs}", f"teacher.checkpoint={teacher}", "device=cpu", *extra])
+                             f"train.epochs={epochs}", f"teacher.checkpoint={teacher}", f"device={device}", *extra])
     return Trainer(cfg, folder / name, quiet=True, data=synthetic_bundle(s, cfg))
 
 
@@ -115,6 +115,7 @@ def step_seconds(trainer, epoch: int) -> float:
     """Wall time of one training epoch (every step plus the method's epoch hooks) per step.
 
     Per step rather than per epoch, in case a method's batch sampler makes a different number of batches.
+    On a GPU the clock stops after the epoch's end, which waits for the device (its loss sums are read).
     """
     start = time.perf_counter()
     trainer.train_epoch(epoch)
@@ -149,7 +150,7 @@ def bracketed_ratios(ce_times: list[float], times: dict[str, list[float]]) -> di
     return ratios
 
 
-def step_costs(s: Setting, methods: list[str]) -> list[dict[str, Any]]:
+def step_costs(s: Setting, methods: list[str], device: str = "cpu") -> list[dict[str, Any]]:
     """One row per method (CE first, ratio 1): ms per step, CE's ms per step and the median ratio."""
     if methods[0] != "ce":
         raise ValueError("the first benchmarked method must be 'ce', the reference")
@@ -158,7 +159,7 @@ def step_costs(s: Setting, methods: list[str]) -> list[dict[str, Any]]:
         teacher = teacher_checkpoint(s, folder)
         epochs = {name: 1 + s.rounds for name in methods}
         epochs["ce"] = 2 + s.rounds * (len(methods) - 1)  # CE runs once between every two method epochs
-        trainers = {name: build_trainer(s, name, teacher, folder, epochs[name]) for name in methods}
+        trainers = {name: build_trainer(s, name, teacher, folder, epochs[name], device) for name in methods}
         for trainer in trainers.values():
             trainer.train_epoch(0)  # warm-up: first-touch allocations, lazy initialisation
         ce_times, times = interleaved_times(trainers, s.rounds)
