@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from aikd.report.tables import pipe_table
+
 
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else what the platform module knows."""
@@ -44,12 +46,6 @@ def machine_line(m: dict[str, Any]) -> str:
             f"device {m['device']}{load}")
 
 
-def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
-    """A Markdown table; ``align`` has one letter per column, l(eft) or r(ight)."""
-    rule = ["---:" if a == "r" else "---" for a in align]
-    return ["| " + " | ".join(cells) + " |" for cells in (header, rule, *rows)]
-
-
 def step_cost_lines(steps: dict[str, Any]) -> list[str]:
     lines = ["### Training step cost relative to CE", "",
              "Same model, batch and data for every method; each method is timed between two CE epochs and "
@@ -60,7 +56,7 @@ def step_cost_lines(steps: dict[str, Any]) -> list[str]:
         label = (f"{setting['model']}, {setting['channels']}x{setting['size']}x{setting['size']}, "
                  f"{setting['classes']} classes, batch {setting['batch']}, "
                  f"{setting['steps']} steps per timing, {setting['rounds']} rounds")
-        lines += [f"**{label}**", "", *_table(["method", "ms / step", "CE ms / step", "vs CE"], "lrrr", rows), ""]
+        lines += [f"**{label}**", "", *pipe_table(["method", "ms / step", "CE ms / step", "vs CE"], rows, "lrrr"), ""]
     return lines
 
 
@@ -75,8 +71,8 @@ def loader_lines(loaders: list[dict[str, Any]]) -> list[str]:
             "aikd: `load_data` + training loader + `to_device` (crop, flip and normalization as batched tensor "
             "ops). torchvision: its dataset class on the same files, PIL RandomCrop + RandomHorizontalFlip + "
             "ToTensor + Normalize per image, DataLoader at its best worker count (start-up not timed).", "",
-            *_table(["data (files, shape)", "images", "aikd img/s", "torchvision img/s",
-                     "best workers (img/s by workers)", "aikd / torchvision"], "lrrrlr", rows), ""]
+            *pipe_table(["data (files, shape)", "images", "aikd img/s", "torchvision img/s",
+                     "best workers (img/s by workers)", "aikd / torchvision"], rows, "lrrrlr"), ""]
 
 
 def end_to_end_lines(e2e: dict[str, Any]) -> list[str]:
@@ -85,7 +81,7 @@ def end_to_end_lines(e2e: dict[str, Any]) -> list[str]:
     return ["### End to end: CE training images/s with each loader", "",
             f"{e2e['model']} on {e2e['dataset']}, batch {e2e['batch']}, {e2e['steps']} timed steps of forward, "
             f"backward and SGD step; aikd / torchvision = {e2e['speedup']:.2f}x.", "",
-            *_table(["loader", "images/s"], "lr", rows), ""]
+            *pipe_table(["loader", "images/s"], rows, "lr"), ""]
 
 
 def memory_lines(memory: dict[str, Any]) -> list[str]:
@@ -96,8 +92,8 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
     return ["### Memory", "",
             f"Peak resident memory of a fresh process training two short epochs of {rss['model']} "
             f"(batch {rss['setting']['batch']}):", "",
-            *_table(["CE MiB", "AI-KD MiB", "AI-KD / CE"], "rrr",
-                    [[f"{rss['ce_mib']:.0f}", f"{rss['aikd_mib']:.0f}", f"{rss['aikd_over_ce']:.2f}x"]]), "",
+            *pipe_table(["CE MiB", "AI-KD MiB", "AI-KD / CE"],
+                        [[f"{rss['ce_mib']:.0f}", f"{rss['aikd_mib']:.0f}", f"{rss['aikd_over_ce']:.2f}x"]], "rrr"), "",
             f"Prediction buffer (PS-KD, AI-KD): 2 x classes bytes per sample (float16 logits, a NaN row for a sample "
             f"not seen yet): {per_model}. For ImageNet-1k ({imagenet['samples']:,} samples x "
             f"{imagenet['classes']} classes, {imagenet['bytes_per_sample']} B each): {imagenet['bytes']:,} B "

@@ -27,6 +27,7 @@ import yaml
 
 from aikd.errors import AikdError
 from aikd.report.summaries import mean_std
+from aikd.report.tables import pipe_table
 
 LABELS = {"ce": "Baseline", "kd": "KD", "tfkd_self": "TF-KD (self)", "tfkd_reg": "TF-KD (reg)",
           "cskd": "CS-KD", "pskd": "PS-KD", "dkd": "DKD", "aekt": "AEKT", "bss": "BSS", "amkd": "AMKD",
@@ -254,13 +255,10 @@ def _markdown(tables: Sequence[Table]) -> str:
     out = []
     for t in tables:
         head = ["Method", *t.lead] + [f"{g}: {m.title}" for g in t.groups for m in t.metrics]
-        out += [f"### {t.title}", "", "| " + " | ".join(head) + " |",
-                "|---|" + ":-:|" * len(t.lead) + "---:|" * (len(head) - 1 - len(t.lead))]
-        for i, name in enumerate(t.row_names):
-            lead = t.lead_cells[i] if t.lead else []
-            cells = [marks[c.mark].format(c.text) for c in t.cells[i]]
-            out.append("| " + " | ".join([name, *lead, *cells]) + " |")
-        out.append("")
+        rows = [[name, *(t.lead_cells[i] if t.lead else []), *(marks[c.mark].format(c.text) for c in t.cells[i])]
+                for i, name in enumerate(t.row_names)]
+        align = "l" + "c" * len(t.lead) + "r" * (len(head) - 1 - len(t.lead))
+        out += [f"### {t.title}", "", *pipe_table(head, rows, align), ""]
     return "\n".join(out)
 
 
