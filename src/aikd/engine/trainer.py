@@ -64,9 +64,9 @@ class Trainer:
                  data: DataBundle | None = None, recipe: str | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
-        self.quiet = quiet
         self.recipe = recipe or cfg.method  # the row label in reports (the config's name)
         self.dist = distributed.setup(cfg.device)  # rank 0 of 1 unless started by torchrun
+        self.quiet = quiet or not self.dist.is_main  # one voice (progress bars, epoch lines) per run
         seed_everything(cfg.seed, cfg.deterministic)
         self.device = distributed.device_for(self.dist, pick_device(cfg.device))
         self.amp_dtype = autocast_dtype(cfg.train, self.device)
@@ -92,6 +92,8 @@ class Trainer:
         pin = self.device.type == "cuda"
         self.train_loader = d.loader(True, self._train_sampler(), seed=cfg.seed, pin_memory=pin)
         self.test_loader = self._eval_loader(d.test)
+        # DDP runs the student's gradient sync unless the method calls the student twice per step (BSS, AMKD).
+        self.ddp_wraps_student = self.dist.enabled and not self.method.multiple_student_forwards
         self.train_model = self._data_parallel(self.model)
         if cfg.train.compile:
             self.train_model = CompiledOrEager(self.train_model)
@@ -149,7 +151,6 @@ class Trainer:
         A method with several student forwards per step (BSS, AMKD) trains the bare model and the
         loop averages its gradients after the backward pass, since DDP expects one forward per backward.
         """
-        self.ddp_wraps_student = self.dist.enabled and not self.method.multiple_student_forwards
         if not self.ddp_wraps_student:
             distributed.broadcast_parameters(model)
             return model
@@ -432,7 +433,7 @@ class Trainer:
 
     def _restore_position(self, generator: torch.Generator, sums: dict[str, Tensor]) -> None:
         """This rank's augmentation generator and (on rank 0) the run's running sums at a mid-epoch checkpoint."""
-        states = self.position.get("generators") or [self.position["generator"]]
+        states = self.position.get("generators") or [self.position["generator"]]  # one rank's: older checkpoints
         if len(states) == self.dist.world_size:
             generator.set_state(states[self.dist.rank])
         elif self.dist.is_main:
@@ -502,7 +503,7 @@ class Trainer:
         """Save a checkpoint after batch ``number`` of ``epoch`` and raise RunInterrupted."""
         generators = distributed.all_gather_objects(generator.get_state().cpu())
         seen = self._sum_over_ranks(sums, seen)
-        position = {"epoch": epoch, "batch": number, "generator": generators[0], "generators": generators,
+        position = {"epoch": epoch, "batch": number, "generators": generators,
                     "sums": {k: v.detach().cpu() for k, v in sums.items()}, "seen": seen, "elapsed": elapsed}
         self.save(LAST, position=position)
         raise self._interrupted(f"in epoch {epoch + 1} after batch {number} of {len(self.train_loader)}")
@@ -533,7 +534,7 @@ class Trainer:
     def _predict(self, loader, description: str) -> tuple[Tensor, Tensor]:
         """(logits, labels) of a whole split; in a distributed run each rank predicts its block and
         the blocks are gathered in rank order, so every sample counts exactly once."""
-        bar = progress_bar(len(loader), description, self.quiet or not self.dist.is_main)
+        bar = progress_bar(len(loader), description, self.quiet)
         logits, labels = predict(self.model, loader, self._prepare_eval, self.device, self.amp_dtype, bar)
         bar.close()
         if self.dist.enabled:  # gathered on the device: NCCL moves GPU tensors only
