@@ -23,7 +23,10 @@ examples:
 """
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, overrides: str | None = None) -> None:
+    """--quiet, and with ``overrides`` (their help) the KEY=VALUE config overrides every run command takes."""
+    if overrides:
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or epoch lines")
 
 
@@ -48,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "train.epochs=2 data.train_limit=2000 seed=1")
     p.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
     p.add_argument("-o", "--out", required=True, help="output folder of the run")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--resume", nargs="?", const="last", metavar="auto|PATH",
                    help="continue the run in OUT: from checkpoints/last.safetensors; 'auto': from the newest valid "
                         "checkpoint there, or start fresh if there is none (for preemptible jobs); or from PATH")
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel training in N processes on this machine (one per GPU; gloo on CPU): "
                         "a shortcut for 'torchrun --nproc-per-node N -m aikd train ...'")
-    _add_common(p)
+    _add_common(p, overrides="config overrides")
 
     p = _command(
         sub, "eval", help="evaluate a saved model on its test split",
@@ -73,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "report ECE and NLL after it")
     p.add_argument("--plot", help="with --calibrate: write the reliability diagram to this PNG "
                                   "(default: next to -o, else none)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    _add_common(p)
+    _add_common(p, overrides="config overrides")
 
     p = _command(
         sub, "sweep", help="run configs x seeds through the pipeline, resuming where a previous sweep stopped",
@@ -87,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", nargs="+", required=True, help="YAML configs")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("-o", "--out", required=True, help="output folder of the sweep")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
-    _add_common(p)
+    _add_common(p, overrides="config overrides for every run")
 
     p = _command(
         sub, "report", help="the paper's tables (2, 3, 4) from the run summaries under a folder",
@@ -114,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="class indices")
     p.add_argument("--per-class", type=int, default=200, help="test images per class (default 200)")
     p.add_argument("-o", "--out", default="tsne.png", help="output PNG (default tsne.png)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the saved configs")
-    _add_common(p)
+    _add_common(p, overrides="overrides of the saved configs")
 
     p = _command(
         sub, "pipeline", help="two phases: train the superior model with CE, then the student against it",
@@ -127,10 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "phase1.train.epochs=20")
     p.add_argument("-c", "--config", required=True, help="YAML config of the student's run")
     p.add_argument("-o", "--out", required=True, help="output folder (student/ and superior/ inside)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--cache", help="folder of phase-1 models to share between pipelines (default OUT/superior)")
     p.add_argument("--overwrite", action="store_true", help="replace a student run in OUT made with another config")
-    _add_common(p)
+    _add_common(p, overrides="config overrides")
 
     p = _command(
         sub, "demo", help="the main job: AI-KD on the embedded Fashion-MNIST",
@@ -138,8 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "recipe: the CE baseline (phase 1), then the AI-KD student (phase 2), and print both.",
         example="aikd demo -o runs/demo")
     p.add_argument("-o", "--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    _add_common(p)
+    _add_common(p, overrides="config overrides")
 
     p = _command(
         sub, "bench", help="measure every method's step cost relative to CE, the input pipeline and memory",
