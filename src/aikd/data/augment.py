@@ -71,23 +71,25 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool,
 
 
 def file_transforms(image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                    train: bool, augment: bool) -> v2.Compose:
+                    train: bool, augment: bool, padding: int | None = None, flip: bool = True) -> v2.Compose:
     """torchvision v2 pipelines for image files.
 
     Large images (fine-grained, 224 px): random resized crop + flip for
     training; resize to 1/0.875 then center crop for testing. Small images
-    (Tiny-ImageNet, 64 px): random crop with padding + flip, as for CIFAR.
+    (Tiny-ImageNet, 64 px): random crop with ``padding`` (default
+    :func:`crop_padding_for`) + flip, as for CIFAR.
     """
     from torchvision.transforms import v2  # imported here: only image-file datasets need it
 
     large = image_size >= 100
     if train and augment:
+        flips = [v2.RandomHorizontalFlip()] if flip else []
         if large:
-            geometry = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+            geometry = [v2.RandomResizedCrop(image_size, antialias=True), *flips]
         else:
+            padding = crop_padding_for(image_size) if padding is None else padding
             geometry = [v2.Resize((image_size, image_size), antialias=True),
-                        v2.RandomCrop(image_size, padding=crop_padding_for(image_size)),
-                        v2.RandomHorizontalFlip()]
+                        *([v2.RandomCrop(image_size, padding=padding)] if padding else []), *flips]
     elif large:
         geometry = [v2.Resize(round(image_size / 0.875), antialias=True), v2.CenterCrop(image_size)]
     else:

@@ -225,6 +225,7 @@ class DataBundle:
     augment: BatchAugment  # device-side normalization (and augmentation for in-memory data)
     cfg: DataConfig
     holdout: Split | None = None  # training images kept out of training, for temperature scaling
+    eval_split: str = "test"  # what ``test`` holds: the test split, or the validation images (data.val_size)
 
     @property
     def in_memory(self) -> bool:
@@ -242,7 +243,7 @@ class DataBundle:
             return TensorLoader(split, batch_sampler, pin_memory)
         transform = file_transforms(self.image_size, tuple(self.augment.mean.flatten().tolist()),
                                     tuple(self.augment.std.flatten().tolist()), train,
-                                    self.cfg.augment == "standard")
+                                    self.cfg.augment == "standard", self.augment.padding, self.augment.flip)
         workers = self.cfg.num_workers
         if workers is None:  # the node's CPUs are shared by the ranks torchrun started on it
             ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -270,12 +271,17 @@ def load_data(cfg: DataConfig) -> DataBundle:
             f"{FASHION_HINT if cfg.name == 'fashion-mnist' else ''}."
         )
     train = info.reader(root, True, cfg.download)
-    test = info.reader(root, False, False)
     _require_every_class(train, cfg.name, root)
-    if cfg.train_limit is not None:
-        train = train.subset(stratified_indices(train.labels, cfg.train_limit, cfg.subset_seed))
-    if cfg.test_limit is not None:
-        test = test.subset(stratified_indices(test.labels, cfg.test_limit, cfg.subset_seed))
+    picked = stratified_indices(train.labels, cfg.train_limit or len(train), cfg.subset_seed)
+    validation = pick_validation(train, picked, cfg.val_size, cfg.subset_seed)
+    if validation is not None:  # the test split is not even read: settings are chosen on validation images
+        picked, test = validation
+    else:
+        test = info.reader(root, False, False)
+        if cfg.test_limit is not None:
+            test = test.subset(stratified_indices(test.labels, cfg.test_limit, cfg.subset_seed))
+    if cfg.train_limit is not None or validation is not None:
+        train = train.subset(picked)
     for split, which in ((train, "training"), (test, "test")):
         if len(split) == 0:
             raise DataError(f"Dataset '{cfg.name}' under '{root}' has an empty {which} split.")
@@ -286,9 +292,39 @@ def load_data(cfg: DataConfig) -> DataBundle:
     else:
         in_channels, image_size = 3, cfg.image_size or info.image_size
     mean, std = info.mean, info.std
-    augment = BatchAugment(mean, std, crop_padding_for(image_size), info.flip,
-                           cfg.augment == "standard")
-    return DataBundle(cfg.name, train, test, num_classes, in_channels, image_size, augment, cfg, holdout)
+    padding = crop_padding_for(image_size) if cfg.crop_padding is None else cfg.crop_padding
+    flip = info.flip if cfg.flip is None else cfg.flip
+    augment = BatchAugment(mean, std, padding, flip, cfg.augment == "standard")
+    return DataBundle(cfg.name, train, test, num_classes, in_channels, image_size, augment, cfg, holdout,
+                      "validation" if validation is not None else "test")
+
+
+def pick_validation(train: Split, picked: Tensor, size: int, seed: int) -> tuple[Tensor, Split] | None:
+    """(training indices left, validation split) for ``data.val_size`` images; None when it is 0.
+
+    The validation images are a stratified pick among the training images that ``picked`` (the
+    train_limit subset) leaves out, so a run on validation trains on exactly the images of the
+    final run. Where too few are left out (no train_limit), they are carved out of ``picked``.
+    The pick depends on ``seed`` (data.subset_seed) only: every method is chosen on the same images.
+    """
+    if size == 0:
+        return None
+    unused = torch.ones(len(train), dtype=torch.bool)
+    unused[picked] = False
+    pool = torch.nonzero(unused).flatten()
+    if len(pool) < size:
+        pool, carve = picked, True
+    else:
+        carve = False
+    if size >= len(pool):
+        raise DataError(f"data.val_size={size} leaves no training images: the training split has "
+                        f"{len(train)} images and the training subset {len(picked)}.")
+    chosen = pool[stratified_indices(train.labels[pool], size, seed + 2)]
+    if carve:
+        keep = torch.ones(len(train), dtype=torch.bool)
+        keep[chosen] = False
+        picked = picked[keep[picked]]
+    return picked, train.subset(chosen)
 
 
 def split_holdout(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:

@@ -581,6 +581,7 @@ class Trainer:
             "best_epoch": self.best["epoch"],
             "num_train": len(self.data.train),
             "num_test": len(self.data.test),
+            "eval_split": self.data.eval_split,
             "num_params": sum(p.numel() for p in self.model.parameters()),
             "time_per_epoch_s": sum(self.train_times) / max(len(self.train_times), 1),
             "train_time_s": sum(self.train_times),
@@ -593,7 +594,7 @@ class Trainer:
     def _banner(self) -> str:
         d = self.data
         return (f"aikd: {self.cfg.method} | {self.cfg.model.name} on {d.name} "
-                f"({len(d.train)} train / {len(d.test)} test, {d.num_classes} classes) | "
+                f"({len(d.train)} train / {len(d.test)} {d.eval_split}, {d.num_classes} classes) | "
                 f"{self.cfg.train.epochs} epochs | device {self.device}"
                 f"{f' x {self.dist.world_size} processes' if self.dist.enabled else ''} | out {self.out}")
 

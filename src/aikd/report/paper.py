@@ -119,6 +119,8 @@ def _read_run(path: Path, root: Path) -> Run:
     try:
         summary = json.loads(path.read_text())
         method, dataset, model, seed = summary["method"], summary["dataset"], summary["model"], int(summary["seed"])
+        if summary.get("eval_split", "test") != "test":  # never in one column with test-set numbers
+            dataset = f"{dataset} ({summary['eval_split']})"
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise AikdError(f"'{path}' is not a run summary written by aikd ({type(err).__name__}: {err}).") from None
     return Run(_recipe(summary, path.parent.relative_to(root)), method, dataset, model, seed, summary,
