@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "--seeds 0 1 2 -o runs/sweep data.holdout=0.1")
     p.add_argument("-c", "--config", nargs="+", required=True, help="YAML configs")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="run every combination of these values (repeat --grid for more keys), each in its own "
+                        "folder OUT/<folder>/<config>/<KEY=V,...>/seed<k> and as its own row in 'aikd report'")
     p.add_argument("-o", "--out", required=True, help="output folder of the sweep")
     _add_common(p, overrides="config overrides for every run")
 
@@ -236,7 +239,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from aikd.engine.sweep import run_sweep
 
-    done = run_sweep(args.config, args.seeds, args.out, args.overrides, quiet=args.quiet, log=_logger(args.quiet))
+    done = run_sweep(args.config, args.seeds, args.out, args.overrides, grid=args.grid, quiet=args.quiet,
+                     log=_logger(args.quiet))
     print(f"aikd sweep: {len(done)} runs finished in {args.out}; tables: aikd report {args.out}")
     return 0
 

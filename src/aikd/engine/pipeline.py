@@ -94,10 +94,11 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: b
 
 def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *,
                  cache_dir: str | Path | None = None, quiet: bool = False, overwrite: bool = False,
-                 log=print) -> dict[str, Any]:
+                 log=print, variant: str | None = None) -> dict[str, Any]:
     """Run phase 1 (when the method needs it) and phase 2; return both summaries.
 
     ``overwrite`` replaces a student run in ``out_dir`` made with another config.
+    ``variant`` tags the student's recipe (``aikd[aikd.alpha_p=0.1]``): a sweep's grid point.
     """
     out = Path(out_dir)
     common, per_phase = split_phase_overrides(overrides)
@@ -124,6 +125,7 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
                           f"has no phase 1 (it needs no pre-trained model, or teacher.checkpoint is set).")
     log(f"aikd: phase 2, {student_cfg.method} student -> {out / 'student'}")
     recipe = recipe_name(config, student_cfg.model.name, student_cfg.method)
+    recipe = f"{recipe}[{variant}]" if variant else recipe
     result["student"] = train_or_reuse(student_cfg, out / "student", quiet, log, overwrite, recipe)
     result["student"]["run_dir"] = str(out / "student")
     if current().is_main:  # under torchrun every rank runs the pipeline; rank 0 writes its files

@@ -33,6 +33,14 @@ LABELS = {"ce": "Baseline", "kd": "KD", "tfkd_self": "TF-KD (self)", "tfkd_reg":
           "cskd": "CS-KD", "pskd": "PS-KD", "dkd": "DKD", "aekt": "AEKT", "bss": "BSS", "amkd": "AMKD",
           "aikd_only_guide": "Only Guide", "aikd_only_progressive": "Only Progressive",
           "aikd_no_adv": "No Adv", "aikd": "AI-KD"}
+
+
+def label(recipe: str) -> str:
+    """A recipe's row name: the method's name in the paper, plus a grid point's settings in brackets."""
+    base, bracket, variant = recipe.partition("[")
+    return LABELS.get(base, base) + (f" [{variant}" if bracket else "")
+
+
 DATASET_ORDER = ("cifar100", "tiny-imagenet", "cub200", "stanford-dogs", "mit67", "fgvc-aircraft", "fashion-mnist")
 SEED_DIR = re.compile(r"seed\d+$")
 
@@ -162,7 +170,9 @@ def _group_order(runs: Sequence[Run]) -> list[tuple[str, str]]:
 
 def _recipe_order(recipes: set[str]) -> list[str]:
     known = [r for r in LABELS if r in recipes]
-    return known + sorted(recipes - set(known))
+    grid = sorted((r for r in recipes - set(known) if r.partition("[")[0] in LABELS),
+                  key=lambda r: (list(LABELS).index(r.partition("[")[0]), r))
+    return known + grid + sorted(recipes - set(known) - set(grid))
 
 
 def _is_ablation(run: Run) -> bool:
@@ -180,7 +190,7 @@ def build_table(title: str, runs: Sequence[Run], metrics: Sequence[Metric],
     table = Table(title, [_group_name(*g) for g in groups], list(metrics))
     recipes = _recipe_order({r.recipe for r in runs})
     for recipe in recipes:
-        table.row_names.append(LABELS.get(recipe, recipe))
+        table.row_names.append(label(recipe))
         row = []
         for dataset, model in groups:
             members = by_cell.get((recipe, dataset, model), [])
@@ -234,7 +244,7 @@ def paper_tables(runs: Sequence[Run]) -> list[Table]:
     ablation = build_table("Table 4: AI-KD ablation, Top-1 error (%)", runs, [TOP1],
                            lambda r: r.losses is not None)  # CE and AI-KD runs carry switches
     if any(r.method == "aikd" for r in runs):
-        switches = {LABELS.get(r.recipe, r.recipe): r.losses for r in runs if r.losses is not None}
+        switches = {label(r.recipe): r.losses for r in runs if r.losses is not None}
         ablation.lead = ["L_G", "L_P", "L_A"]
         ablation.lead_cells = [["✓" if on else "" for on in switches[name]] for name in ablation.row_names]
         tables.append(ablation)
@@ -321,13 +331,13 @@ def reliability_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             continue
         data = json.loads(path.read_text())
         curves = pooled[(run.dataset, run.model)]
-        label = LABELS.get(run.recipe, run.recipe)
-        entries = [(label, data["raw"])] + ([(f"{label} + TS", data["ts"])] if run.recipe == "aikd" else [])
+        row = label(run.recipe)
+        entries = [(row, data["raw"])] + ([(f"{row} + TS", data["ts"])] if run.recipe == "aikd" else [])
         for name, bins in entries:
             bins = ReliabilityBins.from_dict(bins)
             curves[name] = curves[name] + bins if name in curves else bins
     written = []
-    order = [LABELS.get(r, r) for r in _recipe_order({r.recipe for r in runs})]
+    order = [label(r) for r in _recipe_order({r.recipe for r in runs})]
     for (dataset, model), curves in sorted(pooled.items()):
         ordered = dict(sorted(curves.items(), key=lambda kv: _curve_rank(kv[0], order)))
         path = Path(out_dir) / f"reliability_{dataset}_{model}.png"
