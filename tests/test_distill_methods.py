@@ -484,14 +484,17 @@ def test_sample_attack_targets_for_a_one_hot_teacher():
     assert counts[0] == 0
 
 
-def test_bss_weights():
-    assert bss_weights(0, 12) == pytest.approx((4.0, 2.0))
-    assert bss_weights(12, 12) == pytest.approx((1.0, 0.0))
-    assert bss_weights(3, 12) == pytest.approx((3.25, 4 / 3))
-    assert bss_weights(6, 12) == pytest.approx((2.5, 2 / 3))
-    for n in (9, 10, 11, 12):  # b(n) = 0 from 3N/4 on, never negative
-        assert bss_weights(n, 12)[1] == 0.0
-    assert bss_weights(1, 2) == pytest.approx((2.5, 2 / 3))
+def test_bss_weights_count_epochs_from_one_as_the_official_loop():
+    # Official: for epoch in range(1, N + 1): a = 3 (1 - epoch / N) + 1, b = max(2 (1 - 4 epoch / (3N)), 0).
+    # aikd's epochs are 0-based, so its first epoch (0) must get the official epoch 1's weights.
+    assert bss_weights(0, 12) == pytest.approx((3.75, 16 / 9))
+    assert bss_weights(2, 12) == pytest.approx((3.25, 4 / 3))
+    assert bss_weights(7, 12) == pytest.approx((2.0, 2 / 9))
+    assert bss_weights(11, 12) == pytest.approx((1.0, 0.0))  # the last epoch: a(N) = 1
+    for epoch in (8, 9, 10, 11):  # b = 0 from official epoch 3N/4 = 9 on, never negative
+        assert bss_weights(epoch, 12)[1] == 0.0
+    assert bss_weights(0, 2) == pytest.approx((2.5, 2 / 3))
+    assert bss_weights(0, 1) == pytest.approx((1.0, 0.0))
 
 
 # ---------------------------------------------------------------------- AMKD

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aikd.config import load_config
@@ -22,7 +23,7 @@ from aikd.methods.dkd import DKD, DKDConfig, dkd_warmup, nckd_loss, tckd_loss
 from aikd.methods.functional import distillation_kl, kl_from_probs, soft_cross_entropy
 from aikd.methods.kd import kd_loss
 from aikd.methods.pskd import PSKD, PSKDConfig, pskd_alpha, pskd_targets
-from aikd.methods.tfkd import TFKDSelf, TFKDSelfConfig, tf_reg_loss, virtual_teacher
+from aikd.methods.tfkd import TFKDSelf, TFKDSelfConfig, tf_reg_loss, tf_self_kd, virtual_teacher
 from aikd.models import build_model
 from helpers import check_loss_records
 
@@ -187,6 +188,30 @@ def test_tfkd_self_step_terms():
                                                     rel=1e-5)
     sum(out.losses.values()).backward()
     assert student.weight.grad is not None and teacher.weight.grad is None
+
+
+@pytest.mark.filterwarnings("ignore:reduction. .mean. divides")
+def test_tfkd_self_multiplier_reproduces_the_official_scaling():
+    """The official loss_kd_self: nn.KLDivLoss() (mean over N x C) * T^2 * multiplier, at C = 100."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(6, 100, generator=g) * 3, torch.randn(6, 100, generator=g) * 3
+    t, m = 6.0, 50.0
+    official = nn.KLDivLoss()(F.log_softmax(student / t, dim=1), F.softmax(teacher / t, dim=1)) * (t * t) * m
+    assert tf_self_kd(teacher, student, t, m).item() == pytest.approx(official.item(), rel=1e-5)
+    # The default (batch-mean KL) is twice the official term at 100 classes with M = 50.
+    assert tf_self_kd(teacher, student, t).item() == pytest.approx(2 * official.item(), rel=1e-5)
+    by_hand = t * t * kl_np(softmax_np(f64(teacher), t), softmax_np(f64(student), t)) * m / 100
+    assert tf_self_kd(teacher, student, t, m).item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_tfkd_self_step_uses_the_multiplier():
+    teacher, student = frozen_linear(0), frozen_linear(1)
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 3, 1])
+    ctx = MethodContext(num_classes=4, num_train=5, epochs=3, teacher=teacher)
+    plain = TFKDSelf(TFKDSelfConfig(), ctx).training_step(student, Batch(x, y, torch.arange(5), 0, 0))
+    scaled = TFKDSelf(TFKDSelfConfig(multiplier=2.0), ctx).training_step(student, Batch(x, y, torch.arange(5), 0, 0))
+    assert scaled.losses["kd"].item() == pytest.approx(plain.losses["kd"].item() * 2.0 / 4, rel=1e-6)
+    assert scaled.losses["ce"].item() == pytest.approx(plain.losses["ce"].item())
 
 
 # ---------------------------------------------------------------------- DKD

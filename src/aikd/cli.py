@@ -97,12 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "report", help="the paper's tables (2, 3, 4) from the run summaries under a folder",
         description="Collect every summary.json under DIR into the paper's tables: Table 2 (Top-1 error "
                     "and macro F1), Table 3 (Top-5 error, ECE, ECE after temperature scaling) and Table 4 "
-                    "(AI-KD ablation); mean ± std over seeds, best bold, second underlined.",
+                    "(AI-KD ablation); mean ± std over seeds, best bold, second underlined. Then every method's "
+                    "paired difference to the Baseline over the same seeds: mean and 95% Student t interval, "
+                    "starred (and bold) where the interval excludes 0.",
         example="aikd report runs/sweep -f latex -o tables.tex --plots runs/sweep/figures")
     p.add_argument("dir", help="folder holding finished runs (searched recursively)")
     p.add_argument("-f", "--format", choices=("md", "csv", "latex"), default="md", help="output format")
     p.add_argument("-o", "--out", help="write the tables to this file instead of printing them")
-    p.add_argument("--plots", help="also write one reliability diagram per dataset and model into this folder")
+    p.add_argument("--plots", help="also write, per dataset and model, a reliability diagram and learning curves "
+                                   "(test error and ECE against epoch, mean over seeds with a band) into this folder")
 
     p = _command(
         sub, "tsne", help="t-SNE map of penultimate features of chosen classes, one panel per model",
@@ -246,7 +249,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from aikd.report.paper import collect_runs, paper_tables, reliability_figures, render
+    from aikd.report.paper import collect_runs, learning_curve_figures, paper_tables, reliability_figures, render
 
     runs, duplicates = collect_runs(args.dir)
     text = render(paper_tables(runs), args.format)
@@ -259,7 +262,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         print(text)
     if args.plots:
-        for path in reliability_figures(runs, args.plots):
+        for path in [*reliability_figures(runs, args.plots), *learning_curve_figures(runs, args.plots)]:
             print(f"aikd report: wrote {path}", file=sys.stderr)
     return 0
 

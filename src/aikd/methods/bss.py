@@ -10,7 +10,7 @@ Attack (batched, on the teacher's logits f; METHODS.md):
         x <- x + eta (f_b - f_k + 1e-4) g / ||g||_2,  eta = 0.3 while the teacher still predicts b, else 0
 Base samples: correctly classified by teacher and student; at most 64 per
 batch, those with the largest sum_{j != y} (p_T,j - p_S,j)^2.
-Loss (T = 3, n = epoch, N = epochs):
+Loss (T = 3, n = epoch counted from 1 as the official loop does, N = epochs):
     L = CE + a(n) KD(x) + b(n) KD(x_adv),  a(n) = 3 (1 - n/N) + 1,  b(n) = max(2 (1 - 4n / (3N)), 0)
 with KD = KL(p(z_T; T) || p(z_S; T)) without a T^2 factor, as in the official code.
 """
@@ -101,8 +101,12 @@ def bss_kd(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -
 
 
 def bss_weights(epoch: int, epochs: int) -> tuple[float, float]:
-    """(a(n), b(n)): the clean and adversarial KD weights at epoch n of N."""
-    n, total = epoch, epochs
+    """(a(n), b(n)): the clean and adversarial KD weights in the 0-based ``epoch`` of ``epochs``.
+
+    The official loop counts epochs from 1 (``for epoch in range(1, max_epoch + 1)``), so
+    n = epoch + 1: its first epoch already uses a(1) = 3 (1 - 1/N) + 1, its last a(N) = 1.
+    """
+    n, total = epoch + 1, epochs
     return 3 * (1 - n / total) + 1, max(2 * (1 - 4 * n / (3 * total)), 0.0)
 
 

@@ -13,7 +13,10 @@ tfkd_reg: a hand-made "virtual teacher" puts 0.99 on the label and spreads
 (both as the official code, which also softmaxes the probabilities p_d
 themselves). The official code computes KL with ``nn.KLDivLoss()`` (mean over
 batch x classes) times a multiplier; here KL is summed over classes and
-averaged over the batch, which equals theirs when the multiplier is C.
+averaged over the batch, which equals theirs when the multiplier is C. For
+tfkd_self, ``tfkd_self.multiplier=M`` reproduces the official scaling exactly,
+T^2 M / C times the batch-mean KL: its CIFAR-100 ResNet-18 recipe has M = 50,
+half of the default's KD term at C = 100.
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ from aikd.methods.functional import distillation_kl, kl_from_probs
 class TFKDSelfConfig:
     alpha: float = 0.95
     temperature: float = 6.0
+    # None: KL summed over classes, mean over the batch. M: the official code's
+    # nn.KLDivLoss() (mean over batch x classes) times its `multiplier` M (50 for CIFAR-100).
+    multiplier: float | None = None
+
+
+def tf_self_kd(teacher_logits: Tensor, student_logits: Tensor, temperature: float,
+               multiplier: float | None = None) -> Tensor:
+    """TF-KD self's distillation term before its weight: T^2 KL(p(z_T; T) || p(z_S; T)), batch mean;
+    with ``multiplier`` M, the official T^2 M KL / C (the KL averaged over batch and classes)."""
+    kd = distillation_kl(teacher_logits, student_logits, temperature)
+    return kd if multiplier is None else kd * (multiplier / student_logits.shape[1])
 
 
 @register_method("tfkd_self", TFKDSelfConfig)
@@ -46,7 +60,7 @@ class TFKDSelf(Method):
         teacher_logits = self.teacher_logits(batch.images)
         return StepOutput(logits, {
             "ce": (1 - h.alpha) * F.cross_entropy(logits, batch.targets),
-            "kd": h.alpha * distillation_kl(teacher_logits, logits.float(), h.temperature),
+            "kd": h.alpha * tf_self_kd(teacher_logits, logits.float(), h.temperature, h.multiplier),
         })
 
 

@@ -2,7 +2,9 @@
 
 * Table 2: methods x (dataset, model), Top-1 error and macro F1;
 * Table 3: Top-5 error, ECE, and ECE after temperature scaling;
-* Table 4: the AI-KD ablation (which of L_G, L_P, L_A are on) with Top-1 error.
+* Table 4: the AI-KD ablation (which of L_G, L_P, L_A are on) with Top-1 error;
+* paired differences to the Baseline: per-seed differences with a 95 % Student t
+  interval (:mod:`aikd.report.stats`), starred where the interval excludes 0.
 
 Each cell is the mean ± sample standard deviation over seeds; in every column
 the best mean is bold and the second best underlined (lower is better, except
@@ -26,6 +28,7 @@ from typing import Any
 import yaml
 
 from aikd.errors import AikdError
+from aikd.report.stats import paired_difference
 from aikd.report.summaries import mean_std
 from aikd.report.tables import pipe_table
 
@@ -72,16 +75,19 @@ MACRO_F1 = Metric("macro_f1", "Macro F1", 4, higher_is_better=True)
 TOP5 = Metric("top5_err", "Top-5 err")
 ECE = Metric("ece", "ECE")
 ECE_TS = Metric("ece_ts", "ECE (TS)")
+NLL = Metric("nll", "NLL", 4)
+BASELINE = "ce"
 
 
 @dataclass
 class Cell:
     text: str
     rank_value: float | None = None  # the mean rounded as printed, which is what is ranked
-    mark: str = ""  # "best", "second" or ""
+    mark: str = ""  # "best", "second", "significant" (a paired interval excluding 0) or ""
     mean: float | None = None
     std: float | None = None
     n: int = 0
+    interval: tuple[float, float] | None = None  # a paired difference's 95 % confidence interval
 
 
 @dataclass
@@ -234,6 +240,42 @@ def _mark_ranks(table: Table) -> None:
                 cell.mark = "second"
 
 
+def paired_table(runs: Sequence[Run], metrics: Sequence[Metric] = (TOP1, ECE, NLL, ECE_TS)) -> Table:
+    """Every recipe minus the Baseline, seed by seed: mean and 95 % interval of the paired differences.
+
+    A recipe's runs are paired with the Baseline's (``ce``: a CE run or a pipeline's phase-1
+    model) of the same seed, dataset and model; seeds without a Baseline run are left out.
+    """
+    groups = _group_order(runs)
+    values: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for r in runs:
+        values[(r.recipe, r.dataset, r.model)][r.seed] = r.metrics
+    title = "Paired difference to Baseline (method - Baseline over the same seeds): mean [95 % CI], * excludes 0"
+    table = Table(title, [_group_name(*g) for g in groups], list(metrics))
+    for recipe in _recipe_order({r.recipe for r in runs} - {BASELINE}):
+        row = []
+        for dataset, model in groups:
+            mine, base = values.get((recipe, dataset, model), {}), values.get((BASELINE, dataset, model), {})
+            for metric in metrics:
+                row.append(_paired_cell(_by_seed(mine, metric.key), _by_seed(base, metric.key), metric))
+        table.row_names.append(label(recipe))
+        table.cells.append(row)
+    return table
+
+
+def _by_seed(metrics_by_seed: dict[int, dict[str, Any]], key: str) -> dict[int, float]:
+    return {seed: m[key] for seed, m in metrics_by_seed.items() if m.get(key) is not None}
+
+
+def _paired_cell(mine: dict[int, float], base: dict[int, float], metric: Metric) -> Cell:
+    diff = paired_difference(mine, base)
+    if diff is None:
+        return Cell("–")
+    interval = (diff.low, diff.high) if diff.n >= 2 else None
+    return Cell(diff.text(metric.digits), mark="significant" if diff.excludes_zero else "", mean=diff.mean,
+                n=diff.n, interval=interval)
+
+
 def paper_tables(runs: Sequence[Run]) -> list[Table]:
     """Tables 2, 3 and 4 of the paper for whatever runs there are (empty tables are left out)."""
     tables = [
@@ -248,6 +290,8 @@ def paper_tables(runs: Sequence[Run]) -> list[Table]:
         ablation.lead = ["L_G", "L_P", "L_A"]
         ablation.lead_cells = [["✓" if on else "" for on in switches[name]] for name in ablation.row_names]
         tables.append(ablation)
+    if any(r.recipe == BASELINE for r in runs):
+        tables.append(paired_table(runs))
     return [t for t in tables if t.row_names]
 
 
@@ -263,7 +307,7 @@ def render(tables: Sequence[Table], fmt: str) -> str:
 
 
 def _markdown(tables: Sequence[Table]) -> str:
-    marks = {"best": "**{}**", "second": "<u>{}</u>", "": "{}"}
+    marks = {"best": "**{}**", "second": "<u>{}</u>", "significant": "**{}**", "": "{}"}
     out = []
     for t in tables:
         head = ["Method", *t.lead] + [f"{g}: {m.title}" for g in t.groups for m in t.metrics]
@@ -275,7 +319,7 @@ def _markdown(tables: Sequence[Table]) -> str:
 
 
 def _latex(tables: Sequence[Table]) -> str:
-    marks = {"best": "\\textbf{{{}}}", "second": "\\underline{{{}}}", "": "{}"}
+    marks = {"best": "\\textbf{{{}}}", "second": "\\underline{{{}}}", "significant": "\\textbf{{{}}}", "": "{}"}
 
     def tex(text: str) -> str:
         return text.replace("±", "$\\pm$").replace("_", "\\_").replace("✓", "\\checkmark").replace("–", "--")
@@ -299,7 +343,8 @@ def _latex(tables: Sequence[Table]) -> str:
 def _csv(tables: Sequence[Table]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["table", "method", "dataset", "model", "metric", "mean", "std", "seeds", "rank"])
+    writer.writerow(["table", "method", "dataset", "model", "metric", "mean", "std", "seeds", "rank",
+                     "ci_low", "ci_high"])
     for t in tables:
         for i, name in enumerate(t.row_names):
             for j, cell in enumerate(t.cells[i]):
@@ -307,8 +352,11 @@ def _csv(tables: Sequence[Table]) -> str:
                     continue
                 dataset, model = t.groups[j // len(t.metrics)].split(" / ")
                 metric = t.metrics[j % len(t.metrics)]
-                writer.writerow([t.title.split(":")[0], name, dataset, model, metric.key, f"{cell.mean:.6g}",
-                                 f"{cell.std:.6g}", cell.n, cell.mark])
+                low, high = (f"{x:.6g}" for x in cell.interval) if cell.interval else ("", "")
+                std = "" if cell.std is None else f"{cell.std:.6g}"
+                title = t.title.split(":")[0].split(" (")[0]
+                writer.writerow([title, name, dataset, model, metric.key, f"{cell.mean:.6g}", std, cell.n,
+                                 cell.mark, low, high])
     return buffer.getvalue()
 
 
@@ -348,3 +396,55 @@ def reliability_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
 def _curve_rank(name: str, order: list[str]) -> tuple[int, str]:
     base = name.removesuffix(" + TS")
     return (order.index(base) if base in order else len(order), name)
+
+
+CURVE_METRICS = (("test.top1_err", "Top-1 error (%)"), ("test.ece", "ECE (%)"))
+
+
+def learning_curve_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+    """Test error and ECE against epoch, one PNG per (dataset, model), every recipe a line.
+
+    Each line is the mean over the recipe's seeds of the epochs every seed evaluated
+    (metrics.jsonl), with a band of +-1 standard deviation.
+    """
+    import numpy as np
+
+    from aikd.report.plots import learning_curves
+
+    by_group: dict[tuple[str, str], dict[str, list[dict[int, dict[str, float]]]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        history = _history(run.folder / "metrics.jsonl")
+        if history:
+            by_group[(run.dataset, run.model)][run.recipe].append(history)
+    written = []
+    for (dataset, model), recipes in sorted(by_group.items()):
+        curves: dict[str, dict[str, tuple]] = {title: {} for _, title in CURVE_METRICS}
+        for recipe in _recipe_order(set(recipes)):
+            histories = recipes[recipe]
+            epochs = sorted(set.intersection(*(set(h) for h in histories)))
+            for key, title in CURVE_METRICS:
+                points = [e for e in epochs if all(key in h[e] for h in histories)]
+                if not points:
+                    continue
+                values = np.array([[h[e][key] for e in points] for h in histories])
+                curves[title][label(recipe)] = (np.array(points), values.mean(0), values.std(0))
+        curves = {title: lines for title, lines in curves.items() if lines}
+        if curves:
+            path = Path(out_dir) / re.sub(r"[^\w.-]+", "_", f"curves_{dataset}_{model}").strip("_") + ".png"
+            written.append(learning_curves(curves, path, f"{dataset} / {model}"))
+    return written
+
+
+def _history(path: Path) -> dict[int, dict[str, float]]:
+    """metrics.jsonl as {epoch: record}; a run resumed after a crash keeps the last record of each epoch."""
+    if not path.is_file():
+        return {}
+    history = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash mid-write
+            continue
+        if isinstance(record, dict) and "epoch" in record:
+            history[int(record["epoch"])] = record
+    return history

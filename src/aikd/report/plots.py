@@ -42,6 +42,27 @@ def reliability_diagram(curves: Mapping[str, ReliabilityBins], path: str | Path,
     return _save(fig, path)
 
 
+def learning_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]],
+                    path: str | Path, title: str = "") -> Path:
+    """One panel per metric, one line per method: the mean over seeds against epoch, with a band of +-1 std.
+
+    ``curves[metric title][method] = (epochs, mean, std)``.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.2), dpi=120, squeeze=False)
+    names = list(dict.fromkeys(name for per_method in curves.values() for name in per_method))
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    for ax, (metric, per_method) in zip(axes[0], curves.items(), strict=True):
+        for name, (epochs, mean, std) in per_method.items():
+            colour = colours(names.index(name) % colours.N)
+            ax.plot(epochs, mean, linewidth=1.3, color=colour, label=name)
+            ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{title}: {metric}" if title else metric)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    return _save(fig, path)
+
+
 def tsne_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str],
                 path: str | Path) -> Path:
     """Side-by-side 2-D embeddings, one panel per model: (title, points (N, 2), labels (N,))."""
