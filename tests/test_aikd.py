@@ -18,13 +18,17 @@ from aikd.engine.model_io import model_meta
 from aikd.engine.pipeline import run_pipeline
 from aikd.errors import AikdError, CheckpointError, ConfigError
 from aikd.methods.aikd import (
+    AIKD,
+    AIKDConfig,
     Discriminator,
     adversarial_loss,
     critic_loss,
+    critic_schedule,
     gradient_penalty,
     guide_loss,
     progressive_loss,
 )
+from aikd.methods.base import MethodContext
 from aikd.models import build_model
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=2"]
@@ -185,6 +189,52 @@ def test_discriminator_and_its_optimizer_are_restored(tmp_path, superior):
     exp_avg = [s["exp_avg"] for s in first.method.disc_opt.state_dict()["state"].values()]
     got = [s["exp_avg"] for s in again.method.disc_opt.state_dict()["state"].values()]
     assert exp_avg and all(torch.equal(a, b) for a, b in zip(exp_avg, got, strict=True))
+
+
+@pytest.mark.parametrize(("student_steps", "expected"), [
+    (117_300, (1e-4, 1)),  # the paper's CIFAR-100 run: its own values
+    (300_000, (1e-4, 1)),  # longer runs never get less than the paper's
+    (58_650, (2e-4, 1)),  # half as long: twice the learning rate, still one step
+    (11_730, (1e-3, 1)),  # ten times shorter: the learning-rate cap is just reached
+    (1_600, (1e-3, 8)),  # 73.3 times shorter: cap, then ceil(7.33) = 8 critic steps per student step
+    (1_000, (1e-3, 10)),  # 117.3 times shorter: 12 steps would be needed, capped at 10
+])
+def test_critic_schedule_keeps_the_papers_update_budget(student_steps, expected):
+    lr, steps = critic_schedule(student_steps)
+    assert lr == pytest.approx(expected[0]) and steps == expected[1]
+
+
+def test_critic_schedule_scales_from_the_given_base():
+    # lr x steps = 2e-4 x 2 x 10_000 = 4 for a run of 1_000 steps: lr 5e-4 (capped) and 8 steps.
+    lr, steps = critic_schedule(1_000, base_lr=2e-4, base_steps=2, reference_steps=10_000, max_lr=5e-4,
+                                max_steps=20)
+    assert lr == pytest.approx(5e-4) and steps == 8
+    assert critic_schedule(20_000, base_lr=2e-4, base_steps=2, reference_steps=10_000) == (2e-4, 2)
+
+
+def test_run_length_schedule_sets_the_critic_optimizer():
+    ctx = MethodContext(num_classes=3, num_train=100, epochs=4, steps_per_epoch=10)
+    fixed = AIKD(AIKDConfig(), ctx)
+    assert (fixed.critic_lr, fixed.critic_steps) == (1e-4, 1)
+    scaled = AIKD(AIKDConfig(critic_schedule="run_length", critic_reference_steps=400, critic_max_lr=4e-4), ctx)
+    # 40 student steps, 10x shorter than the reference: lr 4e-4 (cap), then ceil(10 / 4) = 3 steps.
+    assert scaled.critic_lr == pytest.approx(4e-4) and scaled.critic_steps == 3
+    assert scaled.disc_opt.param_groups[0]["lr"] == pytest.approx(4e-4)
+    assert scaled.run_facts() == {"critic_lr": pytest.approx(4e-4), "critic_steps": 3}
+    with pytest.raises(ConfigError, match="steps_per_epoch"):
+        AIKD(AIKDConfig(critic_schedule="run_length"), MethodContext(num_classes=3, num_train=100, epochs=4))
+
+
+def test_run_length_critic_takes_that_many_steps(tmp_path, superior):
+    cfg = _train_aikd(tmp_path, "aikd.critic_schedule=run_length", "aikd.critic_reference_steps=100",
+                      "aikd.critic_max_lr=1e-4", "aikd.critic_max_steps=3", teacher=superior)
+    trainer = Trainer(cfg, tmp_path, quiet=True)
+    assert trainer.method.critic_steps == 3
+    trainer.fit()
+    steps = [s["step"] for s in trainer.method.disc_opt.state_dict()["state"].values()]
+    assert steps and all(int(s) == 3 * trainer.step for s in steps)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["critic_steps"] == 3 and summary["critic_lr"] == pytest.approx(1e-4)
 
 
 def test_snapshot_source_trains(tmp_path, superior):

@@ -86,7 +86,8 @@ class Trainer:
         if method_cls.needs_teacher(cfg.method_config()):
             teacher = self._load_teacher(cfg.model.name if method_cls.teacher_same_architecture else None)
         ctx = MethodContext(num_classes=d.num_classes, num_train=len(d.train), epochs=cfg.train.epochs,
-                            device=self.device, train_labels=d.train.labels, teacher=teacher)
+                            device=self.device, train_labels=d.train.labels, teacher=teacher,
+                            steps_per_epoch=len(EpochBatchSampler(len(d.train), cfg.data.batch_size)))
         self.method = method_cls(cfg.method_config(), ctx).to(self.device)
         self.mixer = BatchMixer(cfg.data, d.num_classes, paired=self.method.paired_batches)
         pin = self.device.type == "cuda"
@@ -589,6 +590,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "teacher": self.cfg.teacher.checkpoint,
             "skipped_steps": self.skipped_steps,
+            **self.method.run_facts(),
         }
 
     def _banner(self) -> str:

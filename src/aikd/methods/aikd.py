@@ -20,6 +20,7 @@ in docs/methods/aikd.md.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -105,6 +106,27 @@ def critic_step(critic: nn.Module, optimizer: torch.optim.Optimizer, superior_lo
     return stats
 
 
+PAPER_CRITIC_STEPS = 117_300  # the paper's CIFAR-100 run: 300 epochs x 391 steps of batch 128, one critic step each
+
+
+def critic_schedule(student_steps: int, base_lr: float = 1e-4, base_steps: int = 1,
+                    reference_steps: int = PAPER_CRITIC_STEPS, max_lr: float = 1e-3,
+                    max_steps: int = 10) -> tuple[float, int]:
+    """(learning rate, critic steps per student step) that give a run of ``student_steps`` the critic's
+    update budget of the paper's run: lr x critic steps = base_lr x base_steps x reference_steps.
+
+    A WGAN critic must be trained well to score anything (its gradient is what L_A follows), and
+    what it learns grows with the optimizer's steps and their size. A run r = reference_steps /
+    student_steps times shorter first raises the learning rate (up to ``max_lr``), then the
+    number of critic steps on each batch (up to ``max_steps``). At the paper's length, or
+    longer, it returns (base_lr, base_steps): the paper's values.
+    """
+    ratio = max(reference_steps / student_steps, 1.0)
+    lr = min(base_lr * ratio, max(max_lr, base_lr))
+    steps = math.ceil(base_steps * ratio * base_lr / lr - 1e-9)
+    return lr, min(steps, max(max_steps, base_steps))
+
+
 def adversarial_loss(critic: nn.Module, student_logits: Tensor) -> Tensor:
     """L_A (Eq. 7): the student raises the critic's score of its logits."""
     return -critic(student_logits.float()).mean()
@@ -132,6 +154,14 @@ class AIKDConfig:
     disc_betas: list[float] | None = None  # Adam betas; None: PyTorch's (0.9, 0.999)
     gp_weight: float = 10.0
     critic_steps: int = 1  # critic updates per student step, on the same batch
+    # "fixed": disc_lr and critic_steps as given (the paper's). "run_length": a run shorter than
+    # the paper's CIFAR-100 run (critic_reference_steps student steps) gives the critic the same
+    # update budget, lr x steps, by raising disc_lr up to critic_max_lr, then critic_steps up to
+    # critic_max_steps (see critic_schedule); equal to "fixed" at the paper's length.
+    critic_schedule: Literal["fixed", "run_length"] = "fixed"
+    critic_reference_steps: int = PAPER_CRITIC_STEPS
+    critic_max_lr: float = 1e-3
+    critic_max_steps: int = 10
 
 
 @register_method("aikd", AIKDConfig)
@@ -149,13 +179,18 @@ class AIKD(Method):
                               f"to at most 1 (the CE weight is 1 - alpha_p - alpha_g).")
         if h.temp_g <= 0 or h.temp_p <= 0 or h.critic_steps < 1:
             raise ConfigError("aikd.temp_g and aikd.temp_p must be positive and aikd.critic_steps >= 1.")
+        if h.critic_reference_steps < 1 or h.critic_max_steps < 1 or h.critic_max_lr <= 0 or h.disc_lr <= 0:
+            raise ConfigError(f"aikd.critic_reference_steps ({h.critic_reference_steps}) and aikd.critic_max_steps "
+                              f"({h.critic_max_steps}) must be >= 1, aikd.disc_lr ({h.disc_lr}) and "
+                              f"aikd.critic_max_lr ({h.critic_max_lr}) positive.")
         self.use_adv = h.adv_weight > 0
         self.use_prev = h.alpha_p > 0
+        self.critic_lr, self.critic_steps = self._critic_budget()
         if self.use_adv:
             self.disc = Discriminator(ctx.num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce)
             self.disc.to(ctx.device)
             betas = tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999)
-            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=h.disc_lr, betas=betas)
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=self.critic_lr, betas=betas)
         if self.use_prev and h.prev == "buffer":
             self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes)
         # The student's weights at the end of the previous epoch (prev="snapshot"); kept out of
@@ -166,6 +201,20 @@ class AIKD(Method):
     @classmethod
     def needs_teacher(cls, hparams: AIKDConfig) -> bool:
         return hparams.alpha_g > 0 or hparams.adv_weight > 0
+
+    def _critic_budget(self) -> tuple[float, int]:
+        """The critic's learning rate and steps per student step under ``critic_schedule``."""
+        h, ctx = self.hparams, self.ctx
+        if h.critic_schedule == "fixed":
+            return h.disc_lr, h.critic_steps
+        if ctx.steps_per_epoch is None:
+            raise ConfigError("aikd.critic_schedule=run_length needs the run's length: pass "
+                              "MethodContext(steps_per_epoch=...) (the aikd trainer does).")
+        return critic_schedule(ctx.epochs * ctx.steps_per_epoch, h.disc_lr, h.critic_steps,
+                               h.critic_reference_steps, h.critic_max_lr, h.critic_max_steps)
+
+    def run_facts(self) -> dict[str, Any]:
+        return {"critic_lr": self.critic_lr, "critic_steps": self.critic_steps} if self.use_adv else {}
 
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
         if self._pending_snapshot is not None:  # resumed: rebuild the snapshot from its saved weights
@@ -225,7 +274,7 @@ class AIKD(Method):
             losses["prev"] = h.alpha_p * l_p
             stats["L_P"] = l_p.detach()
         if self.use_adv:
-            for _ in range(h.critic_steps):
+            for _ in range(self.critic_steps):
                 critic_stats = critic_step(self.disc, self.disc_opt, sup, logits, h.gp_weight)
             stats.update(L_D=critic_stats["critic_loss"], critic_gap=critic_stats["critic_gap"],
                          gp=critic_stats["gp"])

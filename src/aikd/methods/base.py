@@ -66,6 +66,7 @@ class MethodContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     teacher: nn.Module | None = None  # frozen, eval mode, on ``device``
     train_labels: Tensor | None = None  # (num_train,) labels, for class-aware samplers
+    steps_per_epoch: int | None = None  # optimizer steps per epoch, for rules that scale with run length
 
 
 class Method(nn.Module):
@@ -129,6 +130,10 @@ class Method(nn.Module):
     def student_parameters_lr_scale(self) -> float:
         """Learning-rate multiplier of :meth:`student_parameters` relative to ``train.lr``."""
         return 1.0
+
+    def run_facts(self) -> dict[str, Any]:
+        """Values the method derived from the run (not set in the config) that its summary.json should record."""
+        return {}
 
     def extra_state(self) -> dict[str, Any]:
         """State outside ``state_dict()``, such as a private optimizer's."""
