@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aikd.config import DataConfig
+from aikd.config import DataConfig, load_config
 from aikd.data import ArraySplit, EpochBatchSampler, FileSplit, load_data, stratified_indices
 from aikd.data.augment import BatchAugment, crop_padding_for, random_crop_flip
 from aikd.data.loaders import ImageFileDataset
@@ -36,7 +36,7 @@ from aikd.data.readers import (
     read_fashion_mnist,
     read_idx,
 )
-from aikd.errors import DataError
+from aikd.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -412,6 +412,84 @@ def test_fashion_mnist_train_limit_is_stratified(tmp_path):
     full = {images[i].tobytes(): int(labels[i]) for i in range(60)}
     for img, lab in zip(bundle.train.images[:, 0].numpy(), bundle.train.labels.tolist(), strict=True):
         assert full[img.tobytes()] == lab
+
+
+def write_numbered_fashion(folder, n_train: int = 60, n_test: int = 20, seed: int = 6):
+    """IDX files with unique images (the first pixel row holds the sample number) and balanced labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8)
+    images[:, 0, 0], images[:, 0, 1] = np.arange(n_train) % 256, np.arange(n_train) // 256
+    labels = np.repeat(np.arange(10, dtype=np.uint8), n_train // 10)
+    rng.shuffle(labels)
+    (folder / "train-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    (folder / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images[:n_test]))
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels[:n_test]))
+    return images, labels
+
+
+def _numbers(split) -> set[int]:
+    return {int(a) + 256 * int(b) for a, b in split.images[:, 0, 0, :2].tolist()}
+
+
+def test_validation_comes_from_the_images_the_subset_leaves_out(tmp_path):
+    write_numbered_fashion(tmp_path, n_train=100)
+    base = DataConfig(name="fashion-mnist", root=str(tmp_path), train_limit=40, holdout=0.25)
+    final = load_data(base)
+    chosen = load_data(DataConfig(**{**base.__dict__, "val_size": 30}))
+    assert chosen.eval_split == "validation" and final.eval_split == "test"
+    # The same training (and holdout) images as the final run, and the validation images are none of them.
+    assert torch.equal(chosen.train.images, final.train.images) and torch.equal(chosen.holdout.images,
+                                                                                 final.holdout.images)
+    assert len(chosen.test) == 30 and torch.bincount(chosen.test.labels, minlength=10).tolist() == [3] * 10
+    used = _numbers(final.train) | _numbers(final.holdout)
+    assert not used & _numbers(chosen.test) and len(_numbers(chosen.test)) == 30
+    # The test split is not read at all: its files may even be missing.
+    (tmp_path / "t10k-images-idx3-ubyte").unlink()
+    assert len(load_data(DataConfig(**{**base.__dict__, "val_size": 30})).test) == 30
+
+
+def test_validation_is_carved_out_of_the_training_split_without_a_subset(tmp_path):
+    write_numbered_fashion(tmp_path, n_train=100)
+    bundle = load_data(DataConfig(name="fashion-mnist", root=str(tmp_path), val_size=20))
+    assert len(bundle.train) == 80 and len(bundle.test) == 20
+    assert not _numbers(bundle.train) & _numbers(bundle.test)
+    assert _numbers(bundle.train) | _numbers(bundle.test) == set(range(100))
+    with pytest.raises(DataError, match="val_size=100"):
+        load_data(DataConfig(name="fashion-mnist", root=str(tmp_path), val_size=100))
+
+
+@pytest.mark.parametrize(("padding", "flip", "offsets", "flips"), [(0, True, {0}, {False, True}),
+                                                                   (1, False, {0, 1, 2}, {False}),
+                                                                   (None, None, set(range(9)), {False, True})])
+def test_crop_padding_and_flip_set_the_augmentation(tmp_path, padding, flip, offsets, flips):
+    write_numbered_fashion(tmp_path, n_train=100)
+    bundle = load_data(DataConfig(name="fashion-mnist", root=str(tmp_path), crop_padding=padding, flip=flip))
+    assert bundle.augment.padding == (4 if padding is None else padding)
+    # Where each augmented image's sample number (pixels (0, 0) and (0, 1)) lands shows the crop and the flip.
+    g = torch.Generator().manual_seed(0)
+    images = bundle.train.images[:64].repeat(8, 1, 1, 1)
+    out = random_crop_flip(images, bundle.augment.padding, bundle.augment.flip, g)
+    seen_offsets, seen_flips = set(), set()
+    p = bundle.augment.padding
+    for src, dst in zip(images, out, strict=True):
+        for dy in range(-p, p + 1):
+            for dx in range(-p, p + 1):
+                for flipped in (False, True):
+                    shifted = torch.roll(src[0], (dy, dx), (0, 1))
+                    view = shifted.flip(1) if flipped else shifted
+                    inner = (slice(p, 28 - p), slice(p, 28 - p))
+                    if torch.equal(view[inner], dst[0][inner]):
+                        seen_offsets.add(dy + p)
+                        seen_flips.add(flipped)
+    assert seen_offsets == offsets and seen_flips == flips
+
+
+def test_negative_crop_padding_and_val_size_are_refused():
+    with pytest.raises(ConfigError, match=r"data\.crop_padding"):
+        load_config(None, ["data.crop_padding=-1"])
+    with pytest.raises(ConfigError, match=r"data\.val_size"):
+        load_config(None, ["data.val_size=-5"])
 
 
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from aikd.engine.sweep import parse_grid
 from aikd.errors import AikdError
-from aikd.report.paper import collect_runs, paper_tables, render
+from aikd.report.paper import collect_runs, learning_curve_data, learning_curve_figures, paper_tables, render
+from aikd.report.stats import paired_difference
 
 
 def write_run(root: Path, folder: str, recipe: str | None, method: str, seed: int, top1: float, f1: float,
@@ -120,6 +122,128 @@ def test_empty_or_foreign_folders_are_clear_errors(tmp_path):
     (tmp_path / "x/summary.json").write_text("{not json")
     with pytest.raises(AikdError, match=r"x/summary.json' is not a run summary"):
         collect_runs(tmp_path)
+
+
+# ---------------------------------------------------------------------- paired statistics
+
+
+def test_paired_difference_by_hand():
+    # d = method - baseline = (-1, -2.5, -4): mean -2.5, sd 1.5, t(0.975, 2) = 4.302653,
+    # half-width 4.302653 * 1.5 / sqrt(3) = 3.726207; seed 3 has no baseline and is left out.
+    diff = paired_difference({0: 9.0, 1: 9.5, 2: 10.0, 3: 1.0}, {0: 10.0, 1: 12.0, 2: 14.0})
+    assert diff.n == 3 and diff.mean == pytest.approx(-2.5)
+    assert (diff.low, diff.high) == (pytest.approx(-6.226207, abs=1e-6), pytest.approx(1.226207, abs=1e-6))
+    assert not diff.excludes_zero and diff.text() == "-2.50 [-6.23, +1.23]"
+    # d = (-1, -1.2, -0.8, -1.1, -0.9): mean -1, sd 0.158114, t(0.975, 4) = 2.776445, half-width 0.196324.
+    diffs = [-1, -1.2, -0.8, -1.1, -0.9]
+    tight = paired_difference({s: 10 + d for s, d in enumerate(diffs)}, dict.fromkeys(range(5), 10.0))
+    assert (tight.low, tight.high) == (pytest.approx(-1.196324, abs=1e-6), pytest.approx(-0.803676, abs=1e-6))
+    assert tight.excludes_zero and tight.text() == "-1.00 [-1.20, -0.80]*"
+    assert paired_difference({0: 2.0}, {1: 1.0}) is None
+    single = paired_difference({0: 2.0}, {0: 1.5})
+    assert single.n == 1 and not single.excludes_zero and single.text() == "+0.50 (n=1)"
+
+
+def test_paired_difference_equals_scipys_paired_t_interval():
+    from scipy import stats
+
+    rng = __import__("random").Random(4)
+    for n in (2, 3, 5, 8):
+        method = {s: rng.uniform(8, 12) for s in range(n)}
+        base = {s: rng.uniform(8, 12) for s in range(n)}
+        ours = paired_difference(method, base, confidence=0.9)
+        ci = stats.ttest_rel([method[s] for s in range(n)], [base[s] for s in range(n)]).confidence_interval(0.9)
+        assert (ours.low, ours.high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+
+
+def test_paired_table_pairs_seeds_and_stars_intervals_that_exclude_zero(tmp_path):
+    for seed, (ce, aikd, pskd) in enumerate([(10.0, 9.0, 11.0), (12.0, 9.5, 11.0), (14.0, 10.0, 11.0)]):
+        write_run(tmp_path, f"superior/run{seed}", "ce", "ce", seed, ce, 0.8, ece=5.0 + seed, nll=0.5)
+        write_run(tmp_path, f"aikd/seed{seed}", "aikd", "aikd", seed, aikd, 0.8, aikd=FULL, ece=[3.0, 3.9, 5.2][seed],
+                  nll=0.4)
+        write_run(tmp_path, f"pskd/seed{seed}", "pskd", "pskd", seed, pskd, 0.8, ece=5.0 + seed, nll=0.5)
+    write_run(tmp_path, "pskd/seed7", "pskd", "pskd", 7, 0.0, 0.8)  # no Baseline of seed 7: not paired
+    runs = collect_runs(tmp_path)[0]
+    text = render(paper_tables(runs), "md")
+    table = "Paired difference to Baseline"
+    # Top-1: AI-KD (-1, -2.5, -4); ECE (-2, -2.1, -1.8): mean -1.9667, sd 0.152753, half 0.379458.
+    assert md_row(text, table, "AI-KD")[1:3] == ["-2.50 [-6.23, +1.23]", "**-1.97 [-2.35, -1.59]***"]
+    assert md_row(text, table, "AI-KD")[3] == "**-0.1000 [-0.1000, -0.1000]***"  # NLL -0.1 on every seed
+    # PS-KD (+1, -1, -3): mean -1, sd 2, half 4.968275.
+    assert md_row(text, table, "PS-KD")[1] == "-1.00 [-5.97, +3.97]"
+    assert md_row(text, table, "PS-KD")[2] == "+0.00 [+0.00, +0.00]"  # no difference at all: no star
+    assert "| Baseline |" not in text.split(f"### {table}")[1]
+    rows = list(csv.DictReader(io.StringIO(render(paper_tables(runs), "csv"))))
+    cell = next(r for r in rows if r["table"] == table and r["method"] == "AI-KD" and r["metric"] == "ece")
+    assert float(cell["ci_low"]) == pytest.approx(-2.346125, abs=1e-5) and cell["rank"] == "significant"
+    assert cell["seeds"] == "3"
+
+
+def write_history(folder: Path, rows: list[dict]) -> None:
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_learning_curves_average_the_seeds_at_the_epochs_all_evaluated(tmp_path):
+    for seed, offset in enumerate((0.0, 2.0)):
+        write_run(tmp_path, f"superior/run{seed}", "ce", "ce", seed, 10, 0.8)
+        write_history(tmp_path / f"superior/run{seed}", [
+            {"epoch": 1, "test.top1_err": 30 + offset, "test.ece": 5.0},
+            {"epoch": 2, "train.loss": 1.0},  # not evaluated this epoch
+            {"epoch": 3, "test.top1_err": 20 + offset, "test.ece": 4.0 + offset},
+        ])
+        write_run(tmp_path, f"aikd/seed{seed}", "aikd", "aikd", seed, 9, 0.8, aikd=FULL)
+        write_history(tmp_path / f"aikd/seed{seed}", [{"epoch": e, "test.top1_err": 25 - e + seed,
+                                                       "test.ece": 1.0} for e in range(1, 4 - seed)])
+    (tmp_path / "aikd/seed1/metrics.jsonl").open("a").write('{"epoch": 3, "test.top1_')  # cut by a crash
+    runs = collect_runs(tmp_path)[0]
+    curves = learning_curve_data(runs)[("cifar100", "resnet18")]
+    epochs, mean, std = curves["Top-1 error (%)"]["Baseline"]
+    assert epochs.tolist() == [1, 3] and mean.tolist() == [31.0, 21.0] and std.tolist() == [1.0, 1.0]
+    assert curves["ECE (%)"]["Baseline"][1].tolist() == [5.0, 5.0]
+    epochs, mean, _ = curves["Top-1 error (%)"]["AI-KD"]  # seed 1 stopped after epoch 2
+    assert epochs.tolist() == [1, 2] and mean.tolist() == [24.5, 23.5]
+    [path] = learning_curve_figures(runs, tmp_path / "figures")
+    assert path.name == "curves_cifar100_resnet18.png"
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.size[0] > 600 and image.size[1] > 300
+
+
+# ---------------------------------------------------------------------- aikd sweep --grid
+
+
+def test_parse_grid_makes_every_combination():
+    points = parse_grid(["aikd.alpha_p=0.1,0.3", "train.milestones=[0.5,0.75],[0.3, 0.6]"])
+    assert [p.overrides for p in points] == [
+        ["aikd.alpha_p=0.1", "train.milestones=[0.5,0.75]"], ["aikd.alpha_p=0.1", "train.milestones=[0.3, 0.6]"],
+        ["aikd.alpha_p=0.3", "train.milestones=[0.5,0.75]"], ["aikd.alpha_p=0.3", "train.milestones=[0.3, 0.6]"]]
+    assert points[1].name == "aikd.alpha_p=0.1,train.milestones=[0.3, 0.6]"
+    assert parse_grid([]) == [()] and parse_grid([])[0].name == ""
+    for bad in (["aikd.alpha_p"], ["=1,2"], ["aikd.alpha_p=1,"], ["a=1", "a=2"], ["a=1,1"]):
+        with pytest.raises(AikdError, match="--grid"):
+            parse_grid(bad)
+
+
+def test_sweep_grid_runs_every_point_into_its_own_folder_and_row(tmp_path):
+    config = tmp_path / "ce.yaml"
+    config.write_text(yaml.safe_dump({**DIGITS, "method": "ce", "train": {"epochs": 1}}))
+    out = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "-m", "aikd", "sweep", "-c", str(config), "--seeds", "3", "-o",
+                           str(out), "-q", "--grid", "train.lr=0.05,0.2", "--grid", "data.flip=false"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for lr in ("0.05", "0.2"):
+        folder = out / f"{tmp_path.name}/ce/train.lr={lr},data.flip=false/seed3/student"
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        assert saved["train"]["lr"] == float(lr) and saved["data"]["flip"] is False and saved["seed"] == 3
+        assert json.loads((folder / "summary.json").read_text())["recipe"] == f"ce[train.lr={lr},data.flip=false]"
+    report = subprocess.run([sys.executable, "-m", "aikd", "report", str(out)], capture_output=True, text=True)
+    assert "| Baseline [train.lr=0.05,data.flip=false] |" in report.stdout
+    assert "| Baseline [train.lr=0.2,data.flip=false] |" in report.stdout
+    bad = subprocess.run([sys.executable, "-m", "aikd", "sweep", "-c", str(config), "-o", str(tmp_path / "x"),
+                          "--grid", "data.crop_padding=1,-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "data.crop_padding" in bad.stderr and not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------- aikd sweep, killed and resumed

@@ -287,7 +287,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"Config key 'data.crop_padding' is the random crop's padding in pixels (0: no crop, "
                           f"null: the dataset's), got {cfg.data.crop_padding}.")
     if cfg.data.val_size < 0:
-        raise ConfigError(f"Config key 'data.val_size' is a number of training images (0: off), got {cfg.data.val_size}.")
+        raise ConfigError(f"Config key 'data.val_size' is a number of training images (0: off), "
+                          f"got {cfg.data.val_size}.")
     if not 0 <= cfg.data.holdout < 1:
         raise ConfigError(f"Config key 'data.holdout' is a fraction of the training split in [0, 1), "
                           f"got {cfg.data.holdout}.")

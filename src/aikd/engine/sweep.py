@@ -48,7 +48,8 @@ def parse_grid(specs: Sequence[str]) -> list[GridPoint]:
         key = key.strip()
         items = _split_values(values)
         if not eq or not key or not items or any(not v for v in items):
-            raise AikdError(f"--grid '{spec}' must look like KEY=V1,V2,..., for example --grid aikd.alpha_p=0.1,0.3,0.5.")
+            raise AikdError(f"--grid '{spec}' must look like KEY=V1,V2,..., for example "
+                            f"--grid aikd.alpha_p=0.1,0.3,0.5.")
         if key in (k for k, _ in axes):
             raise AikdError(f"--grid names '{key}' twice; give all its values in one --grid {key}=V1,V2,...")
         axes.append((key, items))
@@ -71,14 +72,17 @@ def _split_values(text: str) -> list[str]:
     return [*values, current.strip()] if text.strip() else []
 
 
-def sweep_dir(out: Path, config: str | Path, seed: int, point: GridPoint = GridPoint()) -> Path:
+NO_GRID = GridPoint()
+
+
+def sweep_dir(out: Path, config: str | Path, seed: int, point: GridPoint = NO_GRID) -> Path:
     config = Path(config)
     folder = out / config.parent.name / config.stem
     return (folder / point.name if point else folder) / f"seed{seed}"
 
 
 def check_configs(configs: Sequence[str | Path], seeds: Sequence[int], overrides: Sequence[str],
-                  grid: Sequence[GridPoint] = (GridPoint(),)) -> None:
+                  grid: Sequence[GridPoint] = (NO_GRID,)) -> None:
     """Validate every config and grid point with the overrides before anything trains, so a typo (or a value out
     of range) costs seconds, not hours."""
     if not configs or not seeds:

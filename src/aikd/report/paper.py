@@ -401,37 +401,47 @@ def _curve_rank(name: str, order: list[str]) -> tuple[int, str]:
 CURVE_METRICS = (("test.top1_err", "Top-1 error (%)"), ("test.ece", "ECE (%)"))
 
 
-def learning_curve_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """Test error and ECE against epoch, one PNG per (dataset, model), every recipe a line.
+Curves = dict[str, dict[str, tuple[Any, Any, Any]]]  # metric title -> row name -> (epochs, mean, std)
 
-    Each line is the mean over the recipe's seeds of the epochs every seed evaluated
-    (metrics.jsonl), with a band of +-1 standard deviation.
+
+def learning_curve_data(runs: Sequence[Run]) -> dict[tuple[str, str], Curves]:
+    """Per (dataset, model): for each metric and recipe, (epochs, mean over seeds, std over seeds).
+
+    Only the epochs that every seed of a recipe evaluated count (``train.eval_every``), read
+    from each run's metrics.jsonl; the std is the population std of the seeds (the band drawn).
     """
     import numpy as np
 
-    from aikd.report.plots import learning_curves
-
-    by_group: dict[tuple[str, str], dict[str, list[dict[int, dict[str, float]]]]] = defaultdict(lambda: defaultdict(list))
+    by_group: dict[tuple[str, str], dict[str, list[dict[int, dict[str, Any]]]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         history = _history(run.folder / "metrics.jsonl")
         if history:
             by_group[(run.dataset, run.model)][run.recipe].append(history)
-    written = []
-    for (dataset, model), recipes in sorted(by_group.items()):
-        curves: dict[str, dict[str, tuple]] = {title: {} for _, title in CURVE_METRICS}
+    data = {}
+    for group, recipes in sorted(by_group.items()):
+        curves: Curves = {title: {} for _, title in CURVE_METRICS}
         for recipe in _recipe_order(set(recipes)):
             histories = recipes[recipe]
             epochs = sorted(set.intersection(*(set(h) for h in histories)))
             for key, title in CURVE_METRICS:
                 points = [e for e in epochs if all(key in h[e] for h in histories)]
-                if not points:
-                    continue
-                values = np.array([[h[e][key] for e in points] for h in histories])
-                curves[title][label(recipe)] = (np.array(points), values.mean(0), values.std(0))
+                if points:
+                    values = np.array([[h[e][key] for e in points] for h in histories])
+                    curves[title][label(recipe)] = (np.array(points), values.mean(0), values.std(0))
         curves = {title: lines for title, lines in curves.items() if lines}
         if curves:
-            path = Path(out_dir) / re.sub(r"[^\w.-]+", "_", f"curves_{dataset}_{model}").strip("_") + ".png"
-            written.append(learning_curves(curves, path, f"{dataset} / {model}"))
+            data[group] = curves
+    return data
+
+
+def learning_curve_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+    """Test error and ECE against epoch, one PNG per (dataset, model), every recipe a line with a +-1 std band."""
+    from aikd.report.plots import learning_curves
+
+    written = []
+    for (dataset, model), curves in learning_curve_data(runs).items():
+        path = Path(out_dir) / (re.sub(r"[^\w.-]+", "_", f"curves_{dataset}_{model}").strip("_") + ".png")
+        written.append(learning_curves(curves, path, f"{dataset} / {model}"))
     return written
 
 
