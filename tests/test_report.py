@@ -67,11 +67,15 @@ def test_table2_means_stds_and_ranks(sweep):
 
 def test_table3_has_ece_after_scaling_when_runs_have_it(tmp_path):
     for seed in range(2):
-        write_run(tmp_path, f"a/seed{seed}", "ce", "ce", seed, 10, 0.8, ece_ts=1.0 + seed)
-        write_run(tmp_path, f"b/seed{seed}", "pskd", "pskd", seed, 10, 0.8)
+        write_run(tmp_path, f"a/seed{seed}", "ce", "ce", seed, 10, 0.8, ece_ts=1.0 + seed, train_acc=99.5 + seed / 4,
+                  nll=0.4)
+        write_run(tmp_path, f"b/seed{seed}", "pskd", "pskd", seed, 10, 0.8, train_acc=98.0, nll=0.3)
     text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
     assert md_row(text, "Table 3", "Baseline")[3] == "1.50 ± 0.71"
     assert md_row(text, "Table 3", "PS-KD")[3] == "–"
+    # NLL is ranked; the training accuracy describes the regime and is not.
+    assert md_row(text, "Table 3", "PS-KD")[4:6] == ["**0.3000 ± 0.0000**", "98.00 ± 0.00"]
+    assert md_row(text, "Table 3", "Baseline")[4:6] == ["<u>0.4000 ± 0.0000</u>", "99.62 ± 0.18"]
 
 
 def test_table4_switches_come_from_the_saved_configs(sweep):
@@ -86,7 +90,7 @@ def test_latex_and_csv(sweep):
     runs = collect_runs(sweep)[0]
     latex = render(paper_tables(runs), "latex")
     assert "\\textbf{9.50 $\\pm$ 0.50}" in latex and "\\underline{11.00 $\\pm$ 0.00}" in latex
-    assert latex.count("\\begin{tabular}") == 3 and "\\checkmark" in latex
+    assert latex.count("\\begin{tabular}") == 4 and "\\checkmark" in latex  # Tables 2-4 and the paired one
     rows = list(csv.DictReader(io.StringIO(render(paper_tables(runs), "csv"))))
     cell = next(r for r in rows if r["table"] == "Table 2" and r["method"] == "Baseline" and r["metric"] == "top1_err")
     assert (float(cell["mean"]), float(cell["std"]), cell["seeds"], cell["dataset"]) == (12.0, 2.0, "3", "cifar100")

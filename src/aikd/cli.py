@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every combination of these values (repeat --grid for more keys), each in its own "
                         "folder OUT/<folder>/<config>/<KEY=V,...>/seed<k> and as its own row in 'aikd report'")
     p.add_argument("-o", "--out", required=True, help="output folder of the sweep")
+    p.add_argument("--cache", help="folder of phase-1 models (default OUT/superior): share them with another sweep")
     _add_common(p, overrides="config overrides for every run")
 
     p = _command(
@@ -255,8 +256,8 @@ def demo_difference(baseline: dict, student: dict) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from aikd.engine.sweep import run_sweep
 
-    done = run_sweep(args.config, args.seeds, args.out, args.overrides, grid=args.grid, quiet=args.quiet,
-                     log=_logger(args.quiet))
+    done = run_sweep(args.config, args.seeds, args.out, args.overrides, grid=args.grid, cache_dir=args.cache,
+                     quiet=args.quiet, log=_logger(args.quiet))
     print(f"aikd sweep: {len(done)} runs finished in {args.out}; tables: aikd report {args.out}")
     return 0
 

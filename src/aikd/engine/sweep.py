@@ -102,13 +102,15 @@ def check_configs(configs: Sequence[str | Path], seeds: Sequence[int], overrides
 
 
 def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str | Path,
-              overrides: Sequence[str] = (), *, grid: Sequence[str] = (), quiet: bool = False,
-              log=print) -> list[dict[str, Any]]:
+              overrides: Sequence[str] = (), *, grid: Sequence[str] = (), cache_dir: str | Path | None = None,
+              quiet: bool = False, log=print) -> list[dict[str, Any]]:
     """Run every (config, grid point, seed), seeds outermost (a first complete table comes early).
 
     ``grid`` holds ``KEY=V1,V2,...`` specs (``--grid``); each combination of their values
     is one more set of overrides, run into its own folder and tagged in the run's recipe
     (``aikd[aikd.alpha_p=0.1]``) so that ``aikd report`` shows it as its own row.
+    ``cache_dir`` holds the phase-1 models (default ``OUT/superior``): another sweep's cache
+    lends its models to this one.
     """
     points = parse_grid(grid)
     check_configs(configs, seeds, overrides, points)
@@ -122,7 +124,8 @@ def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str 
             where = f" [{point.name}]" if point else ""
             log(f"aikd sweep: [{len(done) + 1}/{total}] {config}{where} seed {seed} -> {run_dir}")
             result = run_pipeline(config, [*overrides, *point.overrides, f"seed={seed}"], run_dir,
-                                  cache_dir=out / "superior", quiet=quiet, log=log, variant=point.name or None)
+                                  cache_dir=Path(cache_dir) if cache_dir else out / "superior", quiet=quiet, log=log,
+                                  variant=point.name or None)
             done.append({"config": str(config), "grid": dict(point), "seed": seed, "run_dir": str(run_dir / "student"),
                          "top1_err": result["student"]["top1_err"]})
             atomic_write_bytes(out / "sweep.json", json.dumps(done, indent=2).encode())

@@ -107,6 +107,7 @@ class Trainer:
         self.step = 0
         self.best: dict[str, Any] = {"top1_err": math.inf, "epoch": 0}
         self.train_times: list[float] = []
+        self.train_acc: float | None = None  # the last epoch's training accuracy (%), on its augmented views
         self.last_eval: tuple[int, dict[str, float]] = (-1, {})
         self.test_predictions: tuple[int, Tensor, Tensor] | None = None  # (epoch, logits, labels)
         self.position: dict[str, Any] | None = None  # where a mid-epoch checkpoint stopped
@@ -198,6 +199,7 @@ class Trainer:
                 "rng": rng_state(),
                 "best": self.best,
                 "train_times": self.train_times,
+                "train_acc": self.train_acc,
                 "skipped_steps": self.skipped_steps,
             }
             if position is not None:
@@ -258,6 +260,7 @@ class Trainer:
         set_rng_state(ckpt.state["rng"])
         self.best = ckpt.state["best"]
         self.train_times = list(ckpt.state["train_times"])
+        self.train_acc = ckpt.state.get("train_acc")
         self.skipped_steps = int(ckpt.state.get("skipped_steps", 0))
         self.position = ckpt.state.get("position")
         self.epoch, self.step = int(ckpt.meta["epoch"]), int(ckpt.meta["step"])
@@ -386,6 +389,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         elapsed = earlier + time.perf_counter() - start
         self.train_times.append(elapsed)
+        self.train_acc = float(sums["train.acc"]) / max(seen, 1)
         record = {"epoch": epoch + 1, "epochs": self.cfg.train.epochs, "lr": lr, "time_s": elapsed,
                   "skipped_steps": self.skipped_steps - skipped_before}
         record.update({k: float(v) / max(seen, 1) for k, v in sums.items()})
@@ -584,6 +588,7 @@ class Trainer:
             "num_test": len(self.data.test),
             "eval_split": self.data.eval_split,
             "num_params": sum(p.numel() for p in self.model.parameters()),
+            "train_acc": self.train_acc,
             "time_per_epoch_s": sum(self.train_times) / max(len(self.train_times), 1),
             "train_time_s": sum(self.train_times),
             "device": str(self.device),
