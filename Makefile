@@ -8,13 +8,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 OUT ?= runs/demo
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean mutation
 
 demo: $(BIN)/.installed $(FMNIST)
 	$(BIN)/aikd demo -o $(OUT)
 
 test: $(BIN)/.installed $(FMNIST)
 	$(BIN)/python -m pytest -q
+
+mutation: $(BIN)/.installed
+	scripts/mutation.sh
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests scripts

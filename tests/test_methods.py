@@ -126,6 +126,9 @@ def test_kl_from_probs_with_zero_target_probabilities():
     # A zero target next to a very unlikely student class still contributes exactly 0.
     student = torch.tensor([[0.0, -1e4]])
     assert kl_from_probs(torch.tensor([[1.0, 0.0]]), student).item() == pytest.approx(0.0, abs=1e-7)
+    # Even next to a student log-probability of -inf (a softmax that underflowed): 0 log 0 = 0, not nan.
+    student = torch.tensor([[0.0, -math.inf]])
+    assert kl_from_probs(torch.tensor([[1.0, 0.0]]), student).item() == 0.0
 
 
 # ---------------------------------------------------------------------- KD and TF-KD
