@@ -84,6 +84,19 @@ def test_table4_switches_come_from_the_saved_configs(sweep):
     assert md_row(text, "Table 4", "No Adv")[1:4] == ["✓", "✓", ""]
     assert md_row(text, "Table 4", "AI-KD")[1:5] == ["✓", "✓", "✓", "**9.50 ± 0.50**"]
     assert md_row(text, "Table 4", "No Adv")[4] == "<u>9.80 ± 0.00</u>"
+    # The paper's order is AI-KD < No Adv < ... < Baseline: here AI-KD 9.50 < No Adv 9.80 < Baseline 12.00.
+    assert ("cifar100 / resnet18: AI-KD 9.50 < No Adv 9.80 < Baseline 12.00. The paper's order "
+            "(AI-KD < No Adv < Baseline) holds.") in text
+
+
+def test_table4_order_that_differs_from_the_papers_is_said(tmp_path):
+    for name, recipe, err, switches in (("ce", "ce", 10.0, None), ("g", "aikd_only_guide", 9.0, (0.1, 0, 0)),
+                                        ("p", "aikd_only_progressive", 11.0, (0, 0.3, 0))):
+        aikd = None if switches is None else dict(zip(("alpha_g", "alpha_p", "adv_weight"), switches, strict=True))
+        write_run(tmp_path, f"{name}/seed0", recipe, "ce" if aikd is None else "aikd", 0, err, 0.5, aikd=aikd)
+    text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
+    assert ("Only Guide 9.00 < Baseline 10.00 < Only Progressive 11.00. The paper's order "
+            "(Only Progressive < Only Guide < Baseline) does not hold.") in text
 
 
 def test_latex_and_csv(sweep):

@@ -103,6 +103,7 @@ class Table:
     lead: list[str] = field(default_factory=list)  # extra leading columns (the ablation's switches)
     lead_cells: list[list[str]] = field(default_factory=list)
     cells: list[list[Cell]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # lines printed under the table (Markdown)
 
 
 # ---------------------------------------------------------------------------- reading runs
@@ -280,6 +281,25 @@ def _paired_cell(mine: dict[int, float], base: dict[int, float], metric: Metric)
                 n=diff.n, interval=interval)
 
 
+PAPER_ABLATION_ORDER = ("AI-KD", "No Adv", "Only Progressive", "Only Guide", "Baseline")  # CIFAR-100, Table 4
+
+
+def ablation_order_notes(table: Table) -> list[str]:
+    """Per column: the rows of the paper's Table 4 sorted by mean Top-1 error, and whether the paper's order holds."""
+    notes = []
+    for col, group in enumerate(table.groups):
+        means = {name: row[col].mean for name, row in zip(table.row_names, table.cells, strict=True)
+                 if name in PAPER_ABLATION_ORDER and row[col].mean is not None}
+        if len(means) < 2:
+            continue
+        ours = sorted(means, key=lambda name: means[name])
+        paper = [name for name in PAPER_ABLATION_ORDER if name in means]
+        verdict = "holds" if ours == paper else "does not hold"
+        ranked = " < ".join(f"{name} {means[name]:.2f}" for name in ours)
+        notes.append(f"{group}: {ranked}. The paper's order ({' < '.join(paper)}) {verdict}.")
+    return notes
+
+
 def paper_tables(runs: Sequence[Run]) -> list[Table]:
     """Tables 2, 3 and 4 of the paper for whatever runs there are (empty tables are left out)."""
     tables = [
@@ -294,6 +314,7 @@ def paper_tables(runs: Sequence[Run]) -> list[Table]:
         switches = {label(r.recipe): r.losses for r in runs if r.losses is not None}
         ablation.lead = ["L_G", "L_P", "L_A"]
         ablation.lead_cells = [["✓" if on else "" for on in switches[name]] for name in ablation.row_names]
+        ablation.notes = ablation_order_notes(ablation)
         tables.append(ablation)
     if any(r.recipe == BASELINE for r in runs):
         tables.append(paired_table(runs))
@@ -320,6 +341,7 @@ def _markdown(tables: Sequence[Table]) -> str:
                 for i, name in enumerate(t.row_names)]
         align = "l" + "c" * len(t.lead) + "r" * (len(head) - 1 - len(t.lead))
         out += [f"### {t.title}", "", *pipe_table(head, rows, align), ""]
+        out += [*t.notes, ""] if t.notes else []
     return "\n".join(out)
 
 
