@@ -14,10 +14,15 @@ def check_loss_records(metrics: Path, terms: set[str], epochs: int) -> list[dict
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
     for record in records:
-        logged = {k.removeprefix("loss.") for k in record if k.startswith("loss.")}
-        assert logged == terms
-        values = [record[f"loss.{k}"] for k in logged]
-        assert all(math.isfinite(v) for v in values), record
-        assert record["train.loss"] == pytest.approx(sum(values), rel=1e-5)
-        assert 0 <= record["train.acc"] <= 100
+        check_loss_records_of(record, terms)
     return records
+
+
+def check_loss_records_of(record: dict, terms: set[str]) -> None:
+    """One epoch's record has exactly ``terms`` as finite loss terms that sum to train.loss."""
+    logged = {k.removeprefix("loss.") for k in record if k.startswith("loss.")}
+    assert logged == terms
+    values = [record[f"loss.{k}"] for k in logged]
+    assert all(math.isfinite(v) for v in values), record
+    assert record["train.loss"] == pytest.approx(sum(values), rel=1e-5)
+    assert 0 <= record["train.acc"] <= 100
