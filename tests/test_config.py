@@ -294,11 +294,11 @@ def _section(draw, fields: list[str]):
 
 @st.composite
 def _config_dicts(draw):
-    import aikd.methods  # noqa: F401  (registers the method sections)
-    from aikd.config import _METHOD_SCHEMAS
+    from aikd.config import method_schemas
 
+    schemas = method_schemas()
     sections = dict(_SECTIONS)
-    sections.update(_METHOD_SCHEMAS)
+    sections.update(schemas)
     data = {}
     for name, schema in sections.items():
         if draw(st.booleans()):
@@ -307,7 +307,7 @@ def _config_dicts(draw):
     for key in draw(st.lists(st.sampled_from(_TOP_KEYS) | st.text(max_size=8), max_size=4)):
         data[key] = draw(_values)
     if draw(st.booleans()):
-        data["method"] = draw(st.sampled_from(sorted(_METHOD_SCHEMAS)))
+        data["method"] = draw(st.sampled_from(sorted(schemas)))
     return data
 
 
@@ -429,3 +429,58 @@ def test_cli_help_has_examples(cli_runs, case):
     assert proc.returncode == 0, proc.stderr
     assert "example" in proc.stdout
     assert proc.stdout.startswith("usage: aikd")
+
+
+# ---------------------------------------------------------------------- checked before any compute
+
+
+def test_string_options_take_the_override_text_not_its_yaml_reading():
+    cfg = load_config(None, ["train.channels_last=on", "teacher.checkpoint=1.10", "data.root=yes"])
+    assert cfg.train.channels_last == "on" and cfg.teacher.checkpoint == "1.10" and cfg.data.root == "yes"
+    assert load_config(None, ["train.channels_last=off"]).train.channels_last == "off"
+    cfg = load_config(None, ["teacher.checkpoint=null", "train.epochs=3", "train.lr=1e-3", "data.flip=false"])
+    assert cfg.teacher.checkpoint is None and cfg.train.epochs == 3 and cfg.train.lr == 0.001
+    assert cfg.data.flip is False
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs=on"])
+
+
+def _numeric_fields():
+    from aikd.catalog import methods
+
+    for name in methods().names():
+        for field in dataclasses.fields(methods().get(name).Config):
+            if field.type in ("float", "int", "float | None", "int | None"):
+                yield name, field.name
+
+
+@pytest.mark.parametrize(("method", "key"), list(_numeric_fields()))
+def test_every_method_range_is_checked_when_the_config_is_read(method, key):
+    """No hyper-parameter of any registered method may be negative; from_dict says which."""
+    with pytest.raises(ConfigError, match=rf"{method}\.{key}"):
+        from_dict({"method": method, method: {key: -1}})
+
+
+def test_unknown_names_are_refused_when_the_config_is_read():
+    for override, key in (("model.name=resnet19", "model.name"), ("teacher.model=resnet19", "teacher.model"),
+                          ("data.name=cifar1000", "data.name"), ("method=aikdd", "method")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [override])
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "-c", "configs/fashion_mnist/aikd.yaml", "-o", "{out}", "aikd.alpha_g=0.9"],
+    ["pipeline", "-c", "configs/fashion_mnist/aikd.yaml", "-o", "{out}", "aikd.alpha_g=0.9"],
+    ["sweep", "-c", "configs/fashion_mnist/aikd.yaml", "configs/fashion_mnist/pskd.yaml", "--seeds", "0", "1",
+     "-o", "{out}", "--grid", "aikd.alpha_g=0.1,0.9"],
+    ["train", "-c", "configs/fashion_mnist/ce.yaml", "-o", "{out}", "model.name=resnet19"],
+])
+def test_bad_values_stop_every_command_before_data_or_training(tmp_path, command):
+    out = tmp_path / "out"
+    # A data folder that does not exist: reading data first would fail with a data error instead.
+    args = [a.format(out=out) for a in command] + [f"data.root={tmp_path / 'no-data'}"]
+    done = subprocess.run([sys.executable, "-m", "aikd", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done.stderr
+    assert "aikd.alpha_g" in done.stderr or "model.name" in done.stderr
+    assert "does not exist" not in done.stderr and not out.exists()

@@ -145,14 +145,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------
-# Method sections are registered by the methods themselves.
-_METHOD_SCHEMAS: dict[str, type] = {}
+def method_schemas() -> dict[str, type]:
+    """Each registered method's hyper-parameter dataclass (``Method.Config``), by method name.
 
+    The schemas come from the method registry (:mod:`aikd.catalog`), so this module imports
+    no method and no method imports it.
+    """
+    from aikd.catalog import methods
 
-def register_method_schema(name: str, schema: type) -> None:
-    """Declare the dataclass that validates the ``name:`` section of a config."""
-    _METHOD_SCHEMAS[name] = schema
+    registry = methods()
+    return {name: registry.get(name).Config for name in registry.names()}
 
 
 # ---------------------------------------------------------------------------
@@ -164,6 +166,8 @@ def build(cls: type, data: Any, where: str) -> Any:
 
     ``where`` is the dotted path of this section, used in error messages.
     """
+    if isinstance(data, OverrideValue):
+        data = data.parsed
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -184,7 +188,41 @@ def build(cls: type, data: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class OverrideValue:
+    """The value of a ``KEY=VALUE`` override: the text as typed and its YAML reading.
+
+    Which one the key gets depends on the schema: a string option takes the text
+    (``train.channels_last=on`` is "on", not YAML 1.1's True; ``model.name=1.10`` stays
+    "1.10"), every other option the YAML value (numbers, booleans, lists, null).
+    """
+
+    text: str
+    parsed: Any
+
+
+def _wants_text(hint: Any) -> bool:
+    if hint is str:
+        return True
+    if typing.get_origin(hint) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(hint))
+    return False
+
+
+def _value(value: Any, hint: Any) -> Any:
+    """Resolve an :class:`OverrideValue` against the type the schema expects (other values pass through)."""
+    if not isinstance(value, OverrideValue):
+        return value
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value.parsed is None and len(options) < len(typing.get_args(hint)):
+            return None
+        return value.text if any(_wants_text(a) for a in options) else value.parsed
+    return value.text if _wants_text(hint) else value.parsed
+
+
 def _check(hint: Any, value: Any, path: str) -> Any:
+    value = _value(value, hint)
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, path)
@@ -319,30 +357,46 @@ def _check_values(cfg: RunConfig) -> None:
 
 
 def from_dict(data: Mapping[str, Any], source: str = "config") -> RunConfig:
-    """Validate a plain mapping (a parsed YAML file plus overrides) into a RunConfig."""
-    import aikd.methods  # noqa: F401  (registers every method's schema)
+    """Validate a plain mapping (a parsed YAML file plus overrides) into a RunConfig.
 
+    Everything a run will use is checked here, before any data is read or any model built:
+    keys, types, value ranges (each method's in its own config dataclass), and the names of
+    the method, model, teacher model and dataset against their registries.
+    """
+    schemas = method_schemas()
     data = dict(data)
-    method = data.get("method", "ce")
+    method = _value(data.get("method", "ce"), str)
     if not isinstance(method, str):
         raise ConfigError(f"Config key 'method' must be a method name, got {method!r}.")
-    if method not in _METHOD_SCHEMAS:
+    if method not in schemas:
         raise ConfigError(
             f"Unknown method '{method}' (config key 'method' in {source})."
-            f"{did_you_mean(method, _METHOD_SCHEMAS)} Available: {', '.join(sorted(_METHOD_SCHEMAS))}."
+            f"{did_you_mean(method, schemas)} Available: {', '.join(sorted(schemas))}."
         )
+    data["method"] = method
     if "methods" in data:  # filled from the method sections below, not settable itself
         raise ConfigError(
             f"Config key 'methods' cannot be set (in {source}): method hyper-parameters go in a "
             f"top-level section named after the method, for example '{method}:'."
         )
     methods = {}
-    for name, schema in _METHOD_SCHEMAS.items():
+    for name, schema in schemas.items():
         methods[name] = build(schema, data.pop(name, None), name)
     cfg = build(RunConfig, data, "")
     cfg.methods = methods
     _check_values(cfg)
+    _check_names(cfg)
     return cfg
+
+
+def _check_names(cfg: RunConfig) -> None:
+    """The dataset, model and teacher model must be registered (each lookup names the key and the choices)."""
+    from aikd.catalog import datasets, models
+
+    datasets().get(cfg.data.name)
+    models().get(cfg.model.name)
+    if cfg.teacher.model is not None:
+        models().get(cfg.teacher.model, "teacher.model")
 
 
 # ---------------------------------------------------------------------------
@@ -380,8 +434,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=value`` into its key path and a YAML-typed value."""
+def parse_override(text: str) -> tuple[list[str], OverrideValue]:
+    """Split ``a.b.c=value`` into its key path and its value (text and YAML reading, see :class:`OverrideValue`)."""
     if "=" not in text:
         raise ConfigError(
             f"Override '{text}' must look like KEY=VALUE, for example train.epochs=2."
@@ -394,7 +448,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except (yaml.YAMLError, *_YAML_VALUE_ERRORS):
         value = raw
-    return parts, value
+    return parts, OverrideValue(raw.strip(), value)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -407,6 +461,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
+            if isinstance(child, OverrideValue) and isinstance(child.parsed, dict):  # an earlier a={...}
+                child = node[part] = child.parsed
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):

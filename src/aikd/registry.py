@@ -27,10 +27,12 @@ class Registry(Generic[T]):
 
         return decorator
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, key: str | None = None) -> T:
+        """The object registered as ``name``; a ConfigError naming the config key (default
+        ``config_key``), a close match and the choices when there is none."""
         if name not in self._items:
             raise ConfigError(
-                f"Unknown {self.kind} '{name}' (config key '{self.config_key}')."
+                f"Unknown {self.kind} '{name}' (config key '{key or self.config_key}')."
                 f"{did_you_mean(name, self._items)} Available: {', '.join(self.names())}."
             )
         return self._items[name]

@@ -31,7 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Method, MethodContext, StepOutput, hard_labels, register_method
+from aikd.methods.base import (
+    Batch,
+    Method,
+    MethodContext,
+    StepOutput,
+    hard_labels,
+    non_negative,
+    positive,
+    register_method,
+)
 from aikd.methods.dkd import binary_split, dkd_warmup
 from aikd.methods.functional import kl_per_sample
 
@@ -93,6 +102,11 @@ class AEKTConfig:
     # The head maps logits (large, unnormalised inputs) and sits under beta * T^2: at the student's
     # learning rate its weights blow up within a few steps, so it learns 100x slower.
     head_lr_scale: float = 0.01
+
+    def __post_init__(self) -> None:
+        for key in ("alpha", "beta", "warmup", "ce_weight", "head_lr_scale"):
+            non_negative(f"aekt.{key}", getattr(self, key))
+        positive("aekt.temperature", self.temperature)
 
 
 @register_method("aekt", AEKTConfig)

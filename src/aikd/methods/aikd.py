@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from aikd.distributed import any_rank, average_gradients
 from aikd.errors import ConfigError
-from aikd.methods.base import Batch, Method, MethodContext, StepOutput, register_method
+from aikd.methods.base import Batch, Method, MethodContext, StepOutput, non_negative, positive, register_method, require
 from aikd.methods.buffer import PredictionBuffer
 from aikd.methods.functional import distillation_kl
 
@@ -163,6 +163,19 @@ class AIKDConfig:
     critic_max_lr: float = 1e-3
     critic_max_steps: int = 10
 
+    def __post_init__(self) -> None:
+        a_g, a_p = self.alpha_g, self.alpha_p
+        require(a_g >= 0 and a_p >= 0 and a_g + a_p <= 1, "aikd.alpha_g", a_g,
+                f"and aikd.alpha_p ({a_p}) must be >= 0 and sum to at most 1 (the CE weight is 1 - alpha_p - alpha_g)")
+        for key in ("temp_g", "temp_p", "disc_lr", "critic_max_lr", "gp_weight"):
+            positive(f"aikd.{key}", getattr(self, key))
+        non_negative("aikd.adv_weight", self.adv_weight)
+        non_negative("aikd.disc_slope", self.disc_slope)
+        for key in ("critic_steps", "critic_reference_steps", "critic_max_steps", "disc_hidden", "disc_out"):
+            positive(f"aikd.{key}", getattr(self, key))
+        require(self.disc_betas is None or (len(self.disc_betas) == 2 and all(0 <= b < 1 for b in self.disc_betas)),
+                "aikd.disc_betas", self.disc_betas, "holds Adam's two betas in [0, 1), or is null")
+
 
 @register_method("aikd", AIKDConfig)
 class AIKD(Method):
@@ -174,15 +187,6 @@ class AIKD(Method):
     def __init__(self, hparams: AIKDConfig, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)
         h = hparams
-        if h.alpha_g < 0 or h.alpha_p < 0 or h.alpha_g + h.alpha_p > 1:
-            raise ConfigError(f"aikd.alpha_g ({h.alpha_g}) and aikd.alpha_p ({h.alpha_p}) must be >= 0 and sum "
-                              f"to at most 1 (the CE weight is 1 - alpha_p - alpha_g).")
-        if h.temp_g <= 0 or h.temp_p <= 0 or h.critic_steps < 1:
-            raise ConfigError("aikd.temp_g and aikd.temp_p must be positive and aikd.critic_steps >= 1.")
-        if h.critic_reference_steps < 1 or h.critic_max_steps < 1 or h.critic_max_lr <= 0 or h.disc_lr <= 0:
-            raise ConfigError(f"aikd.critic_reference_steps ({h.critic_reference_steps}) and aikd.critic_max_steps "
-                              f"({h.critic_max_steps}) must be >= 1, aikd.disc_lr ({h.disc_lr}) and "
-                              f"aikd.critic_max_lr ({h.critic_max_lr}) positive.")
         self.use_adv = h.adv_weight > 0
         self.use_prev = h.alpha_p > 0
         self.critic_lr, self.critic_steps = self._critic_budget()

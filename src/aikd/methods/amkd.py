@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aikd.methods.base import Batch, hard_labels, register_method
+from aikd.methods.base import Batch, hard_labels, non_negative, register_method
 from aikd.methods.bss import BSS, AttackResult, BSSConfig
 
 
@@ -58,6 +58,11 @@ class AMKDConfig(BSSConfig):
     triplet_weight: float = 1.0  # gamma
     margin: float = 0.2
     negative: Literal["teacher", "student"] = "teacher"  # whose embedding of the negative-class sample
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        non_negative("amkd.triplet_weight", self.triplet_weight)
+        non_negative("amkd.margin", self.margin)
 
 
 @register_method("amkd", AMKDConfig)

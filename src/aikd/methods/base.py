@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from aikd.config import register_method_schema
+from aikd.errors import ConfigError
 from aikd.registry import Registry
 
 
@@ -73,6 +73,7 @@ class Method(nn.Module):
     """Base class: subclasses implement :meth:`training_step`."""
 
     name: ClassVar[str]
+    Config: ClassVar[type]  # the hyper-parameter dataclass, set by @register_method
     requires_teacher: ClassVar[bool] = False
     # Self-distillation methods learn from a copy of the student's own architecture.
     teacher_same_architecture: ClassVar[bool] = False
@@ -143,6 +144,25 @@ class Method(nn.Module):
         """Restore what :meth:`extra_state` returned."""
 
 
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """Refuse a hyper-parameter out of its range, naming the config key (called from a Config's __post_init__,
+    so a bad value stops the run when the config is read, before any data is loaded)."""
+    if not ok:
+        raise ConfigError(f"Config key '{key}' {rule}, got {value!r}.")
+
+
+def positive(key: str, value: float) -> None:
+    require(value > 0, key, value, "must be positive")
+
+
+def non_negative(key: str, value: float) -> None:
+    require(value >= 0, key, value, "must be >= 0")
+
+
+def weight(key: str, value: float) -> None:
+    require(0 <= value <= 1, key, value, "is a weight in [0, 1]")
+
+
 def hard_labels(targets: Tensor) -> Tensor:
     """Class indices of a batch's targets, also when they are mixed soft labels."""
     return targets if targets.ndim == 1 else targets.argmax(dim=1)
@@ -157,12 +177,13 @@ class NoHparams:
 
 
 def register_method(name: str, hparams: type = NoHparams):
-    """Class decorator: make a method available as ``method: name`` in configs."""
+    """Class decorator: make a method available as ``method: name`` in configs, with ``hparams`` (a
+    dataclass whose ``__post_init__`` checks its ranges) as the schema of the config's ``name:`` section."""
 
     def decorator(cls: type[Method]) -> type[Method]:
         cls.name = name
+        cls.Config = hparams
         METHODS.register(name)(cls)
-        register_method_schema(name, hparams)
         return cls
 
     return decorator

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Method, StepOutput, hard_labels, register_method
+from aikd.methods.base import Batch, Method, StepOutput, hard_labels, non_negative, positive, register_method
 from aikd.methods.functional import distillation_kl
 
 
@@ -116,6 +116,13 @@ class BSSConfig:
     attack_size: int = 64  # base samples per batch
     attack_steps: int = 10
     eta: float = 0.3
+
+    def __post_init__(self) -> None:
+        section = type(self).__name__.removesuffix("Config").lower()  # bss, or amkd for its subclass
+        positive(f"{section}.temperature", self.temperature)
+        positive(f"{section}.attack_size", self.attack_size)
+        positive(f"{section}.attack_steps", self.attack_steps)
+        non_negative(f"{section}.eta", self.eta)
 
 
 @register_method("bss", BSSConfig)

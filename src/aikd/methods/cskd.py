@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aikd.errors import ConfigError
-from aikd.methods.base import Batch, Method, StepOutput, register_method
+from aikd.methods.base import Batch, Method, StepOutput, non_negative, positive, register_method
 from aikd.methods.functional import distillation_kl
 
 
@@ -70,6 +70,10 @@ class ClassPairBatchSampler:
 class CSKDConfig:
     lam: float = 1.0  # lambda, weight of the class-wise term
     temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        non_negative("cskd.lam", self.lam)
+        positive("cskd.temperature", self.temperature)
 
 
 @register_method("cskd", CSKDConfig)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Method, StepOutput, hard_labels, register_method
+from aikd.methods.base import Batch, Method, StepOutput, hard_labels, non_negative, positive, register_method
 from aikd.methods.functional import kl_from_probs
 
 
@@ -54,6 +54,11 @@ class DKDConfig:
     temperature: float = 4.0
     warmup: int = 20  # epochs of linear ramp of the KD terms
     ce_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("alpha", "beta", "warmup", "ce_weight"):
+            non_negative(f"dkd.{key}", getattr(self, key))
+        positive("dkd.temperature", self.temperature)
 
 
 @register_method("dkd", DKDConfig)

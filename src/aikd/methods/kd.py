@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Method, StepOutput, register_method
+from aikd.methods.base import Batch, Method, StepOutput, positive, register_method, weight
 from aikd.methods.functional import distillation_kl
 
 
@@ -29,6 +29,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alp
 class KDConfig:
     alpha: float = 0.9  # weight of the distillation term
     temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        weight("kd.alpha", self.alpha)
+        positive("kd.temperature", self.temperature)
 
 
 @register_method("kd", KDConfig)

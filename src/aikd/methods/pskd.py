@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Method, MethodContext, StepOutput, register_method
+from aikd.methods.base import Batch, Method, MethodContext, StepOutput, register_method, weight
 from aikd.methods.buffer import PredictionBuffer
 from aikd.methods.functional import soft_cross_entropy
 
@@ -39,6 +39,9 @@ def pskd_targets(labels: Tensor, previous_probs: Tensor, has_previous: Tensor, a
 @dataclass
 class PSKDConfig:
     alpha_T: float = 0.8  # a_T, the final weight of the previous predictions
+
+    def __post_init__(self) -> None:
+        weight("pskd.alpha_T", self.alpha_T)
 
 
 @register_method("pskd", PSKDConfig)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Method, StepOutput, register_method
+from aikd.methods.base import Batch, Method, StepOutput, positive, register_method, require, weight
 from aikd.methods.functional import distillation_kl, kl_from_probs
 
 
@@ -37,6 +37,12 @@ class TFKDSelfConfig:
     # None: KL summed over classes, mean over the batch. M: the official code's
     # nn.KLDivLoss() (mean over batch x classes) times its `multiplier` M (50 for CIFAR-100).
     multiplier: float | None = None
+
+    def __post_init__(self) -> None:
+        weight("tfkd_self.alpha", self.alpha)
+        positive("tfkd_self.temperature", self.temperature)
+        if self.multiplier is not None:
+            positive("tfkd_self.multiplier", self.multiplier)
 
 
 def tf_self_kd(teacher_logits: Tensor, student_logits: Tensor, temperature: float,
@@ -83,6 +89,11 @@ class TFKDRegConfig:
     alpha: float = 0.1
     temperature: float = 20.0  # tau
     correct_prob: float = 0.99
+
+    def __post_init__(self) -> None:
+        weight("tfkd_reg.alpha", self.alpha)
+        positive("tfkd_reg.temperature", self.temperature)
+        require(0 < self.correct_prob < 1, "tfkd_reg.correct_prob", self.correct_prob, "is a probability in (0, 1)")
 
 
 @register_method("tfkd_reg", TFKDRegConfig)

@@ -1,0 +1,33 @@
+"""The built-in registries, for code that must look names up without importing their modules at load time.
+
+Methods, models and datasets register themselves next to their definitions
+(``@register_method``, ``MODELS.register``, ``DATASETS.register``). Config
+validation needs all three, yet the config module must not import the methods
+(they are built from configs). These accessors import the defining packages on
+first use, which runs every registration, and return the filled registries.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aikd.registry import Registry
+
+
+def methods() -> Registry[Any]:
+    from aikd.methods import METHODS
+
+    return METHODS
+
+
+def models() -> Registry[Any]:
+    from aikd.models import MODELS
+
+    return MODELS
+
+
+def datasets() -> Registry[Any]:
+    from aikd.data.readers import DATASETS
+
+    return DATASETS
