@@ -441,7 +441,7 @@ def test_string_options_take_the_override_text_not_its_yaml_reading():
     cfg = load_config(None, ["teacher.checkpoint=null", "train.epochs=3", "train.lr=1e-3", "data.flip=false"])
     assert cfg.teacher.checkpoint is None and cfg.train.epochs == 3 and cfg.train.lr == 0.001
     assert cfg.data.flip is False
-    with pytest.raises(ConfigError, match="train.epochs"):
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
         load_config(None, ["train.epochs=on"])
 
 
