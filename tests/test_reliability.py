@@ -179,7 +179,7 @@ def test_resume_auto_in_an_empty_folder_starts_fresh(tmp_path, one_thread):
 
 def poison_batches(trainer: Trainer, numbers: set[int]) -> None:
     """Make the input of the given batches (1-based, over the run) NaN, as a blown-up layer would."""
-    original, count = trainer._to_batch, [0]
+    original, count = trainer.parts.to_batch, [0]
 
     def to_batch(*args, **kwargs):
         batch = original(*args, **kwargs)
@@ -188,7 +188,7 @@ def poison_batches(trainer: Trainer, numbers: set[int]) -> None:
             batch.images = torch.full_like(batch.images, float("nan"))
         return batch
 
-    trainer._to_batch = to_batch
+    trainer.parts.to_batch = to_batch
 
 
 def test_nonfinite_loss_stops_naming_the_term_and_the_step(tmp_path, one_thread):

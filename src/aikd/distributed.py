@@ -1,11 +1,25 @@
-"""Data-parallel plumbing: the process group, and the few collectives the loop and methods need.
+"""The process group and the distribution strategy: how one process relates to the others of its run.
 
 A distributed run is started by ``torchrun`` (or ``aikd train --nproc N``), which
 sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables in every
-process. :func:`setup` joins the group once per process (NCCL on GPUs, gloo on
-CPU). Every helper here is a no-op in a single process, so the loop and the
-methods call them unconditionally and a one-process run takes exactly the
-code path it always took.
+process; :func:`setup` joins the group once per process (NCCL on GPUs, gloo on
+CPU).
+
+Two strategies share one small interface. :class:`SingleProcess` is a run of
+one process: every call is the identity or a no-op. :class:`DataParallel` is
+one rank of a torchrun job. The loop, the setup and the methods call the
+strategy unconditionally and never ask whether the run is distributed; the
+collectives live here and nowhere else (pure functions such as the losses and
+``critic_step`` take the few they need as arguments).
+
+* ``wrap``: the student as the training step calls it (DistributedDataParallel);
+* ``train_sampler`` / ``eval_sampler``: this rank's share of the batches;
+* ``sum_``, ``agree``, ``gather_rows``, ``gather_objects``: reduce, decide
+  together, collect rows or small objects in rank order;
+* ``average_gradients``, ``average_norm_statistics``: what DDP does not do
+  (a method's own trained modules; BatchNorm running statistics at an epoch's end);
+* ``main_then_share``: rank 0 acts (prepares the output folder) and every rank
+  raises its error.
 
 Kept free of engine and method imports so both can use it.
 """
@@ -21,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from aikd.data.loaders import BlockBatchSampler, EpochBatchSampler, ShardedBatchSampler
 from aikd.errors import AikdError, ConfigError
 
 
@@ -77,129 +92,170 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
     return device
 
 
-def is_distributed() -> bool:
-    return current().enabled
+class SingleProcess:
+    """A run of one process: rank 0 of 1; every collective is the identity."""
+
+    rank, world_size, is_main, distributed = 0, 1, True, False
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        return model
+
+    def train_sampler(self, sampler: Any | None, num_samples: int, batch_size: int, seed: int,
+                      paired: bool) -> Any | None:
+        """The method's epoch batch sampler, or None for the loader's shuffled batches."""
+        return sampler
+
+    def eval_sampler(self, num_samples: int, batch_size: int) -> Any | None:
+        return None
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def agree(self, flag: bool | Tensor, device: torch.device) -> bool:
+        """True when ``flag`` is true here (on any rank, in a distributed run)."""
+        return bool(torch.as_tensor(flag).reshape(()))
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        """Gradients of parameters outside the wrapped student: already this process's own."""
+
+    def average_norm_statistics(self, modules: Sequence[nn.Module]) -> None:
+        """BatchNorm running statistics: already this process's own."""
+
+    def barrier(self) -> None:
+        """Nothing to wait for."""
+
+    def main_then_share(self, action: Callable[[], None]) -> None:
+        action()
 
 
-def barrier() -> None:
-    if is_distributed():
+class DataParallel(SingleProcess):
+    """Rank ``info.rank`` of ``info.world_size`` processes that train one model on slices of each batch."""
+
+    distributed = True
+
+    def __init__(self, info: DistInfo) -> None:
+        self.rank, self.world_size, self.is_main = info.rank, info.world_size, info.is_main
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """DistributedDataParallel: it broadcasts rank 0's weights now and averages gradients during backward.
+
+        Running statistics are not broadcast every step (they are averaged at each epoch's end). A
+        method that needs a second forward with gradient in one step (BSS's boundary samples) calls
+        the bare student (``MethodContext.student``): its gradients flow into the same parameters
+        and DDP averages their sum once.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
+                                       gradient_as_bucket_view=True)
+
+    def train_sampler(self, sampler: Any | None, num_samples: int, batch_size: int, seed: int,
+                      paired: bool) -> Any | None:
+        """This rank's slice of every global batch (``data.batch_size`` stays the global batch)."""
+        sampler = sampler or EpochBatchSampler(num_samples, batch_size, seed)
+        return ShardedBatchSampler(sampler, self.rank, self.world_size, paired)
+
+    def eval_sampler(self, num_samples: int, batch_size: int) -> Any | None:
+        """This rank's contiguous block of a split: gathered in rank order, every sample counts once."""
+        return BlockBatchSampler(num_samples, batch_size, self.rank, self.world_size)
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def agree(self, flag: bool | Tensor, device: torch.device) -> bool:
+        """True on every rank when ``flag`` is true on at least one: decisions that must not split the ranks."""
+        value = torch.as_tensor(flag, dtype=torch.int32, device=device).reshape(())
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value)
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0 in rank order (row counts may differ)."""
+        count = torch.tensor([tensor.shape[0]], device=tensor.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count)
+        sizes = [int(c) for c in counts]
+        padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's small picklable ``obj`` (generator states), in rank order."""
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        """One flat all-reduce for the gradients of parameters DDP does not see (a critic, a method's head);
+        parameters without a gradient take part as zeros, so every rank sends the same shapes."""
+        params = [p for p in parameters if p.requires_grad]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def average_norm_statistics(self, modules: Sequence[nn.Module]) -> None:
+        """Average BatchNorm running means and variances over the ranks.
+
+        Without SyncBatchNorm each rank's statistics follow its own slice of the batches;
+        averaging them at an epoch's end gives every rank the same model for evaluation,
+        checkpoints and AI-KD's snapshot, and a better estimate than any one rank's.
+        """
+        stats = [t for m in modules for layer in m.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
+                 for t in (layer.running_mean, layer.running_var) if t is not None]
+        if not stats:
+            return
+        flat = torch.cat([t.float().reshape(-1) for t in stats])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world_size
+        offset = 0
+        for t in stats:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def barrier(self) -> None:
         dist.barrier()
 
+    def main_then_share(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on rank 0 alone; if it raises an :class:`AikdError`, every rank raises it.
 
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over the ranks, in place; returns it."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def any_rank(flag: bool | Tensor, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one: decisions that must not split the ranks."""
-    value = torch.as_tensor(flag, dtype=torch.int32, device=device).reshape(())
-    if is_distributed():
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value)
-
-
-def all_gather_rows(tensor: Tensor) -> Tensor:
-    """Concatenate every rank's ``tensor`` along dim 0, in rank order (row counts may differ between ranks)."""
-    if not is_distributed():
-        return tensor
-    world = dist.get_world_size()
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+        For checks that read or change shared files (the output folder): the other ranks wait
+        for rank 0 instead of racing it, and stop with its message instead of waiting forever.
+        """
+        error = None
+        if self.is_main:
+            try:
+                action()
+            except AikdError as err:
+                error = err
+        message = self.gather_objects(None if error is None else (type(error), str(error)))[0]
+        if message is not None:
+            kind, text = message
+            raise kind(text)
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (small picklable things: generator states), in rank order."""
-    if not is_distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+Strategy = SingleProcess  # the interface: DataParallel implements the same methods
 
 
-def broadcast_parameters(module: nn.Module) -> None:
-    """Give every rank rank 0's parameters and buffers (what DistributedDataParallel does when it wraps)."""
-    if not is_distributed():
-        return
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor, src=0)
-
-
-def on_main_then_share(action: Callable[[], None]) -> None:
-    """Run ``action`` on rank 0 alone; if it raises an :class:`AikdError`, every rank raises it.
-
-    For checks that read or change shared files (the output folder): the other ranks wait for
-    rank 0 instead of racing it, and stop with its message instead of waiting forever.
-    """
-    error = None
-    if current().is_main:
-        try:
-            action()
-        except AikdError as err:
-            error = err
-    if not is_distributed():
-        if error is not None:
-            raise error
-        return
-    message = all_gather_objects(None if error is None else (type(error), str(error)))[0]
-    if message is not None:
-        kind, text = message
-        raise kind(text)
-
-
-def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
-    """Average the gradients of parameters outside DistributedDataParallel (a critic, a method's head).
-
-    One flat all-reduce for all of them; parameters without a gradient take part as zeros so
-    every rank sends the same shapes.
-    """
-    if not is_distributed():
-        return
-    params = [p for p in parameters if p.requires_grad]
-    if not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
-def average_norm_statistics(modules: Sequence[nn.Module]) -> None:
-    """Average BatchNorm running means and variances over the ranks.
-
-    Without SyncBatchNorm each rank's statistics follow its own slice of the
-    batches; averaging them at the end of an epoch gives every rank the same
-    model for evaluation, checkpoints and AI-KD's snapshot, and a better
-    estimate than any one rank's.
-    """
-    if not is_distributed():
-        return
-    stats = [t for m in modules for layer in m.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
-             for t in (layer.running_mean, layer.running_var) if t is not None]
-    if not stats:
-        return
-    flat = torch.cat([t.float().reshape(-1) for t in stats])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in stats:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+def strategy_for(info: DistInfo) -> SingleProcess:
+    """The strategy of this process: DataParallel when torchrun started several, else SingleProcess."""
+    return DataParallel(info) if info.enabled else SingleProcess()
 
 
 def shutdown() -> None:

@@ -81,7 +81,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
 def _calibrate(loaded: LoadedModel, logits: Tensor, labels: Tensor, quiet: bool,
                plot: str | Path | None) -> dict[str, float]:
     from aikd.metrics.calibration import calibrate
-    from aikd.report.plots import reliability_diagram
+    from aikd.report.plots import write_reliability
 
     if loaded.data.holdout is None:
         raise AikdError(
@@ -93,9 +93,7 @@ def _calibrate(loaded: LoadedModel, logits: Tensor, labels: Tensor, quiet: bool,
     held = loaded.predict(loaded.data.holdout, quiet, "holdout")
     metrics, bins = calibrate(*held, logits, labels)
     if plot is not None:
-        t = metrics["temperature"]
-        reliability_diagram({"before TS": bins["raw"], f"after TS (T={t:.2f})": bins["ts"]}, plot,
-                            f"{loaded.cfg.method} - {loaded.cfg.data.name}")
+        write_reliability(bins, metrics["temperature"], f"{loaded.cfg.method} - {loaded.cfg.data.name}", plot)
     return metrics
 
 

@@ -14,9 +14,7 @@ the new checkpoint, never half of one.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from aikd.errors import CheckpointError
+from aikd.fileio import atomic_write_bytes
 
 FORMAT = "aikd-checkpoint/1"
 _META_KEY = "aikd"
@@ -103,26 +102,6 @@ def save_checkpoint(path: str | Path, model_state: dict[str, Tensor], meta: dict
     payload = st_save(tensors, metadata={_META_KEY: json.dumps(header)})
     atomic_write_bytes(path, payload)
     return path
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` via temp file + fsync + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

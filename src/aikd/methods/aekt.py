@@ -113,6 +113,10 @@ class AEKTConfig:
 class AEKT(Method):
     requires_teacher = True
 
+    @classmethod
+    def loss_terms(cls, hparams: AEKTConfig) -> set[str]:
+        return {"ce", "explicit", "implicit"}
+
     def __init__(self, hparams: AEKTConfig, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)
         self.head = None

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.distributed import any_rank, average_gradients
+from aikd.distributed import SingleProcess
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, MethodContext, StepOutput, non_negative, positive, register_method, require
 from aikd.methods.buffer import PredictionBuffer
@@ -90,18 +90,25 @@ def critic_loss(critic: nn.Module, superior_logits: Tensor, student_logits: Tens
     return loss, {"critic_loss": loss.detach(), "critic_gap": (d_real - d_fake).detach(), "gp": gp.detach()}
 
 
+SINGLE_PROCESS = SingleProcess()
+
+
 def critic_step(critic: nn.Module, optimizer: torch.optim.Optimizer, superior_logits: Tensor,
-                student_logits: Tensor, gp_weight: float = 10.0) -> dict[str, Tensor]:
-    """One optimizer step of the critic on L_D; usable from any training script."""
+                student_logits: Tensor, gp_weight: float = 10.0,
+                strategy: SingleProcess = SINGLE_PROCESS) -> dict[str, Tensor]:
+    """One optimizer step of the critic on L_D; usable from any training script.
+
+    A non-finite L_D (a diverged student) skips the step, so it cannot poison the critic's
+    weights. The function itself holds no collective: in a data-parallel run pass the run's
+    ``strategy`` (aikd.distributed.DataParallel), which averages the critic's gradients over
+    the ranks and lets them decide the skip together, so every rank keeps the same critic.
+    """
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(superior_logits.device.type, enabled=False):
         loss, stats = critic_loss(critic, superior_logits, student_logits, gp_weight)
     loss.backward()
-    # A diverged student must not poison the critic's weights. In a data-parallel run the
-    # critic's gradients are averaged over the ranks and the skip is decided by all of them,
-    # so every rank keeps the same critic.
-    if not any_rank(~torch.isfinite(loss), loss.device):
-        average_gradients(critic.parameters())
+    if not strategy.agree(~torch.isfinite(loss), loss.device):
+        strategy.average_gradients(critic.parameters())
         optimizer.step()
     return stats
 
@@ -196,11 +203,15 @@ class AIKD(Method):
             betas = tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999)
             self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=self.critic_lr, betas=betas)
         if self.use_prev and h.prev == "buffer":
-            self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes)
-        # The student's weights at the end of the previous epoch (prev="snapshot"); kept out of
-        # state_dict() (it appears after epoch 1) and checkpointed through extra_state().
-        object.__setattr__(self, "snapshot", None)
-        self._pending_snapshot: dict[str, Tensor] | None = None
+            self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes, gather_rows=ctx.strategy.gather_rows)
+        if self.use_prev and h.prev == "snapshot":
+            # The student's weights at the end of the previous epoch: an ordinary frozen sub-module (saved
+            # and restored with state_dict()), holding a copy of the student until the first epoch ends.
+            if ctx.student is None:
+                raise ConfigError("aikd.prev=snapshot copies the student: pass MethodContext(student=model) "
+                                  "(the aikd trainer does).")
+            self.snapshot = copy.deepcopy(ctx.student).eval().requires_grad_(False)
+            self.register_buffer("snapshot_ready", torch.zeros((), dtype=torch.bool))
 
     @classmethod
     def needs_teacher(cls, hparams: AIKDConfig) -> bool:
@@ -217,25 +228,24 @@ class AIKD(Method):
         return critic_schedule(ctx.epochs * ctx.steps_per_epoch, h.disc_lr, h.critic_steps,
                                h.critic_reference_steps, h.critic_max_lr, h.critic_max_steps)
 
+    @classmethod
+    def loss_terms(cls, hparams: AIKDConfig) -> set[str]:
+        named = {"guide": hparams.alpha_g > 0, "prev": hparams.alpha_p > 0, "adv": hparams.adv_weight > 0}
+        return {"ce", *(name for name, on in named.items() if on)}
+
     def run_facts(self) -> dict[str, Any]:
         return {"critic_lr": self.critic_lr, "critic_steps": self.critic_steps} if self.use_adv else {}
 
-    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
-        if self._pending_snapshot is not None:  # resumed: rebuild the snapshot from its saved weights
-            snapshot = copy.deepcopy(model).eval().requires_grad_(False)
-            snapshot.load_state_dict(self._pending_snapshot)
-            object.__setattr__(self, "snapshot", snapshot)
-            self._pending_snapshot = None
-
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         if self.use_prev and self.hparams.prev == "snapshot":
-            object.__setattr__(self, "snapshot", copy.deepcopy(model).eval().requires_grad_(False))
+            self.snapshot.load_state_dict(model.state_dict())
+            self.snapshot_ready.fill_(True)
 
     def _previous_logits(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
         """z_{t-1} for the batch and the mask of samples that have one."""
         if self.hparams.prev == "buffer":
             return self.buffer.read(batch.indices)
-        if self.snapshot is None:
+        if not self.snapshot_ready:
             return None, None
         with torch.no_grad():
             return self.snapshot(batch.images).float(), None
@@ -277,29 +287,43 @@ class AIKD(Method):
             l_p = self._progressive_term(logits.float(), batch)
             losses["prev"] = h.alpha_p * l_p
             stats["L_P"] = l_p.detach()
-        if self.use_adv:
-            for _ in range(self.critic_steps):
-                critic_stats = critic_step(self.disc, self.disc_opt, sup, logits, h.gp_weight)
-            stats.update(L_D=critic_stats["critic_loss"], critic_gap=critic_stats["critic_gap"],
-                         gp=critic_stats["gp"])
-            self.disc.requires_grad_(False)  # the student's loss moves the student, not the critic
-            l_a = adversarial_loss(self.disc, logits)
-            self.disc.requires_grad_(True)
-            losses["adv"] = h.adv_weight * l_a
-            stats["L_A"] = l_a.detach()
-        return StepOutput(logits, losses, stats)
+        saved = {"superior_logits": sup} if self.use_adv else {}
+        return StepOutput(logits, losses, stats, saved)
 
-    def on_step_end(self, batch: Batch, output: StepOutput) -> None:
+    def update_auxiliary(self, batch: Batch, output: StepOutput) -> None:
+        """For a step that stands: the critic learns on this batch's detached logits (Eq. 6), then the student's
+        L_A (Eq. 7) is scored by the updated critic, as in WGAN-GP, where the freshest critic scores the generator."""
+        if not self.use_adv:
+            return
+        h, logits = self.hparams, output.logits
+        for _ in range(self.critic_steps):
+            critic_stats = critic_step(self.disc, self.disc_opt, output.saved["superior_logits"], logits, h.gp_weight,
+                                       self.ctx.strategy)
+        output.stats.update(L_D=critic_stats["critic_loss"], critic_gap=critic_stats["critic_gap"],
+                            gp=critic_stats["gp"])
+        self.disc.requires_grad_(False)  # the student's loss moves the student, not the critic
+        l_a = adversarial_loss(self.disc, logits)
+        self.disc.requires_grad_(True)
+        output.losses["adv"] = h.adv_weight * l_a
+        output.stats["L_A"] = l_a.detach()
+
+    def on_step_end(self, model: nn.Module, batch: Batch, output: StepOutput) -> None:
         if self.use_prev and self.hparams.prev == "buffer":
             self.buffer.write(batch.indices, output.logits)
 
     def extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"disc_opt": self.disc_opt.state_dict()} if self.use_adv else {}
-        if self.snapshot is not None:
-            state["snapshot"] = self.snapshot.state_dict()
-        return state
+        return {"disc_opt": self.disc_opt.state_dict()} if self.use_adv else {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self.use_adv:
             self.disc_opt.load_state_dict(state["disc_opt"])
-        self._pending_snapshot = state.get("snapshot")
+        if "snapshot" in state and self.use_prev and self.hparams.prev == "snapshot":  # checkpoints before 0.2
+            self.snapshot.load_state_dict(state["snapshot"])
+            self.snapshot_ready.fill_(True)
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
+        """Checkpoints written before the snapshot was a sub-module lack its entries: keep the fresh copy
+        (its saved weights come with the checkpoint's extra state)."""
+        if self.use_prev and self.hparams.prev == "snapshot" and "snapshot_ready" not in state_dict:
+            state_dict = {**state_dict, **{k: v for k, v in super().state_dict().items() if k.startswith("snapshot")}}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -69,6 +69,10 @@ class AMKDConfig(BSSConfig):
 class AMKD(BSS):
     """BSS plus a triplet loss on the boundary samples."""
 
+    @classmethod
+    def loss_terms(cls, hparams: AMKDConfig) -> set[str]:
+        return {"ce", "kd", "kd_adv", "triplet"}
+
     def boundary_losses(self, batch: Batch, logits: Tensor, teacher_logits: Tensor, attack: AttackResult,
                         teacher_adv: Tensor, student_adv: Tensor, weight: float) -> dict[str, Tensor]:
         h = self.hparams

@@ -1,27 +1,41 @@
 """The interface every training method implements.
 
 A method is a small ``nn.Module`` that turns one batch into *named loss terms*;
-the single training loop in :mod:`aikd.engine.trainer` sums, backpropagates and
-logs them. Whatever a method needs beyond that plugs in through hooks:
+the single training loop in :mod:`aikd.engine.loop` sums, backpropagates and
+logs them. One step of the loop, and where a method plugs in:
 
+1. :meth:`Method.training_step` (model, batch) -> :class:`StepOutput`: the
+   student's forward and the loss terms;
+2. the loop decides whether the step stands (finite losses, ``train.on_nonfinite``);
+3. :meth:`Method.update_auxiliary` (batch, output): models with optimizers of
+   their own (AI-KD's critic) learn from this batch, and may add loss terms that
+   use them to the output, only for a step that stands;
+4. backward, the student's optimizer step;
+5. :meth:`Method.on_step_end` (model, batch, output): after the optimizer step,
+   with the bare student: write per-sample buffers, update an EMA copy.
+
+What a method may need beyond that:
+
+* the bare student (not a DDP or compile wrapper): ``ctx.student``, from
+  construction on; copies of it (AI-KD's snapshot, an EMA teacher) are ordinary
+  sub-modules, saved in ``state_dict()`` and restored on resume with no extra code;
 * a frozen teacher / superior model: set ``requires_teacher``; the engine loads
   it, freezes it and hands it over in :class:`MethodContext`;
-* modules with their own optimizer (AI-KD's discriminator): register them as
-  sub-modules and step them inside :meth:`Method.training_step`; put the
-  optimizer state in :meth:`Method.extra_state`;
+* the run's other processes: ``ctx.strategy`` (:mod:`aikd.distributed`) gathers
+  rows for per-sample buffers and averages a private module's gradients; in a
+  single process every call is the identity, so a method never asks which it is;
 * training-only modules optimised with the student (AEKT's distillation
   head): return their parameters from :meth:`Method.student_parameters`;
   they are not part of the model, so inference never sees them;
-* per-sample state indexed by dataset index (PS-KD / AI-KD buffers):
-  registered buffers, updated in :meth:`Method.on_step_end`;
 * a different batch sampler (CS-KD's class-wise pairs): override
   :meth:`Method.batch_sampler`;
 * checkpointing: ``state_dict()`` (parameters and buffers) plus
-  :meth:`Method.extra_state` are saved with every checkpoint and restored on
-  resume.
+  :meth:`Method.extra_state` (a private optimizer's state) are saved with every
+  checkpoint and restored on resume.
 
 The student is *not* a sub-module (its weights belong to the run, not to the
-method); it is passed to :meth:`Method.training_step` on every call.
+method); it is passed to :meth:`Method.training_step` on every call, wrapped as
+the loop trains it.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from aikd.distributed import SingleProcess
 from aikd.errors import ConfigError
 from aikd.registry import Registry
 
@@ -54,6 +69,7 @@ class StepOutput:
     logits: Tensor  # the student's logits for the first len(logits) samples of the batch
     losses: dict[str, Tensor]  # weighted terms; the loop minimises their sum
     stats: dict[str, Tensor] = field(default_factory=dict)  # logged, not optimised
+    saved: dict[str, Tensor] = field(default_factory=dict)  # kept for the method's later hooks of this step
 
 
 @dataclass
@@ -67,6 +83,8 @@ class MethodContext:
     teacher: nn.Module | None = None  # frozen, eval mode, on ``device``
     train_labels: Tensor | None = None  # (num_train,) labels, for class-aware samplers
     steps_per_epoch: int | None = None  # optimizer steps per epoch, for rules that scale with run length
+    student: nn.Module | None = None  # the bare student (no DDP or compile wrapper), on ``device``
+    strategy: SingleProcess = field(default_factory=SingleProcess)  # the run's processes (aikd.distributed)
 
 
 class Method(nn.Module):
@@ -79,9 +97,6 @@ class Method(nn.Module):
     teacher_same_architecture: ClassVar[bool] = False
     # Batches are [anchors | partners] with partner i tied to anchor i (CS-KD): mixing keeps the pairs.
     paired_batches: ClassVar[bool] = False
-    # More than one forward of the student with gradient per step (BSS's attacked samples): data-parallel
-    # training then averages the student's gradients itself, as DistributedDataParallel allows one.
-    multiple_student_forwards: ClassVar[bool] = False
 
     def __init__(self, hparams: Any, ctx: MethodContext) -> None:
         super().__init__()
@@ -93,6 +108,11 @@ class Method(nn.Module):
         """Whether this configuration distils from a pre-trained model (AI-KD's ablations may not)."""
         return cls.requires_teacher
 
+    @classmethod
+    def loss_terms(cls, hparams: Any) -> set[str]:
+        """The names of the loss terms a step with these settings returns (logged as loss.<name>)."""
+        return {"ce"}
+
     def batch_sampler(self, batch_size: int, seed: int) -> Any | None:
         """Return a custom epoch batch sampler, or ``None`` for shuffled batches."""
         return None
@@ -103,8 +123,16 @@ class Method(nn.Module):
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         raise NotImplementedError
 
-    def on_step_end(self, batch: Batch, output: StepOutput) -> None:
-        """Called after the student's optimizer step (e.g. to write buffers)."""
+    def update_auxiliary(self, batch: Batch, output: StepOutput) -> None:
+        """Called once the loop has decided that this step stands, before the backward pass.
+
+        Models with optimizers of their own (AI-KD's critic) learn from this batch here, so a
+        skipped step leaves them untouched; loss terms that need the updated model are added
+        to ``output.losses`` and ``output.stats``.
+        """
+
+    def on_step_end(self, model: nn.Module, batch: Batch, output: StepOutput) -> None:
+        """Called after the student's optimizer step with the bare student (write buffers, update an EMA copy)."""
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         """Called after the last batch of every epoch."""

@@ -128,7 +128,10 @@ class BSSConfig:
 @register_method("bss", BSSConfig)
 class BSS(Method):
     requires_teacher = True
-    multiple_student_forwards = True
+
+    @classmethod
+    def loss_terms(cls, hparams: BSSConfig) -> set[str]:
+        return {"ce", "kd", "kd_adv"}  # kd_adv only while b(n) > 0 and two base samples qualify
 
     def adversarial_batch(self, batch: Batch, teacher_logits: Tensor, student_logits: Tensor
                           ) -> tuple[Tensor, AttackResult] | None:
@@ -159,7 +162,9 @@ class BSS(Method):
             if attacked is not None:
                 _, attack = attacked
                 teacher_adv = self.teacher_logits(attack.images)
-                student_adv = model(attack.images)
+                # A second forward with gradient: through the bare student, since a data-parallel wrapper
+                # allows one forward per backward (its gradients add to the same parameters).
+                student_adv = (self.ctx.student or model)(attack.images)
                 losses.update(
                     self.boundary_losses(batch, logits, teacher_logits, attack, teacher_adv, student_adv, w_adv))
                 stats["attack_flipped"] = attack.flipped.float().mean()

@@ -9,7 +9,8 @@ images), 2.56 GB for ImageNet-1k. Reads and writes are single indexed tensor ops
 
 In a data-parallel run every rank holds the whole buffer (gather, not shard):
 each write first gathers the indices and logits of all ranks' slices of the
-global batch, so every rank's copy is the one a single process would have.
+global batch (with the ``gather_rows`` it was given, the run strategy's), so
+every rank's copy is the one a single process would have.
 That costs ``global_batch x (2 C + 8)`` bytes of communication per step and
 keeps reads local; sharding would save memory but, as samples move between
 ranks every epoch, would need an exchange per read instead.
@@ -17,10 +18,10 @@ ranks every epoch, would need an exchange per read instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
-
-from aikd.distributed import all_gather_rows
 
 
 class PredictionBuffer(nn.Module):
@@ -31,9 +32,11 @@ class PredictionBuffer(nn.Module):
     the sentinel costs nothing: such a row reads as "not seen".
     """
 
-    def __init__(self, num_samples: int, num_classes: int, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(self, num_samples: int, num_classes: int, dtype: torch.dtype = torch.float16,
+                 gather_rows: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
         self.register_buffer("logits", torch.full((num_samples, num_classes), float("nan"), dtype=dtype))
+        self.gather_rows = gather_rows or (lambda rows: rows)  # every process's rows (a distributed run)
 
     @property
     def bytes_per_sample(self) -> int:
@@ -52,8 +55,8 @@ class PredictionBuffer(nn.Module):
     @torch.no_grad()
     def write(self, indices: Tensor, logits: Tensor) -> None:
         """Store ``logits`` for ``indices`` (and, in a distributed run, every other rank's slice too)."""
-        indices = all_gather_rows(indices.to(self.logits.device))
-        self.logits[indices] = all_gather_rows(logits.detach().to(self.logits.device, self.logits.dtype))
+        indices = self.gather_rows(indices.to(self.logits.device))
+        self.logits[indices] = self.gather_rows(logits.detach().to(self.logits.device, self.logits.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

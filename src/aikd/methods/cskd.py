@@ -80,6 +80,10 @@ class CSKDConfig:
 class CSKD(Method):
     paired_batches = True
 
+    @classmethod
+    def loss_terms(cls, hparams: CSKDConfig) -> set[str]:
+        return {"ce", "cls"}
+
     def batch_sampler(self, batch_size: int, seed: int) -> ClassPairBatchSampler:
         if self.ctx.train_labels is None:
             raise ConfigError("cskd needs the training labels to pair samples of the same class.")

@@ -65,6 +65,10 @@ class DKDConfig:
 class DKD(Method):
     requires_teacher = True
 
+    @classmethod
+    def loss_terms(cls, hparams: DKDConfig) -> set[str]:
+        return {"ce", "tckd", "nckd"}
+
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         h = self.hparams
         logits = model(batch.images)

@@ -41,6 +41,10 @@ class KD(Method):
 
     requires_teacher = True
 
+    @classmethod
+    def loss_terms(cls, hparams: KDConfig) -> set[str]:
+        return {"ce", "kd"}
+
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         logits = model(batch.images)
         teacher_logits = self.teacher_logits(batch.images)

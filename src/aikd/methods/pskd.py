@@ -48,7 +48,11 @@ class PSKDConfig:
 class PSKD(Method):
     def __init__(self, hparams: PSKDConfig, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)
-        self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes)
+        self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes, gather_rows=ctx.strategy.gather_rows)
+
+    @classmethod
+    def loss_terms(cls, hparams: PSKDConfig) -> set[str]:
+        return {"soft_ce"}
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         logits = model(batch.images)
@@ -57,5 +61,5 @@ class PSKD(Method):
         targets = pskd_targets(batch.targets, previous.softmax(dim=1), has_previous, alpha_t)
         return StepOutput(logits, {"soft_ce": soft_cross_entropy(logits.float(), targets)})
 
-    def on_step_end(self, batch: Batch, output: StepOutput) -> None:
+    def on_step_end(self, model: nn.Module, batch: Batch, output: StepOutput) -> None:
         self.buffer.write(batch.indices, output.logits)

@@ -60,6 +60,10 @@ class TFKDSelf(Method):
     requires_teacher = True
     teacher_same_architecture = True
 
+    @classmethod
+    def loss_terms(cls, hparams: TFKDSelfConfig) -> set[str]:
+        return {"ce", "kd"}
+
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         h = self.hparams
         logits = model(batch.images)
@@ -99,6 +103,10 @@ class TFKDRegConfig:
 @register_method("tfkd_reg", TFKDRegConfig)
 class TFKDReg(Method):
     """Label-smoothing-like regularization with a virtual teacher: no pre-trained model."""
+
+    @classmethod
+    def loss_terms(cls, hparams: TFKDRegConfig) -> set[str]:
+        return {"ce", "reg"}
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         h = self.hparams

@@ -6,11 +6,13 @@ without a display.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from aikd.fileio import atomic_write_bytes
 from aikd.metrics.calibration import ReliabilityBins
 
 
@@ -40,6 +42,16 @@ def reliability_diagram(curves: Mapping[str, ReliabilityBins], path: str | Path,
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=7)
     return _save(fig, path)
+
+
+def write_reliability(bins: Mapping[str, ReliabilityBins], temperature: float, title: str, png: str | Path,
+                      json_path: str | Path | None = None) -> Path:
+    """The one writer of calibration files: a reliability diagram before and after temperature scaling,
+    and (``json_path``) the bins as JSON, which reports pool over seeds. Used at a run's end and by aikd eval."""
+    if json_path is not None:
+        payload = {"temperature": temperature, **{k: b.to_dict() for k, b in bins.items()}}
+        atomic_write_bytes(Path(json_path), json.dumps(payload).encode())
+    return reliability_diagram({"before TS": bins["raw"], f"after TS (T={temperature:.2f})": bins["ts"]}, png, title)
 
 
 def learning_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]],

@@ -1,0 +1,153 @@
+"""Setup: a validated run config -> the parts a run trains with.
+
+Everything a run builds before its first step, in a fixed order (the order fixes
+which random numbers each part draws, so it is part of the recipe): the
+process group and strategy, seeds, device, data, student, frozen teacher,
+method, batch mixing, loaders, the student as the step calls it (DDP,
+compile), optimizer, schedule and gradient scaler. :class:`RunParts` holds
+them, plus the two small conversions the loop needs (a raw batch to a
+:class:`~aikd.methods.Batch`, test images to model inputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from aikd import distributed
+from aikd.config import RunConfig
+from aikd.data import DataBundle, load_data
+from aikd.data.loaders import EpochBatchSampler
+from aikd.data.mixing import BatchMixer
+from aikd.distributed import SingleProcess
+from aikd.engine.model_io import load_frozen_model
+from aikd.engine.optim import build_optimizer, build_scheduler
+from aikd.engine.runtime import CompiledOrEager, autocast_dtype, pick_device, seed_everything, use_channels_last
+from aikd.errors import ConfigError
+from aikd.methods import METHODS, Batch, Method, MethodContext
+from aikd.models import build_model, resolve_stem
+
+
+@dataclass
+class RunParts:
+    """The built parts of one run; the loop and the trainer read them, nothing rebuilds them."""
+
+    cfg: RunConfig
+    strategy: SingleProcess  # SingleProcess or DataParallel (aikd.distributed)
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    data: DataBundle
+    model: nn.Module  # the bare student: what is saved, evaluated and handed to the method's hooks
+    stem: str
+    method: Method
+    mixer: BatchMixer
+    train_loader: Any
+    test_loader: Any
+    train_model: nn.Module  # the student as the training step calls it (DDP, torch.compile)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def to_batch(self, images: Tensor, labels: Tensor, indices: Tensor, epoch: int, step: int,
+                 generator: torch.Generator) -> Batch:
+        """A loader batch on the device, augmented (in-memory data), in the model's memory format, mixed."""
+        images = images.to(self.device, non_blocking=True)
+        images = self.data.to_device(images, train=True, generator=generator)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.mixer.active:
+            images, labels = self.mixer(images, labels, generator)
+        return Batch(images, labels, indices.to(self.device, non_blocking=True), epoch, step)
+
+    def prepare_eval(self, images: Tensor) -> Tensor:
+        images = self.data.to_device(images, train=False, generator=None)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def eval_loader(self, split):
+        """Sequential batches over ``split`` (this rank's block of it in a distributed run)."""
+        sampler = self.strategy.eval_sampler(len(split), self.cfg.data.eval_batch_size)
+        return self.data.loader(False, sampler, pin_memory=self.device.type == "cuda", split=split)
+
+
+def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
+    """Build every part of a run from its config (``data``: already loaded data to train on instead)."""
+    info = distributed.setup(cfg.device)  # rank 0 of 1 unless started by torchrun
+    strategy = distributed.strategy_for(info)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = distributed.device_for(info, pick_device(cfg.device))
+    channels_last = use_channels_last(cfg.train, device)
+    data = data if data is not None else load_data(cfg.data)
+    model = build_model(cfg.model.name, data.num_classes, data.in_channels, data.image_size, cfg.model.stem).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    _check_distributed(cfg, strategy, device)
+    if strategy.distributed and cfg.train.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    method = _build_method(cfg, data, model, strategy, device)
+    pin = device.type == "cuda"
+    sampler = strategy.train_sampler(method.batch_sampler(cfg.data.batch_size, cfg.seed), len(data.train),
+                                     cfg.data.batch_size, cfg.seed, method.paired_batches)
+    train_loader = data.loader(True, sampler, seed=cfg.seed, pin_memory=pin)
+    test_loader = data.loader(False, strategy.eval_sampler(len(data.test), cfg.data.eval_batch_size),
+                              pin_memory=pin, split=data.test)
+    train_model = strategy.wrap(model, device)
+    if cfg.train.compile:
+        train_model = CompiledOrEager(train_model)
+    optimizer = build_optimizer(model, cfg.train, method.student_parameters(), method.student_parameters_lr_scale())
+    amp_dtype = autocast_dtype(cfg.train, device)
+    return RunParts(
+        cfg=cfg, strategy=strategy, device=device, amp_dtype=amp_dtype, channels_last=channels_last, data=data,
+        model=model, stem=resolve_stem(cfg.model.stem, data.image_size), method=method,
+        mixer=BatchMixer(cfg.data, data.num_classes, paired=method.paired_batches),
+        train_loader=train_loader, test_loader=test_loader, train_model=train_model, optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.train, len(train_loader)),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+    )
+
+
+def _build_method(cfg: RunConfig, data: DataBundle, model: nn.Module, strategy: SingleProcess,
+                  device: torch.device) -> Method:
+    method_cls = METHODS.get(cfg.method)
+    teacher = None
+    if method_cls.needs_teacher(cfg.method_config()):
+        teacher = _load_teacher(cfg, data, device, cfg.model.name if method_cls.teacher_same_architecture else None)
+    ctx = MethodContext(num_classes=data.num_classes, num_train=len(data.train), epochs=cfg.train.epochs,
+                        device=device, train_labels=data.train.labels, teacher=teacher,
+                        steps_per_epoch=len(EpochBatchSampler(len(data.train), cfg.data.batch_size)),
+                        student=model, strategy=strategy)
+    return method_cls(cfg.method_config(), ctx).to(device)
+
+
+def _load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device, same_architecture_as: str | None
+                  ) -> nn.Module:
+    if cfg.teacher.checkpoint is None:
+        raise ConfigError(
+            f"Method '{cfg.method}' distils from a pre-trained model: set "
+            f"teacher.checkpoint=PATH, or run 'aikd pipeline' to train one first."
+        )
+    teacher = load_frozen_model(cfg.teacher.checkpoint, device, num_classes=data.num_classes,
+                                in_channels=data.in_channels, expect_model=same_architecture_as,
+                                image_size=data.image_size, classes=list(data.train.classes))
+    return teacher.to(memory_format=torch.channels_last)  # see Method.teacher_logits
+
+
+def _check_distributed(cfg: RunConfig, strategy: SingleProcess, device: torch.device) -> None:
+    if not strategy.distributed:
+        return
+    world, batch = strategy.world_size, cfg.data.batch_size
+    if batch % world:
+        raise ConfigError(f"data.batch_size={batch} is the global batch of a distributed run and must split "
+                          f"evenly over its {world} processes: use a multiple of {world}.")
+    if cfg.train.sync_bn and device.type != "cuda":
+        raise ConfigError("train.sync_bn=true needs CUDA GPUs (SyncBatchNorm has no CPU kernels); "
+                          "on CPU leave it off: running statistics are averaged over the ranks each epoch.")

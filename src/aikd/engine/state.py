@@ -1,0 +1,191 @@
+"""Run state: where a run stands, and its checkpoints (save, resume, find one to resume, keep the last few).
+
+:class:`RunState` is everything that changes while a run trains besides the
+weights (epochs and steps done, the best error, timings, skipped steps, the
+position inside an interrupted epoch). :class:`RunCheckpoints` writes it with
+the model, optimizer, schedule, scaler, method state and RNG streams into one
+safetensors file, and reads it back so that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aikd.config import normalized
+from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from aikd.engine.model_io import model_meta
+from aikd.engine.setup import RunParts
+from aikd.errors import CheckpointError, ConfigError
+
+LAST, BEST = "last.safetensors", "best.safetensors"
+
+
+@dataclass
+class RunState:
+    """Counters and records of a run; saved in every full checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken (skipped steps included: the schedule moves on)
+    best: dict[str, Any] = field(default_factory=lambda: {"top1_err": math.inf, "epoch": 0})
+    train_times: list[float] = field(default_factory=list)
+    train_acc: float | None = None  # the last epoch's training accuracy (%), on its augmented views
+    skipped_steps: int = 0
+    position: dict[str, Any] | None = None  # where a mid-epoch checkpoint stopped (consumed by the next epoch)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {"best": self.best, "train_times": self.train_times, "train_acc": self.train_acc,
+                "skipped_steps": self.skipped_steps}
+
+    def load(self, saved: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.best = saved["best"]
+        self.train_times = list(saved["train_times"])
+        self.train_acc = saved.get("train_acc")
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
+        self.position = saved.get("position")
+        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+
+
+class RunCheckpoints:
+    """The checkpoints of one run folder: OUT/checkpoints/{last,best,epoch-NNNN}.safetensors."""
+
+    def __init__(self, out: Path, parts: RunParts, state: RunState) -> None:
+        self.folder = out / "checkpoints"
+        self.parts, self.state = parts, state
+        self.last_epoch_end: int | None = None  # epoch of last.safetensors when it was saved at an epoch's end
+
+    @property
+    def last(self) -> Path:
+        return self.folder / LAST
+
+    def meta(self) -> dict[str, Any]:
+        p, d = self.parts, self.parts.data
+        return {
+            **model_meta(p.cfg.model.name, p.stem, d.num_classes, d.in_channels, d.image_size, d.train.classes),
+            "config": p.cfg.to_dict(),
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+        }
+
+    def save(self, name: str, full: bool = True, position: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint (rank 0 only; the other ranks hold the same state); ``position`` marks a
+        mid-epoch one (where in the epoch it stopped)."""
+        p = self.parts
+        state = None
+        if full:
+            state = {
+                "optimizer": p.optimizer.state_dict(),
+                "scheduler": p.scheduler.state_dict(),
+                "scaler": p.scaler.state_dict(),
+                "method": p.method.state_dict(),
+                "method_extra": p.method.extra_state(),
+                "rng": rng_state(),
+                **self.state.to_checkpoint(),
+            }
+            if position is not None:
+                state["position"] = position
+        path = self.folder / name
+        if not p.strategy.is_main:
+            return path
+        if name == LAST:
+            self._keep_previous_last()
+        save_checkpoint(path, p.model.state_dict(), self.meta(), state)
+        if name == LAST:
+            self.last_epoch_end = None if position is not None else self.state.epoch
+        return path
+
+    def _keep_previous_last(self) -> None:
+        """With train.keep_last > 1, keep the checkpoint about to be replaced as epoch-NNNN.safetensors.
+
+        A hard link (a copy where links are not supported) made before the atomic
+        replace, so at every moment last.safetensors is whole.
+        """
+        keep, last = self.parts.cfg.train.keep_last, self.last
+        if keep <= 1 or not last.is_file() or not self.last_epoch_end:
+            return  # nothing to keep, or a mid-epoch checkpoint (it only matters until the epoch ends)
+        kept = self.folder / f"epoch-{self.last_epoch_end:04d}.safetensors"
+        if not kept.exists():
+            try:
+                os.link(last, kept)
+            except OSError:
+                shutil.copyfile(last, kept)
+        for old in sorted(self.folder.glob("epoch-*.safetensors"))[: -(keep - 1)]:
+            old.unlink(missing_ok=True)
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Continue from a full checkpoint (by default OUT/checkpoints/last.safetensors)."""
+        path = Path(path) if path else self.last
+        if not path.is_file():
+            raise CheckpointError(f"Cannot resume: '{path}' does not exist. Start without --resume.")
+        ckpt = load_checkpoint(path)
+        if not ckpt.state:
+            raise CheckpointError(f"'{path}' holds only weights; resume needs a full checkpoint "
+                                  f"such as checkpoints/{LAST}.")
+        p = self.parts
+        saved = ckpt.meta.get("config", {})
+        differ = config_diff(normalized(saved) or saved, p.cfg.to_dict())
+        if differ:
+            raise ConfigError(
+                f"Cannot resume from '{path}': the config differs from the checkpoint's in "
+                f"{', '.join(differ)}. Resume with the original config, or start a new output folder."
+            )
+        try:
+            p.model.load_state_dict(ckpt.model)
+            p.optimizer.load_state_dict(ckpt.state["optimizer"])
+            p.scheduler.load_state_dict(ckpt.state["scheduler"])
+            p.scaler.load_state_dict(ckpt.state["scaler"])
+            p.method.load_state_dict(ckpt.state["method"])
+            p.method.load_extra_state(ckpt.state["method_extra"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"Checkpoint '{path}' does not fit this run: {err}") from None
+        set_rng_state(ckpt.state["rng"])
+        self.state.load(ckpt.state, ckpt.meta)
+        self.last_epoch_end = self.state.epoch if self.state.position is None and path.name == LAST else None
+
+
+def find_resume_checkpoint(out: Path, which: bool | str | Path) -> Path | None:
+    """The checkpoint to resume from: last.safetensors (True / "last"), the newest valid one ("auto"), or a path.
+
+    "auto" skips damaged files (a kill during a write on a filesystem without
+    atomic rename, a truncated copy) and returns None when the folder holds no
+    checkpoint at all, so a preemptible job can always pass --resume auto.
+    """
+    folder = out / "checkpoints"
+    if which is True or which == "last":
+        return folder / LAST
+    if which != "auto":
+        return Path(which)
+    candidates = [p for p in (folder / LAST, *folder.glob("epoch-*.safetensors")) if p.is_file()]
+    if not candidates:
+        return None
+    ranked, broken = [], []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as err:
+            broken.append(f"{path.name} ({err})")
+            continue
+        if ckpt.state:
+            position = ckpt.state.get("position") or {}
+            ranked.append(((int(ckpt.meta.get("step", 0)), position.get("batch", 0), path.name == LAST), path))
+    if not ranked:
+        raise CheckpointError(f"No usable checkpoint in '{folder}' to resume from: {'; '.join(broken)}.")
+    return max(ranked)[1]
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two config dicts, with both values."""
+    keys = sorted(set(saved) | set(current))
+    out = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, path + ".")
+        elif a != b:
+            out.append(f"{path} ({a!r} -> {b!r})")
+    return out
