@@ -156,10 +156,10 @@ def test_buffer_holds_last_epochs_logits_and_survives_resume(tmp_path):
                                                                        strict=True)})
         return original_step(model, batch)
 
-    def end(batch, out):
+    def end(model, batch, out):
         if batch.epoch == 0:
             written.update(zip(batch.indices.tolist(), out.logits.detach().half().float(), strict=True))
-        original_end(batch, out)
+        original_end(model, batch, out)
 
     method.training_step, method.on_step_end = step, end
     trainer.fit(stop_after=1)

@@ -18,6 +18,7 @@ from aikd.config import load_config
 from aikd.engine import Trainer
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.engine.pipeline import run_pipeline
+from aikd.methods import METHODS
 from aikd.methods.aekt import AEKT, AEKTConfig, aekt_terms, explicit_weight, implicit_weight
 from aikd.methods.amkd import AMKD, AMKDConfig, pick_negatives, triplet_loss
 from aikd.methods.base import Batch, MethodContext
@@ -657,8 +658,7 @@ def test_bss_skips_the_attack_when_its_weight_is_zero(monkeypatch):
 
 # ---------------------------------------------------------------------- end to end on digits
 
-TERMS = {"aekt": {"ce", "explicit", "implicit"}, "bss": {"ce", "kd", "kd_adv"},
-         "amkd": {"ce", "kd", "kd_adv", "triplet"}}
+TERMS = {name: METHODS.get(name).loss_terms(METHODS.get(name).Config()) for name in ("aekt", "bss", "amkd")}
 
 
 @pytest.fixture(scope="module")

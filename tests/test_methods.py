@@ -17,6 +17,7 @@ from aikd.engine.checkpoint import load_checkpoint, save_checkpoint
 from aikd.engine.model_io import model_meta
 from aikd.engine.pipeline import run_pipeline
 from aikd.errors import CheckpointError, ConfigError
+from aikd.methods import METHODS
 from aikd.methods.base import Batch, MethodContext
 from aikd.methods.cskd import CSKD, ClassPairBatchSampler, CSKDConfig
 from aikd.methods.dkd import DKD, DKDConfig, dkd_warmup, nckd_loss, tckd_loss
@@ -309,7 +310,7 @@ def test_pskd_method_epoch_zero_is_ce_then_uses_the_buffer():
     out = method.training_step(student, Batch(x[first], y[first], first, 0, 0))
     assert set(out.losses) == {"soft_ce"}
     assert out.losses["soft_ce"].item() == pytest.approx(ce_np(f64(student(x[first])), y[first].numpy()), rel=1e-5)
-    method.on_step_end(Batch(x[first], y[first], first, 0, 0), out)
+    method.on_step_end(student, Batch(x[first], y[first], first, 0, 0), out)
     stored = out.logits.detach().half()
     assert torch.equal(method.buffer.logits[first], stored)
     assert method.buffer.filled.tolist() == [True] * 6 + [False] * 2
@@ -423,9 +424,10 @@ def test_class_pair_sampler_drops_a_trailing_single_anchor():
 
 # ---------------------------------------------------------------------- end to end on digits
 
-TERMS = {"kd": {"ce", "kd"}, "tfkd_self": {"ce", "kd"}, "tfkd_reg": {"ce", "reg"}, "cskd": {"ce", "cls"},
-         "pskd": {"soft_ce"}, "dkd": {"ce", "tckd", "nckd"}}
-NEEDS_TEACHER = {"kd", "tfkd_self", "dkd"}
+# Every registered method, so that a new one is covered without editing a list; the ones with variable
+# loss terms (BSS, AMKD: boundary terms only while attacking) are tested end to end in test_distill_methods.
+EVERY_METHOD = sorted(set(METHODS.names()) - {"bss", "amkd"})
+NEEDS_TEACHER = sorted(m for m in METHODS.names() if METHODS.get(m).needs_teacher(METHODS.get(m).Config()))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -445,9 +447,10 @@ def method_config(method: str, teacher=None, *extra: str):
     return load_config(None, overrides)
 
 
-@pytest.mark.parametrize("method", sorted(TERMS))
+@pytest.mark.parametrize("method", EVERY_METHOD)
 def test_every_method_trains_on_digits(tmp_path, superior, method):
-    teacher = superior if method in NEEDS_TEACHER else None
+    method_cls = METHODS.get(method)
+    teacher = superior if method_cls.needs_teacher(method_cls.Config()) else None
     trainer = Trainer(method_config(method, teacher), tmp_path, quiet=True)
     predicted: list[tuple[int, int]] = []  # (correct, counted) per batch of the first epoch
     original = trainer.method.training_step
@@ -465,7 +468,7 @@ def test_every_method_trains_on_digits(tmp_path, superior, method):
     assert summary["dataset"] == "digits" and summary["num_train"] == N_TRAIN
     assert summary["teacher"] == (str(superior) if teacher else None)
     assert 0 <= summary["top1_err"] < 50, summary["top1_err"]
-    records = check_loss_records(tmp_path / "metrics.jsonl", TERMS[method], epochs=2)
+    records = check_loss_records(tmp_path / "metrics.jsonl", method_cls.loss_terms(trainer.method.hparams), epochs=2)
     # Train accuracy is over the samples the method predicts (CS-KD: the anchors, not the partners).
     assert sum(n for _, n in predicted) == N_TRAIN
     expected_acc = 100 * sum(k for k, _ in predicted) / N_TRAIN
@@ -536,14 +539,14 @@ def save_untrained(path, name: str, classes: int):
                            {**model_meta(name, "cifar", classes, 1, 8, [str(i) for i in range(classes)]), "epoch": 1})
 
 
-@pytest.mark.parametrize("method", sorted(NEEDS_TEACHER))
+@pytest.mark.parametrize("method", NEEDS_TEACHER)
 def test_teacher_with_other_class_count_is_refused(tmp_path, method):
     path = save_untrained(tmp_path / "wrong.safetensors", "small_cnn", 7)
     with pytest.raises(CheckpointError, match="7 classes"):
         Trainer(method_config(method, path), tmp_path / "run", quiet=True)
 
 
-@pytest.mark.parametrize("method", sorted(NEEDS_TEACHER))
+@pytest.mark.parametrize("method", NEEDS_TEACHER)
 def test_missing_teacher_is_a_config_error(tmp_path, method):
     with pytest.raises(ConfigError, match=r"teacher\.checkpoint"):
         Trainer(method_config(method), tmp_path, quiet=True)

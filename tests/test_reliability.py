@@ -216,6 +216,9 @@ def test_skip_policy_skips_counts_and_keeps_the_model_finite(tmp_path, one_threa
         if tensor.is_floating_point() and key != "buffer.logits":
             assert torch.isfinite(tensor).all(), key  # weights, BatchNorm statistics, critic
     assert trainer.step == 8  # the schedule moved on through the skipped steps
+    # The critic learns only from steps that stand: 6 Adam steps for the 6 applied student steps.
+    critic_steps = [int(s["step"]) for s in trainer.method.disc_opt.state_dict()["state"].values()]
+    assert critic_steps and set(critic_steps) == {6}
 
 
 def test_skip_policy_gives_up_after_max_skipped_steps(tmp_path, one_thread):

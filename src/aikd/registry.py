@@ -37,6 +37,10 @@ class Registry(Generic[T]):
             )
         return self._items[name]
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a plugin registered for a while, such as a test's method)."""
+        del self._items[name]
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

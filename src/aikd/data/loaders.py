@@ -13,17 +13,20 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from aikd.config import DataConfig
 from aikd.data.augment import BatchAugment, crop_padding_for, file_transforms
 from aikd.data.readers import DATASETS
 from aikd.data.splits import ArraySplit, FileSplit, Split, stratified_indices
 from aikd.errors import DataError
+
+if TYPE_CHECKING:  # annotations only: the data package does not depend on the config module
+    from aikd.config import DataConfig
 
 BatchTuple = tuple[Tensor, Tensor, Tensor]  # images, labels, indices
 

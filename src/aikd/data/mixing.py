@@ -24,13 +24,15 @@ the image that dominates position i; see docs/methods/aikd.md.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aikd.config import DataConfig
+if TYPE_CHECKING:  # annotations only: the data package does not depend on the config module
+    from aikd.config import DataConfig
 
 
 class BatchMixer:

@@ -1,0 +1,151 @@
+"""A method defined here alone, with no engine change: a student distilled from an EMA copy of itself.
+
+It exercises what the method interface promises a new method: the bare student at
+construction (``ctx.student``), a hook after every optimizer step with the model
+(``on_step_end``), and an extra model that is ordinary state (a sub-module, saved and
+resumed with ``state_dict()``). The test trains it, resumes it exactly, and runs it
+under torchrun with two ranks, whose entry point is this file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aikd.config import load_config
+from aikd.engine import Trainer
+from aikd.engine.checkpoint import load_checkpoint
+from aikd.methods import METHODS, Batch, Method, MethodContext, StepOutput, register_method
+from aikd.methods.base import positive, weight
+from aikd.methods.functional import distillation_kl
+
+NAME = "ema_teacher_test"
+DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "data.train_limit=512",
+          "data.test_limit=128", "deterministic=true", "device=cpu", "train.epochs=2", f"method={NAME}"]
+
+
+@dataclass
+class EMATeacherConfig:
+    decay: float = 0.9  # EMA <- decay EMA + (1 - decay) student, after every optimizer step
+    weight: float = 0.5  # of the distillation term; CE gets 1 - weight
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        weight(f"{NAME}.decay", self.decay)
+        weight(f"{NAME}.weight", self.weight)
+        positive(f"{NAME}.temperature", self.temperature)
+
+
+class EMATeacher(Method):
+    """(1 - w) CE + w T^2 KL(p(z_ema; T) || p(z; T)), the EMA teacher updated after each step."""
+
+    def __init__(self, hparams: EMATeacherConfig, ctx: MethodContext) -> None:
+        super().__init__(hparams, ctx)
+        self.ema = copy.deepcopy(ctx.student).eval().requires_grad_(False)  # ordinary state: in state_dict()
+
+    @classmethod
+    def loss_terms(cls, hparams: EMATeacherConfig) -> set[str]:
+        return {"ce", "ema"}
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        h = self.hparams
+        logits = model(batch.images)
+        with torch.no_grad():
+            target = self.ema(batch.images).float()
+        return StepOutput(logits, {"ce": (1 - h.weight) * F.cross_entropy(logits, batch.targets),
+                                   "ema": h.weight * distillation_kl(target, logits.float(), h.temperature)})
+
+    @torch.no_grad()
+    def on_step_end(self, model: nn.Module, batch: Batch, output: StepOutput) -> None:
+        d = self.hparams.decay
+        for ema, live in zip(self.ema.state_dict().values(), model.state_dict().values(), strict=True):
+            if ema.is_floating_point():
+                ema.mul_(d).add_(live, alpha=1 - d)
+            else:
+                ema.copy_(live)
+
+
+def register() -> None:
+    if NAME not in METHODS:
+        register_method(NAME, EMATeacherConfig)(EMATeacher)
+
+
+@pytest.fixture
+def ema_method():
+    register()
+    yield
+    METHODS.remove(NAME)  # keep the registry-driven tests of other files to the shipped methods
+
+
+def test_ema_teacher_follows_the_student_after_every_step(tmp_path, ema_method, one_thread):
+    trainer = Trainer(load_config(None, [*DIGITS, "train.epochs=1"]), tmp_path, quiet=True)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    seen = []
+    original = trainer.method.on_step_end
+
+    def watch(model, batch, output):
+        before = {k: v.clone() for k, v in trainer.method.ema.state_dict().items()}
+        original(model, batch, output)
+        seen.append((before, {k: v.clone() for k, v in model.state_dict().items()},
+                     {k: v.clone() for k, v in trainer.method.ema.state_dict().items()}))
+
+    trainer.method.on_step_end = watch
+    trainer.fit()
+    assert len(seen) == len(trainer.train_loader) == trainer.step
+    before, student, after = seen[0]
+    for key, value in before.items():
+        assert torch.equal(value, start[key]), key  # the EMA starts as the initial student
+    weight_key = next(k for k in after if k.endswith("weight") and after[k].ndim == 4)
+    expected = 0.9 * before[weight_key] + 0.1 * student[weight_key]  # by hand, one EMA step
+    torch.testing.assert_close(after[weight_key], expected, rtol=0, atol=1e-7)
+    assert not torch.equal(after[weight_key], student[weight_key])
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert {k for k in record if k.startswith("loss.")} == {"loss.ce", "loss.ema"}
+
+
+def test_ema_teacher_is_saved_and_resumes_exactly(tmp_path, ema_method, one_thread):
+    cfg = load_config(None, DIGITS)
+    straight = Trainer(cfg, tmp_path / "straight", quiet=True)
+    expected = straight.fit()
+    split = Trainer(cfg, tmp_path / "split", quiet=True)
+    split.fit(stop_after=1)
+    saved = load_checkpoint(tmp_path / "split/checkpoints/last.safetensors").state["method"]
+    assert any(k.startswith("ema.") for k in saved)  # the EMA copy travels in the method's state_dict()
+    resumed = Trainer(cfg, tmp_path / "split", quiet=True).fit(resume=True)
+    timing = {"time_per_epoch_s", "train_time_s"}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in expected.items()
+                                                                      if k not in timing}
+    final = load_checkpoint(tmp_path / "split/checkpoints/last.safetensors").state["method"]
+    for key, value in straight.method.state_dict().items():
+        assert torch.equal(final[key], value), key
+
+
+@pytest.mark.slow
+def test_ema_teacher_trains_under_torchrun_with_two_ranks(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
+               str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["method"] == NAME and summary["top1_err"] < 50
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.safetensors").state["method"]
+    ema = {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
+    model = load_checkpoint(tmp_path / "run/checkpoints/last.safetensors").model
+    assert ema.keys() == model.keys() and any(not torch.equal(ema[k], model[k]) for k in ema)
+
+
+if __name__ == "__main__":  # the torchrun entry point of the test above: one rank of the run
+    from aikd.engine import train
+
+    register()
+    train(load_config(None, [*DIGITS, "deterministic=false"]), sys.argv[1], quiet=True)
