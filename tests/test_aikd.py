@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aikd.config import load_config
@@ -24,11 +25,12 @@ from aikd.methods.aikd import (
     adversarial_loss,
     critic_loss,
     critic_schedule,
+    ema_update,
     gradient_penalty,
     guide_loss,
     progressive_loss,
 )
-from aikd.methods.base import MethodContext
+from aikd.methods.base import Batch, MethodContext
 from aikd.models import build_model
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=2"]
@@ -291,6 +293,122 @@ def test_only_progressive_needs_no_phase_one(tmp_path):
     result = run_pipeline("configs/fashion_mnist/aikd_only_progressive.yaml", DIGITS, tmp_path, quiet=True,
                           log=lambda m: None)
     assert result["superior"] is None and not (tmp_path / "superior").exists()
+
+
+# ---------------------------------------------------------------------- online AI-KD (in-run superior model)
+
+
+def test_ema_update_by_hand():
+    average, live = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    with torch.no_grad():
+        average.weight.copy_(torch.tensor([1.0, 2.0]))
+        live.weight.copy_(torch.tensor([3.0, -2.0]))
+        live.running_mean.copy_(torch.tensor([10.0, 0.0]))
+        live.num_batches_tracked.fill_(7)
+    ema_update(average, live, 0.75)
+    assert average.weight.tolist() == [1.5, 1.0]  # 0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * -2
+    assert average.running_mean.tolist() == [2.5, 0.0] and int(average.num_batches_tracked) == 7
+
+
+def test_in_run_superior_sources_need_no_phase_one(tmp_path):
+    for source in ("ema", "milestone"):
+        assert not AIKD.needs_teacher(AIKDConfig(superior=source))
+    assert AIKD.needs_teacher(AIKDConfig()) and not AIKD.needs_teacher(AIKDConfig(alpha_g=0, adv_weight=0))
+    result = run_pipeline("configs/fashion_mnist/aikd.yaml", [*DIGITS, "aikd.superior=ema", "train.epochs=1",
+                                                             "data.train_limit=300"], tmp_path, quiet=True,
+                          log=lambda m: None)
+    assert result["superior"] is None and not (tmp_path / "superior").exists()
+    with pytest.raises(ConfigError, match=r"aikd\.superior_start"):
+        load_config(None, ["aikd.superior=milestone", "aikd.superior_start=0"])
+
+
+def _online(tmp_path, source, *extra):
+    cfg = _train_aikd(tmp_path, f"aikd.superior={source}", "aikd.superior_start=0.5", "train.epochs=2",
+                      "data.train_limit=400", *extra)
+    return Trainer(cfg, tmp_path / source, quiet=True)
+
+
+@pytest.mark.parametrize("source", ["ema", "milestone"])
+def test_online_superior_switches_on_at_its_epoch(tmp_path, source):
+    trainer = _online(tmp_path, source)
+    method, seen = trainer.method, {}
+    original_start, original_end = method.on_epoch_start, method.on_step_end
+
+    def start(epoch, model):
+        seen[f"student at start of {epoch}"] = {k: v.clone() for k, v in model.state_dict().items()}
+        original_start(epoch, model)
+
+    def end(model, batch, out):
+        if "first step" not in seen:
+            seen["first step"] = ({k: v.clone() for k, v in model.state_dict().items()},
+                                  {k: v.clone() for k, v in method.superior_model.state_dict().items()})
+        original_end(model, batch, out)
+        if "after first step" not in seen:
+            seen["after first step"] = {k: v.clone() for k, v in method.superior_model.state_dict().items()}
+
+    method.on_epoch_start, method.on_step_end = start, end
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / source / "metrics.jsonl").read_text().splitlines()]
+    assert {k for k in records[0] if k.startswith("loss.")} == {"loss.ce", "loss.prev"}  # epoch 1: not yet
+    assert {k for k in records[1] if k.startswith("loss.")} == {"loss.ce", "loss.prev", "loss.guide", "loss.adv"}
+    final = method.superior_model.state_dict()
+    if source == "milestone":  # a frozen copy of the student as it began epoch 2
+        for key, value in seen["student at start of 1"].items():
+            assert torch.equal(final[key], value), key
+    else:  # the EMA moved after the very first step: 0.99 of the initial weights plus 0.01 of the student's
+        student, before = seen["first step"]
+        key = next(k for k, v in before.items() if v.ndim == 4)
+        torch.testing.assert_close(seen["after first step"][key], 0.99 * before[key] + 0.01 * student[key],
+                                   rtol=0, atol=1e-7)
+
+
+def test_before_the_switch_the_guide_weight_goes_to_ce():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    ctx = MethodContext(num_classes=3, num_train=4, epochs=4, student=student)
+    method = AIKD(AIKDConfig(superior="ema", superior_start=0.5), ctx)
+    x, y = torch.randn(4, 1, 3, 4), torch.tensor([0, 1, 2, 0])
+    early = method.training_step(student, Batch(x, y, torch.arange(4), 1, 0))  # epoch 1 < round(0.5 * 4)
+    ce = F.cross_entropy(student(x), y).item()
+    assert set(early.losses) == {"ce", "prev"} and early.losses["ce"].item() == pytest.approx(0.7 * ce)
+    late = method.training_step(student, Batch(x, y, torch.arange(4), 2, 0))
+    assert set(late.losses) == {"ce", "prev", "guide"} and late.losses["ce"].item() == pytest.approx(0.6 * ce)
+    assert "superior_logits" in late.saved and "superior_logits" not in early.saved
+
+
+def test_online_ema_resumes_exactly(tmp_path):
+    straight = _online(tmp_path / "a", "ema", "deterministic=true")
+    expected = straight.fit()
+    split = _online(tmp_path / "b", "ema", "deterministic=true")
+    split.fit(stop_after=1)
+    again = _online(tmp_path / "b", "ema", "deterministic=true")
+    resumed = again.fit(resume=True)
+    timing = {"time_per_epoch_s", "train_time_s"}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in expected.items()
+                                                                      if k not in timing}
+    for key, value in straight.method.state_dict().items():  # the EMA model, critic and buffer
+        assert torch.equal(again.method.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix", "cutout"])
+def test_online_ema_with_every_data_option(tmp_path, mix):
+    option = "data.cutout=4" if mix == "cutout" else f"data.mix={mix}"
+    summary = _online(tmp_path, "ema", option, "train.epochs=2").fit()
+    assert summary["epochs"] == 2 and 0 <= summary["top1_err"] < 90
+
+
+@pytest.mark.slow
+def test_online_ema_trains_under_torchrun(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "aikd",
+               "train", "-q", "-c", "configs/fashion_mnist/aikd.yaml", "-o", str(tmp_path / "run"), *DIGITS,
+               "aikd.superior=ema", "data.train_limit=512"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["teacher"] is None
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.safetensors").state["method"]
+    assert any(k.startswith("superior_model.") for k in state) and bool(state["superior_ready"])
 
 
 def write_cifar100(root, n_train_per_class=2, n_test_per_class=1):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -17,3 +19,17 @@ def test_own_loop_example_runs():
     buffer = namespace["previous"]
     assert bool(buffer.filled.all())  # every sample was written
     assert namespace["loss"].isfinite()
+
+
+def test_online_aikd_example_runs():
+    text = README.read_text()
+    section = text.split("#### Online AI-KD in your own loop", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    criterion, ema, student = namespace["criterion"], namespace["ema"], namespace["student"]
+    assert bool(criterion.buffer.filled.all()) and namespace["loss"].isfinite()
+    assert set(criterion.last_terms) == {"ce", "prev", "guide", "adv"}  # the superior was on at the end
+    steps = {int(s["step"]) for s in criterion.critic_opt.state_dict()["state"].values()}
+    assert steps == {16}  # one critic step per batch of the last two epochs (8 batches each)
+    assert not torch.equal(ema[1].weight, student[1].weight)  # the EMA lags the student

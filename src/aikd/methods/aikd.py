@@ -113,6 +113,17 @@ def critic_step(critic: nn.Module, optimizer: torch.optim.Optimizer, superior_lo
     return stats
 
 
+@torch.no_grad()
+def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """average <- decay average + (1 - decay) model, for every floating-point parameter and buffer (BatchNorm's
+    running statistics included); integer buffers (BatchNorm's batch counter) are copied."""
+    for mean, live in zip(average.state_dict().values(), model.state_dict().values(), strict=True):
+        if mean.is_floating_point():
+            mean.mul_(decay).add_(live.to(mean.dtype), alpha=1 - decay)
+        else:
+            mean.copy_(live)
+
+
 PAPER_CRITIC_STEPS = 117_300  # the paper's CIFAR-100 run: 300 epochs x 391 steps of batch 128, one critic step each
 
 
@@ -169,6 +180,15 @@ class AIKDConfig:
     critic_reference_steps: int = PAPER_CRITIC_STEPS
     critic_max_lr: float = 1e-3
     critic_max_steps: int = 10
+    # Where the superior logits of L_G and of the critic's "real" side come from (docs/methods/aikd.md,
+    # "Online AI-KD"). "pretrained": a frozen model from a separate phase 1 (the paper's). In-run sources,
+    # which need no phase 1: "ema", an exponential moving average of the student's weights (decay
+    # ema_decay, updated after every optimizer step); "milestone", a frozen copy of the student taken at
+    # the start of epoch round(superior_start x epochs). With an in-run source, L_G and L_A switch on at
+    # that epoch; before it the student trains with (1 - alpha_p) CE + alpha_p L_P.
+    superior: Literal["pretrained", "ema", "milestone"] = "pretrained"
+    ema_decay: float = 0.99
+    superior_start: float = 0.5  # fraction of the epochs (in-run sources only)
 
     def __post_init__(self) -> None:
         a_g, a_p = self.alpha_g, self.alpha_p
@@ -182,6 +202,16 @@ class AIKDConfig:
             positive(f"aikd.{key}", getattr(self, key))
         require(self.disc_betas is None or (len(self.disc_betas) == 2 and all(0 <= b < 1 for b in self.disc_betas)),
                 "aikd.disc_betas", self.disc_betas, "holds Adam's two betas in [0, 1), or is null")
+        require(0 <= self.ema_decay < 1, "aikd.ema_decay", self.ema_decay, "is a decay in [0, 1)")
+        require(0 <= self.superior_start < 1, "aikd.superior_start", self.superior_start,
+                "is the fraction of the epochs before the in-run superior model is used, in [0, 1)")
+        require(self.superior != "milestone" or self.superior_start > 0, "aikd.superior_start",
+                self.superior_start, "must be > 0 with aikd.superior=milestone (a copy at epoch 0 is untrained)")
+
+    @property
+    def uses_superior(self) -> bool:
+        """L_G or L_A is on: the run needs superior logits from some source."""
+        return self.alpha_g > 0 or self.adv_weight > 0
 
 
 @register_method("aikd", AIKDConfig)
@@ -207,15 +237,22 @@ class AIKD(Method):
         if self.use_prev and h.prev == "snapshot":
             # The student's weights at the end of the previous epoch: an ordinary frozen sub-module (saved
             # and restored with state_dict()), holding a copy of the student until the first epoch ends.
-            if ctx.student is None:
-                raise ConfigError("aikd.prev=snapshot copies the student: pass MethodContext(student=model) "
-                                  "(the aikd trainer does).")
-            self.snapshot = copy.deepcopy(ctx.student).eval().requires_grad_(False)
+            self.snapshot = self._copy_of_student("aikd.prev=snapshot")
             self.register_buffer("snapshot_ready", torch.zeros((), dtype=torch.bool))
+        self.online = h.superior != "pretrained" and h.uses_superior
+        if self.online:  # the in-run superior model: ordinary state, like the snapshot
+            self.superior_model = self._copy_of_student(f"aikd.superior={h.superior}")
+            self.start_epoch = round(h.superior_start * ctx.epochs)
+            self.register_buffer("superior_ready", torch.tensor(h.superior == "ema"))
+
+    def _copy_of_student(self, what: str) -> nn.Module:
+        if self.ctx.student is None:
+            raise ConfigError(f"{what} copies the student: pass MethodContext(student=model) (the aikd trainer does).")
+        return copy.deepcopy(self.ctx.student).eval().requires_grad_(False)
 
     @classmethod
     def needs_teacher(cls, hparams: AIKDConfig) -> bool:
-        return hparams.alpha_g > 0 or hparams.adv_weight > 0
+        return hparams.uses_superior and hparams.superior == "pretrained"
 
     def _critic_budget(self) -> tuple[float, int]:
         """The critic's learning rate and steps per student step under ``critic_schedule``."""
@@ -236,10 +273,28 @@ class AIKD(Method):
     def run_facts(self) -> dict[str, Any]:
         return {"critic_lr": self.critic_lr, "critic_steps": self.critic_steps} if self.use_adv else {}
 
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        if self.online and self.hparams.superior == "milestone" and epoch == self.start_epoch:
+            self.superior_model.load_state_dict(model.state_dict())
+            self.superior_ready.fill_(True)
+
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         if self.use_prev and self.hparams.prev == "snapshot":
             self.snapshot.load_state_dict(model.state_dict())
             self.snapshot_ready.fill_(True)
+
+    def _superior_logits(self, batch: Batch) -> Tensor | None:
+        """The superior model's logits on the batch: the pretrained teacher's, the in-run model's once it is
+        switched on, or None (no superior term this step)."""
+        if not self.hparams.uses_superior:
+            return None
+        if not self.online:
+            return self.teacher_logits(batch.images)
+        if batch.epoch < self.start_epoch or not self.superior_ready:
+            return None
+        with torch.inference_mode():
+            logits = self.superior_model(batch.images)
+        return logits.to(torch.float32, copy=True)
 
     def _previous_logits(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
         """z_{t-1} for the batch and the mask of samples that have one."""
@@ -274,12 +329,12 @@ class AIKD(Method):
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         h = self.hparams
         logits = model(batch.images)
-        losses = {"ce": (1 - h.alpha_p - h.alpha_g) * F.cross_entropy(logits, batch.targets)}
+        sup = self._superior_logits(batch)
+        # Before an in-run superior model switches on, its weight goes to CE (as in Only Progressive).
+        ce_weight = 1 - h.alpha_p - (h.alpha_g if sup is not None else 0.0)
+        losses = {"ce": ce_weight * F.cross_entropy(logits, batch.targets)}
         stats: dict[str, Tensor] = {}
-        sup = None
-        if self.ctx.teacher is not None:
-            sup = self.teacher_logits(batch.images)
-        if h.alpha_g > 0:
+        if h.alpha_g > 0 and sup is not None:
             l_g = guide_loss(logits.float(), sup, h.temp_g)
             losses["guide"] = h.alpha_g * l_g
             stats["L_G"] = l_g.detach()
@@ -287,13 +342,13 @@ class AIKD(Method):
             l_p = self._progressive_term(logits.float(), batch)
             losses["prev"] = h.alpha_p * l_p
             stats["L_P"] = l_p.detach()
-        saved = {"superior_logits": sup} if self.use_adv else {}
+        saved = {"superior_logits": sup} if self.use_adv and sup is not None else {}
         return StepOutput(logits, losses, stats, saved)
 
     def update_auxiliary(self, batch: Batch, output: StepOutput) -> None:
         """For a step that stands: the critic learns on this batch's detached logits (Eq. 6), then the student's
         L_A (Eq. 7) is scored by the updated critic, as in WGAN-GP, where the freshest critic scores the generator."""
-        if not self.use_adv:
+        if "superior_logits" not in output.saved:  # no adversarial term, or no superior model yet
             return
         h, logits = self.hparams, output.logits
         for _ in range(self.critic_steps):
@@ -310,6 +365,8 @@ class AIKD(Method):
     def on_step_end(self, model: nn.Module, batch: Batch, output: StepOutput) -> None:
         if self.use_prev and self.hparams.prev == "buffer":
             self.buffer.write(batch.indices, output.logits)
+        if self.online and self.hparams.superior == "ema":
+            ema_update(self.superior_model, model, self.hparams.ema_decay)
 
     def extra_state(self) -> dict[str, Any]:
         return {"disc_opt": self.disc_opt.state_dict()} if self.use_adv else {}
@@ -327,3 +384,66 @@ class AIKD(Method):
         if self.use_prev and self.hparams.prev == "snapshot" and "snapshot_ready" not in state_dict:
             state_dict = {**state_dict, **{k: v for k, v in super().state_dict().items() if k.startswith("snapshot")}}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+# --------------------------------------------------------------------------- a drop-in loss for your own loop
+
+
+class AIKDLoss(nn.Module):
+    """AI-KD as one loss module for a training loop of your own (plain PyTorch, Lightning).
+
+    It holds what AI-KD keeps across steps: the previous-epoch buffer (z_{t-1} by dataset index)
+    and the critic with its optimizer; ``state_dict()`` saves them all. Call it on every training
+    batch with the student's logits, the labels, the samples' dataset indices and the superior
+    model's logits (a frozen pre-trained model's, an EMA copy's, or None while there is none yet):
+    in training mode it steps the critic once per call (``critic_steps`` times) and returns
+    L_AI, to which you add nothing before ``backward()``. The terms of the last call are in
+    ``last_terms``. Defaults are the paper's.
+
+        criterion = AIKDLoss(num_classes, len(train_set))
+        loss = criterion(student(images), labels, indices, superior(images))
+    """
+
+    def __init__(self, num_classes: int, num_train: int, alpha_g: float = 0.1, alpha_p: float = 0.3,
+                 temp_g: float = 3.0, temp_p: float = 1.0, adv_weight: float = 0.1, critic_lr: float = 1e-4,
+                 critic_steps: int = 1, gp_weight: float = 10.0) -> None:
+        super().__init__()
+        AIKDConfig(alpha_g=alpha_g, alpha_p=alpha_p, temp_g=temp_g, temp_p=temp_p, adv_weight=adv_weight,
+                   disc_lr=critic_lr, critic_steps=critic_steps, gp_weight=gp_weight)  # checks the ranges
+        self.alpha_g, self.alpha_p, self.temp_g, self.temp_p = alpha_g, alpha_p, temp_g, temp_p
+        self.adv_weight, self.critic_steps, self.gp_weight = adv_weight, critic_steps, gp_weight
+        self.buffer = PredictionBuffer(num_train, num_classes)
+        self.critic = Discriminator(num_classes)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
+        self.last_terms: dict[str, Tensor] = {}  # the weighted terms of the last call, detached
+
+    def forward(self, logits: Tensor, labels: Tensor, indices: Tensor, superior_logits: Tensor | None) -> Tensor:
+        logits32 = logits.float()
+        previous, seen = self.buffer.read(indices)
+        label_logits = torch.log((labels if labels.ndim == 2 else F.one_hot(labels, logits.shape[1])).float()
+                                 .clamp_min(1e-12)) * self.temp_p  # before a previous prediction: the label
+        l_p = progressive_loss(logits32, torch.where(seen.unsqueeze(1), previous, label_logits), self.temp_p)
+        terms = {"prev": self.alpha_p * l_p}
+        ce_weight = 1 - self.alpha_p
+        if superior_logits is not None:
+            sup = superior_logits.detach().float()
+            ce_weight -= self.alpha_g
+            terms["guide"] = self.alpha_g * guide_loss(logits32, sup, self.temp_g)
+            if self.adv_weight > 0:
+                if self.training:
+                    for _ in range(self.critic_steps):
+                        critic_step(self.critic, self.critic_opt, sup, logits32, self.gp_weight)
+                self.critic.requires_grad_(False)
+                terms["adv"] = self.adv_weight * adversarial_loss(self.critic, logits32)
+                self.critic.requires_grad_(True)
+        terms["ce"] = ce_weight * F.cross_entropy(logits32, labels)
+        if self.training:
+            self.buffer.write(indices, logits)
+        self.last_terms = {k: v.detach() for k, v in terms.items()}
+        return sum(terms.values())
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"critic_opt": self.critic_opt.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.critic_opt.load_state_dict(state["critic_opt"])
