@@ -89,6 +89,13 @@ def test_table4_switches_come_from_the_saved_configs(sweep):
             "(AI-KD < No Adv < Baseline) holds.") in text
 
 
+def test_training_accuracy_of_older_runs_comes_from_their_last_record(tmp_path):
+    write_run(tmp_path, "ce/seed0", "ce", "ce", 0, 10, 0.8)  # a summary without train_acc
+    write_history(tmp_path / "ce/seed0", [{"epoch": 1, "train.acc": 80.0}, {"epoch": 2, "train.acc": 99.5}])
+    text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
+    assert md_row(text, "Table 3", "Baseline")[5] == "99.50 ± 0.00"
+
+
 def test_table4_order_that_differs_from_the_papers_is_said(tmp_path):
     for name, recipe, err, switches in (("ce", "ce", 10.0, None), ("g", "aikd_only_guide", 9.0, (0.1, 0, 0)),
                                         ("p", "aikd_only_progressive", 11.0, (0, 0.3, 0))):

@@ -140,6 +140,9 @@ def _read_run(path: Path, root: Path) -> Run:
             dataset = f"{dataset} ({summary['eval_split']})"
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise AikdError(f"'{path}' is not a run summary written by aikd ({type(err).__name__}: {err}).") from None
+    if summary.get("train_acc") is None:  # runs older than that field: the last epoch's record has it
+        last = _history(path.parent / "metrics.jsonl")
+        summary["train_acc"] = last[max(last)].get("train.acc") if last else None
     return Run(_recipe(summary, path.parent.relative_to(root)), method, dataset, model, seed, summary,
                _aikd_switches(path.parent / "config.yaml", method), path.parent)
 
