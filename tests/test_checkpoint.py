@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import random
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from torch import nn
 from aikd.engine import checkpoint as ckpt_mod
 from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aikd.engine.model_io import load_frozen_model, model_meta
-from aikd.errors import CheckpointError
+from aikd.errors import CheckpointError, DiskFullError
 from aikd.models import build_model
 
 CPU = torch.device("cpu")
@@ -274,7 +275,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     new = _tiny_model(seed=5)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match=r"No space left .* to write 'last\.safetensors': it needs [0-9.]+ MiB"):
         save_checkpoint(target, new.state_dict(), {"epoch": 2}, {"step": 20})
     monkeypatch.undo()
 
@@ -376,3 +377,73 @@ def test_weights_that_do_not_fit_the_declared_model_are_refused(tmp_path):
     path = save_checkpoint(tmp_path / "wrong.safetensors", _tiny_model().state_dict(), meta)
     with pytest.raises(CheckpointError, match="small_cnn"):
         load_frozen_model(path, CPU, num_classes=10, in_channels=1)
+
+
+# ---------------------------------------------------------------- a full disk
+
+TINY_RUN = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "data.train_limit=256",
+            "data.test_limit=64", "device=cpu"]
+
+
+def test_full_disk_at_a_checkpoint_names_the_file_and_keeps_the_last_one(tmp_path, monkeypatch, one_thread):
+    from aikd.config import load_config
+    from aikd.engine import Trainer
+
+    cfg = load_config(None, [*TINY_RUN, "train.epochs=2"])
+    Trainer(cfg, tmp_path, quiet=True).fit(stop_after=1)
+    before = (tmp_path / "checkpoints/last.safetensors").read_bytes()
+    real_fdopen = os.fdopen
+
+    class FullDisk:  # the write a full filesystem gives: ENOSPC
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(DiskFullError) as info:
+        Trainer(cfg, tmp_path, quiet=True).fit(resume=True)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert re.search(r"to write '(best|last)\.safetensors': it needs [0-9.]+ MiB \([0-9,.]+ MiB free\)", message)
+    assert f"The last checkpoint '{tmp_path / 'checkpoints/last.safetensors'}' is intact" in message
+    assert "--resume" in message
+    assert (tmp_path / "checkpoints/last.safetensors").read_bytes() == before  # untouched, loadable
+    assert load_checkpoint(tmp_path / "checkpoints/last.safetensors").meta["epoch"] == 1
+    assert _tmp_files(tmp_path / "checkpoints") == []
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A real 1.5 MiB tmpfs (skipped where this process may not mount one)."""
+    import subprocess
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_really_full_filesystem_stops_the_run_with_a_clear_message(tiny_filesystem):
+    import subprocess
+    import sys
+
+    # A small_cnn checkpoint of digits is about 0.7 MiB: the first fits, the second (written next to it
+    # before the atomic rename) does not.
+    out = tiny_filesystem / "run"
+    done = subprocess.run([sys.executable, "-m", "aikd", "train", "-q", "-c", "configs/fashion_mnist/ce.yaml",
+                           "-o", str(out), *TINY_RUN, "train.epochs=3"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "No space left" in done.stderr and "--resume" in done.stderr
+    assert load_checkpoint(out / "checkpoints/last.safetensors").meta["epoch"] >= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -341,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except AikdError as err:
         print(f"aikd: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk outside the atomic writes (a log line, a config copy)
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"aikd: error: no space left on the device writing '{err.filename or 'a file'}'. Free space, then "
+              f"run the same command again (add --resume to continue a run from its last checkpoint).",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("aikd: interrupted", file=sys.stderr)

@@ -27,6 +27,10 @@ class CheckpointError(AikdError):
     """A checkpoint that cannot be loaded, or does not fit the run."""
 
 
+class DiskFullError(AikdError):
+    """A write that found no space left on its device (or its quota); the file it replaces is unchanged."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean X?' for the closest choice, or '' if none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

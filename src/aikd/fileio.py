@@ -2,26 +2,51 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+from aikd.errors import DiskFullError
+
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` via temp file + fsync + rename."""
+    """Write ``payload`` to ``path`` via temp file + fsync + rename.
+
+    A full disk (ENOSPC, or EDQUOT for a quota) raises :class:`DiskFullError` naming the file
+    and the space it needs; the temporary file is removed and ``path`` is left as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _disk_full(err, path, len(payload)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _disk_full(err, path, len(payload)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _disk_full(err: OSError, path: Path, needed: int) -> OSError | DiskFullError:
+    """A DiskFullError for a full disk or quota, the error itself otherwise."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return err
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(f"No space left on the device of '{path.parent}' to write '{path.name}': it needs "
+                         f"{needed / 2**20:,.1f} MiB ({free}); '{path}' was not changed.")

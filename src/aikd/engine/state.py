@@ -20,7 +20,7 @@ from aikd.config import normalized
 from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aikd.engine.model_io import model_meta
 from aikd.engine.setup import RunParts
-from aikd.errors import CheckpointError, ConfigError
+from aikd.errors import CheckpointError, ConfigError, DiskFullError
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -93,7 +93,13 @@ class RunCheckpoints:
             return path
         if name == LAST:
             self._keep_previous_last()
-        save_checkpoint(path, p.model.state_dict(), self.meta(), state)
+        try:
+            save_checkpoint(path, p.model.state_dict(), self.meta(), state)
+        except DiskFullError as err:
+            kept = (f"The last checkpoint '{self.last}' is intact: free space, then continue with the same command "
+                    f"plus --resume." if self.last.is_file() else "No checkpoint was written yet: free space, "
+                    "then run the command again.")
+            raise DiskFullError(f"{err} {kept}") from None
         if name == LAST:
             self.last_epoch_end = None if position is not None else self.state.epoch
         return path
