@@ -139,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, overrides="config overrides")
 
     p = _command(
+        sub, "export", help="a trained model as a plain state dict for its architecture and as ONNX",
+        description="Write OUT/model.safetensors (the weights under the names of the architecture's own library: "
+                    "timm, torchvision or aikd), OUT/model.onnx (normalized images in, logits out, any batch size) "
+                    "and OUT/export.json (classes, input size and normalization, how to load each file).",
+        example="aikd export -k runs/aikd/student/checkpoints/last.safetensors -o exported")
+    p.add_argument("-k", "--checkpoint", required=True, help="a .safetensors checkpoint written by aikd")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--no-onnx", action="store_true", help="write the state dict only")
+    _add_common(p)
+
+    p = _command(
         sub, "demo", help="the main job: AI-KD on the embedded Fashion-MNIST",
         description="Run the AI-KD pipeline on Fashion-MNIST (Debian's dataset-fashion-mnist) in the proxy regime "
                     "(configs/fmnist_proxy: CE fits its training data and is over-confident, as in the paper): "
@@ -254,6 +265,14 @@ def demo_difference(baseline: dict, student: dict) -> str:
             f"draw: the 5-seed paired comparison with 95% intervals is in docs/results/fmnist_proxy.md.")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from aikd.export import export_checkpoint
+
+    record = export_checkpoint(args.checkpoint, args.out, onnx=not args.no_onnx)
+    print(json.dumps(record, indent=2))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from aikd.engine.sweep import run_sweep
 
@@ -328,7 +347,7 @@ def _headline(summary: dict) -> dict:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pipeline": cmd_pipeline, "demo": cmd_demo, "sweep": cmd_sweep,
-            "report": cmd_report, "tsne": cmd_tsne, "bench": cmd_bench}
+            "report": cmd_report, "tsne": cmd_tsne, "bench": cmd_bench, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,8 +62,12 @@ class DataConfig:
 class ModelConfig:
     """The classifier architecture."""
 
-    name: str = "preact_resnet18"
+    name: str = "preact_resnet18"  # a registered model, or timm/<arch> for any timm architecture
     stem: Literal["auto", "cifar", "imagenet"] = "auto"  # auto: cifar below 100 px
+    # A local timm / torchvision / aikd weights file (.safetensors, or a torch state dict read without
+    # running code) to start from; a classifier for another class count starts untrained.
+    weights: str | None = None
+    kwargs: Any = None  # keyword arguments of timm.create_model (timm models), e.g. {patch_size: 4}
 
 
 @dataclass
@@ -394,9 +398,20 @@ def _check_names(cfg: RunConfig) -> None:
     from aikd.catalog import datasets, models
 
     datasets().get(cfg.data.name)
-    models().get(cfg.model.name)
-    if cfg.teacher.model is not None:
-        models().get(cfg.teacher.model, "teacher.model")
+    for key, name in (("model.name", cfg.model.name), ("teacher.model", cfg.teacher.model)):
+        if name is None:
+            continue
+        if name.startswith("timm/"):
+            from aikd.models.timm_nets import check_timm_name
+
+            check_timm_name(name, key)
+        else:
+            models().get(name, key)
+    if cfg.model.kwargs is not None and not isinstance(cfg.model.kwargs, dict):
+        raise ConfigError(f"Config key 'model.kwargs' is a mapping of timm.create_model arguments, "
+                          f"got {cfg.model.kwargs!r}.")
+    if cfg.model.weights is not None and not Path(cfg.model.weights).expanduser().is_file():
+        raise ConfigError(f"Config key 'model.weights': file '{cfg.model.weights}' does not exist.")
 
 
 # ---------------------------------------------------------------------------

@@ -6,26 +6,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from aikd.engine.checkpoint import Checkpoint, load_checkpoint
 from aikd.errors import CheckpointError
-from aikd.models import Classifier, build_model
+from aikd.models import build_model
 
 
 def model_meta(model_name: str, stem: str, num_classes: int, in_channels: int, image_size: int,
-               classes: list[str]) -> dict[str, Any]:
+               classes: list[str], kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The description a checkpoint carries so the model can be rebuilt without the config."""
-    return {"model": {"name": model_name, "stem": stem, "num_classes": num_classes,
-                      "in_channels": in_channels, "image_size": image_size, "classes": classes}}
+    info = {"name": model_name, "stem": stem, "num_classes": num_classes, "in_channels": in_channels,
+            "image_size": image_size, "classes": classes}
+    if kwargs:
+        info["kwargs"] = kwargs  # timm.create_model arguments
+    return {"model": info}
 
 
-def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
+def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
     """Build the architecture the checkpoint describes and load its weights strictly."""
     info = ckpt.meta.get("model")
     if not isinstance(info, dict):
         raise CheckpointError(f"Checkpoint '{ckpt.path}' does not describe its model.")
     model = build_model(info["name"], info["num_classes"], info["in_channels"],
-                        info["image_size"], info["stem"])
+                        info["image_size"], info["stem"], info.get("kwargs"))
     try:
         model.load_state_dict(ckpt.model, strict=True)
     except RuntimeError as err:
@@ -38,7 +42,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> Classifier:
 
 def load_frozen_model(path: str | Path, device: torch.device, *, num_classes: int,
                       in_channels: int, role: str = "teacher", expect_model: str | None = None,
-                      image_size: int | None = None, classes: list[str] | None = None) -> Classifier:
+                      image_size: int | None = None, classes: list[str] | None = None) -> nn.Module:
     """Load a trained model for inference only (eval mode, no gradients), checking that it fits the data.
 
     ``role`` names the model in error messages ("teacher", "superior model"). ``image_size`` and

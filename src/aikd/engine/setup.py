@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from aikd.engine.runtime import CompiledOrEager, autocast_dtype, pick_device, se
 from aikd.errors import ConfigError
 from aikd.methods import METHODS, Batch, Method, MethodContext
 from aikd.models import build_model, resolve_stem
+from aikd.models.weights import load_weights
 
 
 @dataclass
@@ -87,7 +89,11 @@ def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
     device = distributed.device_for(info, pick_device(cfg.device))
     channels_last = use_channels_last(cfg.train, device)
     data = data if data is not None else load_data(cfg.data)
-    model = build_model(cfg.model.name, data.num_classes, data.in_channels, data.image_size, cfg.model.stem).to(device)
+    model = build_model(cfg.model.name, data.num_classes, data.in_channels, data.image_size, cfg.model.stem,
+                        cfg.model.kwargs)
+    if cfg.model.weights is not None:
+        load_weights(model, Path(cfg.model.weights).expanduser())
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     _check_distributed(cfg, strategy, device)

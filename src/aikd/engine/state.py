@@ -65,7 +65,8 @@ class RunCheckpoints:
     def meta(self) -> dict[str, Any]:
         p, d = self.parts, self.parts.data
         return {
-            **model_meta(p.cfg.model.name, p.stem, d.num_classes, d.in_channels, d.image_size, d.train.classes),
+            **model_meta(p.cfg.model.name, p.stem, d.num_classes, d.in_channels, d.image_size, d.train.classes,
+                         p.cfg.model.kwargs),
             "config": p.cfg.to_dict(),
             "epoch": self.state.epoch,
             "step": self.state.step,

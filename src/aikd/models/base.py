@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -44,12 +45,17 @@ MODELS: Registry[Callable[[ModelSpec], Classifier]] = Registry("model", "model.n
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
-                stem: str = "auto") -> Classifier:
-    """Build a registered model for data with the given shape.
+                stem: str = "auto", kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Build a registered model, or ``timm/<arch>`` (with ``kwargs``), for data with the given shape.
 
     ``stem="auto"`` picks the CIFAR stem for images under 100 pixels, as the
-    paper does for CIFAR-100 and Tiny-ImageNet, and the ImageNet stem above.
+    paper does for CIFAR-100 and Tiny-ImageNet, and the ImageNet stem above
+    (aikd's own and torchvision's models; timm models keep their own stems).
     """
+    from aikd.models.timm_nets import build_timm, is_timm
+
+    if is_timm(name):
+        return build_timm(name, num_classes, in_channels, image_size, kwargs)
     return MODELS.get(name)(ModelSpec(num_classes, in_channels, image_size, resolve_stem(stem, image_size)))
 
 
