@@ -20,7 +20,7 @@ mutation: $(BIN)/.installed
 	scripts/mutation.sh
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts examples
 
 setup: $(BIN)/.installed $(FMNIST)
 

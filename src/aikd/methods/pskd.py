@@ -63,3 +63,29 @@ class PSKD(Method):
 
     def on_step_end(self, model: nn.Module, batch: Batch, output: StepOutput) -> None:
         self.buffer.write(batch.indices, output.logits)
+
+
+class PSKDLoss(nn.Module):
+    """PS-KD as one loss module for a training loop of your own (plain PyTorch, Lightning).
+
+    It holds the previous-epoch buffer (saved with ``state_dict()``). Call it on every training
+    batch with the student's logits, the labels, the samples' dataset indices and the 0-based
+    epoch; it returns the soft-target cross-entropy and, in training mode, stores the logits.
+
+        criterion = PSKDLoss(num_classes, len(train_set), epochs)
+        loss = criterion(student(images), labels, indices, epoch)
+    """
+
+    def __init__(self, num_classes: int, num_train: int, epochs: int, alpha_T: float = 0.8) -> None:
+        super().__init__()
+        PSKDConfig(alpha_T=alpha_T)  # checks the range
+        self.epochs, self.alpha_T = epochs, alpha_T
+        self.buffer = PredictionBuffer(num_train, num_classes)
+
+    def forward(self, logits: Tensor, labels: Tensor, indices: Tensor, epoch: int) -> Tensor:
+        previous, has_previous = self.buffer.read(indices)
+        targets = pskd_targets(labels, previous.softmax(dim=1), has_previous,
+                               pskd_alpha(epoch, self.epochs, self.alpha_T))
+        if self.training:
+            self.buffer.write(indices, logits)
+        return soft_cross_entropy(logits.float(), targets)
