@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder OUT/<folder>/<config>/<KEY=V,...>/seed<k> and as its own row in 'aikd report'")
     p.add_argument("-o", "--out", required=True, help="output folder of the sweep")
     p.add_argument("--cache", help="folder of phase-1 models (default OUT/superior): share them with another sweep")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N pipelines at once, each in its own process with its share of the CPU threads, or "
+                        "one GPU each when there are GPUs (default 1); the results are a serial sweep's")
     _add_common(p, overrides="config overrides for every run")
 
     p = _command(
@@ -277,7 +280,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from aikd.engine.sweep import run_sweep
 
     done = run_sweep(args.config, args.seeds, args.out, args.overrides, grid=args.grid, cache_dir=args.cache,
-                     quiet=args.quiet, log=_logger(args.quiet))
+                     jobs=args.jobs, quiet=args.quiet, log=_logger(args.quiet))
     print(f"aikd sweep: {len(done)} runs finished in {args.out}; tables: aikd report {args.out}")
     return 0
 

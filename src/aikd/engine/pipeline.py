@@ -12,6 +12,7 @@ applies to one only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import yaml
 
 from aikd.config import RunConfig, apply_overrides, from_dict, normalized, read_yaml, recipe_name
 from aikd.distributed import current
+from aikd.engine.locks import cache_entry_lock
 from aikd.engine.trainer import LAST, train
 from aikd.errors import AikdError, ConfigError
 from aikd.methods import METHODS
@@ -117,7 +119,10 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
         sup_cfg = from_dict(sup_data, source=f"{config} (phase 1)")
         sup_dir = Path(cache_dir or out / "superior") / superior_key(sup_cfg)
         log(f"aikd: phase 1, superior model -> {sup_dir}")
-        result["superior"] = train_or_reuse(sup_cfg, sup_dir, quiet, log, recipe="ce")
+        # Two pipelines that need this model (a sweep with --jobs) train it once: the second waits, then reuses it.
+        # Under torchrun only rank 0 takes the lock; the other ranks follow it through the run's collectives.
+        with cache_entry_lock(sup_dir, log) if current().is_main else contextlib.nullcontext():
+            result["superior"] = train_or_reuse(sup_cfg, sup_dir, quiet, log, recipe="ce")
         result["superior"]["run_dir"] = str(sup_dir)
         student_cfg.teacher.checkpoint = str(sup_dir / "checkpoints" / LAST)
     elif per_phase["phase1"]:

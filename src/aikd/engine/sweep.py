@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,32 +104,121 @@ def check_configs(configs: Sequence[str | Path], seeds: Sequence[int], overrides
         clash[key] = config
 
 
+@dataclass(frozen=True)
+class SweepTask:
+    """One (config, grid point, seed) of a sweep: its pipeline's arguments."""
+
+    number: int  # its place in the serial order (seeds outermost)
+    config: str
+    point: GridPoint
+    seed: int
+    overrides: tuple[str, ...]
+    run_dir: Path
+    cache_dir: Path
+
+    def run(self, quiet: bool, log) -> dict[str, Any]:
+        result = run_pipeline(self.config, [*self.overrides, *self.point.overrides, f"seed={self.seed}"],
+                              self.run_dir, cache_dir=self.cache_dir, quiet=quiet, log=log,
+                              variant=self.point.name or None)
+        return {"config": self.config, "grid": dict(self.point), "seed": self.seed,
+                "run_dir": str(self.run_dir / "student"), "top1_err": result["student"]["top1_err"]}
+
+
 def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str | Path,
               overrides: Sequence[str] = (), *, grid: Sequence[str] = (), cache_dir: str | Path | None = None,
-              quiet: bool = False, log=print) -> list[dict[str, Any]]:
+              jobs: int = 1, quiet: bool = False, log=print) -> list[dict[str, Any]]:
     """Run every (config, grid point, seed), seeds outermost (a first complete table comes early).
 
     ``grid`` holds ``KEY=V1,V2,...`` specs (``--grid``); each combination of their values
     is one more set of overrides, run into its own folder and tagged in the run's recipe
     (``aikd[aikd.alpha_p=0.1]``) so that ``aikd report`` shows it as its own row.
     ``cache_dir`` holds the phase-1 models (default ``OUT/superior``): another sweep's cache
-    lends its models to this one.
+    lends its models to this one. ``jobs`` > 1 runs that many pipelines at once, each in its
+    own process (:func:`run_parallel`); the folders and results are those of a serial sweep.
     """
+    if jobs < 1:
+        raise AikdError(f"--jobs must be at least 1, got {jobs}.")
     points = parse_grid(grid)
     check_configs(configs, seeds, overrides, points)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else out / "superior"
+    tasks = [SweepTask(n, str(config), point, seed, tuple(overrides), sweep_dir(out, config, seed, point), cache)
+             for n, (seed, config, point) in enumerate(itertools.product(seeds, configs, points))]
     done: list[dict[str, Any]] = []
-    total = len(configs) * len(points) * len(seeds)
-    for seed in seeds:
-        for config, point in itertools.product(configs, points):
-            run_dir = sweep_dir(out, config, seed, point)
-            where = f" [{point.name}]" if point else ""
-            log(f"aikd sweep: [{len(done) + 1}/{total}] {config}{where} seed {seed} -> {run_dir}")
-            result = run_pipeline(config, [*overrides, *point.overrides, f"seed={seed}"], run_dir,
-                                  cache_dir=Path(cache_dir) if cache_dir else out / "superior", quiet=quiet, log=log,
-                                  variant=point.name or None)
-            done.append({"config": str(config), "grid": dict(point), "seed": seed, "run_dir": str(run_dir / "student"),
-                         "top1_err": result["student"]["top1_err"]})
-            atomic_write_bytes(out / "sweep.json", json.dumps(done, indent=2).encode())
-    return done
+
+    def finished(task: SweepTask, row: dict[str, Any]) -> None:
+        done.append({**row, "number": task.number})
+        done.sort(key=lambda r: r["number"])
+        rows = [{k: v for k, v in r.items() if k != "number"} for r in done]
+        atomic_write_bytes(out / "sweep.json", json.dumps(rows, indent=2).encode())
+
+    if jobs == 1:
+        for task in tasks:
+            log(f"aikd sweep: [{task.number + 1}/{len(tasks)}] {_describe(task)} -> {task.run_dir}")
+            finished(task, task.run(quiet, log))
+    else:
+        run_parallel(tasks, jobs, log, finished)
+    return [{k: v for k, v in r.items() if k != "number"} for r in done]
+
+
+def _describe(task: SweepTask) -> str:
+    return f"{task.config}{f' [{task.point.name}]' if task.point else ''} seed {task.seed}"
+
+
+def run_parallel(tasks: Sequence[SweepTask], jobs: int, log, finished) -> None:
+    """Run the tasks ``jobs`` at a time, in the serial order, each in a fresh process.
+
+    Each process gets its share of the CPU threads (cpu count // jobs), or one GPU of the
+    machine's (round robin over CUDA_VISIBLE_DEVICES) when there are GPUs. Two pipelines that
+    need the same phase-1 model train it once (the cache entry is locked; the second waits
+    and reuses it). The first failure stops the sweep once the running tasks end; finished
+    tasks are kept, so running the same command again continues it.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    import torch
+
+    gpus = torch.cuda.device_count()
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    spawn = multiprocessing.get_context("spawn")
+    slots = spawn.Queue()
+    for slot in range(jobs):
+        slots.put(slot)
+    pending, running, error = list(tasks), {}, None
+    with ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_worker_init,
+                             initargs=(slots, threads, gpus)) as pool:
+        while pending or running:
+            while pending and len(running) < jobs and error is None:
+                task = pending.pop(0)
+                log(f"aikd sweep: [{task.number + 1}/{len(tasks)}] {_describe(task)} -> {task.run_dir} (started)")
+                running[pool.submit(task.run, True, _quiet_log)] = task
+            if not running:
+                break
+            ready, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in ready:
+                task = running.pop(future)
+                try:
+                    finished(task, future.result())
+                    log(f"aikd sweep: [{task.number + 1}/{len(tasks)}] {_describe(task)} finished")
+                except AikdError as err:
+                    error = error or err
+    if error is not None:
+        raise error
+
+
+def _quiet_log(message: str) -> None:
+    """A worker's pipeline messages (phase 1, reuse, waiting for a cache entry) go to its stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _worker_init(slots, threads: int, gpus: int) -> None:
+    """One sweep worker: its share of the CPU threads, or its own GPU."""
+    slot = slots.get()
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ run's files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +25,7 @@ from aikd.config import RunConfig, save_config
 from aikd.data import DataBundle
 from aikd.engine.checkpoint import atomic_write_bytes
 from aikd.engine.guards import NonFiniteGuard, StopSignals
+from aikd.engine.locks import run_folder_lock
 from aikd.engine.logger import RunLogger, progress_bar
 from aikd.engine.loop import Epoch, train_epoch
 from aikd.engine.setup import RunParts, build_parts
@@ -80,10 +82,19 @@ class Trainer:
         SIGTERM and SIGINT stop the run at the next step boundary with a
         checkpoint there, and raise :class:`RunInterrupted`.
         """
+        with contextlib.ExitStack() as lock:
+            return self._fit(lock, resume, overwrite, stop_after)
+
+    def _fit(self, lock: contextlib.ExitStack, resume: bool | str | Path, overwrite: bool,
+             stop_after: int | None) -> dict[str, Any] | None:
         p, state, epochs = self.parts, self.state, self.cfg.train.epochs
+
+        def take_folder() -> None:  # rank 0 locks the folder for the whole run, then checks and prepares it
+            lock.enter_context(run_folder_lock(self.out))
+            self._prepare_out_dir(source is not None, overwrite)
+
         source = find_resume_checkpoint(self.out, resume) if resume else None
-        # Rank 0 checks and prepares the folder; a refusal there stops every rank with its message.
-        p.strategy.main_then_share(lambda: self._prepare_out_dir(source is not None, overwrite))
+        p.strategy.main_then_share(take_folder)  # a refusal there stops every rank with rank 0's message
         if source is not None:
             self.resume(source)
         if p.strategy.is_main:
