@@ -70,9 +70,8 @@ def test_file_lock_refuses_then_waits(tmp_path):
                               f"with file_lock(Path({str(path)!r}), wait=False):\n"
                               "    print('held', flush=True); time.sleep(3)"], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
-    with pytest.raises(FolderInUse, match=f"process {child.pid} on host"):
-        with file_lock(path, wait=False):
-            pass
+    with pytest.raises(FolderInUse, match=f"process {child.pid} on host"), file_lock(path, wait=False):
+        pass
     start = time.time()
     with file_lock(path, wait=True):  # blocks until the child lets go
         assert time.time() - start > 1
