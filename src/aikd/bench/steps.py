@@ -27,7 +27,15 @@ from aikd.engine.model_io import model_meta
 from aikd.models import build_model, resolve_stem
 
 # Variants benchmarked beside the registered methods: name -> (method, config overrides).
-VARIANTS: dict[str, tuple[str, list[str]]] = {"aikd_no_adv": ("aikd", ["aikd.adv_weight=0"])}
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "aikd_no_adv": ("aikd", ["aikd.adv_weight=0"]),
+    # The critic of a CPU-length run (critic_schedule=run_length in configs/fmnist_proxy): 10 steps per student step.
+    "aikd_critic10": ("aikd", ["aikd.critic_steps=10"]),
+    # Online AI-KD, its superior model switched on from the first step: the EMA's forward and update, or the
+    # milestone copy's forward (docs/methods/aikd.md).
+    "aikd_online_ema": ("aikd", ["aikd.superior=ema", "aikd.superior_start=0.0"]),
+    "aikd_online_milestone": ("aikd", ["aikd.superior=milestone", "aikd.superior_start=0.001"]),
+}
 
 
 @dataclass(frozen=True)
