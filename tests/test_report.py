@@ -96,6 +96,17 @@ def test_training_accuracy_of_older_runs_comes_from_their_last_record(tmp_path):
     assert md_row(text, "Table 3", "Baseline")[5] == "99.50 ± 0.00"
 
 
+def test_online_and_grid_recipes_are_methods_not_ablations(tmp_path):
+    write_run(tmp_path, "ce/seed0", "ce", "ce", 0, 10, 0.8)
+    write_run(tmp_path, "online/seed0", "aikd_online_ema", "aikd", 0, 9, 0.8, aikd=FULL)
+    write_run(tmp_path, "grid/seed0", "aikd[aikd.alpha_p=0.5]", "aikd", 0, 9.5, 0.8, aikd={**FULL, "alpha_p": 0.5})
+    write_run(tmp_path, "noadv/seed0", "aikd_no_adv", "aikd", 0, 9.7, 0.8, aikd={**FULL, "adv_weight": 0})
+    text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
+    table2 = text.split("### Table 3")[0]
+    assert "| AI-KD online (EMA) |" in table2 and "| AI-KD [aikd.alpha_p=0.5] |" in table2
+    assert "| No Adv |" not in table2 and "| No Adv |" in text.split("### Table 4")[1]
+
+
 def test_table4_order_that_differs_from_the_papers_is_said(tmp_path):
     for name, recipe, err, switches in (("ce", "ce", 10.0, None), ("g", "aikd_only_guide", 9.0, (0.1, 0, 0)),
                                         ("p", "aikd_only_progressive", 11.0, (0, 0.3, 0))):
