@@ -514,6 +514,27 @@ def test_pipeline_shares_the_superior_model_across_methods(tmp_path):
     assert not (tmp_path / "tfkd" / "superior").exists() and not (tmp_path / "aikd" / "superior").exists()
 
 
+def test_a_cache_entry_an_older_version_named_otherwise_is_reused(tmp_path):
+    cache, logs = tmp_path / "cache", []
+    first = run_pipeline("configs/fashion_mnist/tfkd_self.yaml", [*DIGITS, *SMALL], tmp_path / "a",
+                         cache_dir=cache, quiet=True, log=logs.append)
+    (entry,) = list(cache.iterdir())
+    old = entry.rename(cache / (entry.name.rsplit("-", 1)[0] + "-0123456789ab"))  # a name from an older key
+    run_pipeline("configs/fashion_mnist/aikd.yaml", [*DIGITS, *SMALL], tmp_path / "b", cache_dir=cache, quiet=True,
+                 log=logs.append)
+    assert list(cache.iterdir()) == [old] and any(f"reusing the finished run in {old}" in line for line in logs)
+    assert first["superior"]["method"] == "ce"
+
+
+def test_superior_key_ignores_settings_at_their_defaults():
+    from aikd.engine.pipeline import superior_key
+
+    plain = load_config(None, DIGITS)
+    same = load_config(None, [*DIGITS, "model.weights=null", "data.val_size=0", "train.lr=0.1"])  # all defaults
+    other = load_config(None, [*DIGITS, "train.lr=0.05"])
+    assert superior_key(plain) == superior_key(same) != superior_key(other)
+
+
 def test_pipeline_kd_trains_a_teacher_of_another_architecture(tmp_path):
     # PreAct ResNet-18 (11 M parameters) is the slow part of this file: one short epoch.
     overrides = [*DIGITS, "teacher.model=preact_resnet18", "train.epochs=1", "data.train_limit=300",

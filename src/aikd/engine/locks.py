@@ -1,7 +1,7 @@
 """Locks on run folders and phase-1 cache entries, so that concurrent processes never share one.
 
 A lock is an advisory ``flock`` on a small file next to what it guards
-(``OUT/.aikd.lock``, ``CACHE/<key>.lock``), holding the holder's pid, host,
+(``OUT/.aikd.lock``, ``CACHE/<key>/.phase1.lock``), holding the holder's pid, host,
 start time and command for the message a refused process prints. The kernel
 drops a flock when its process dies, however it dies, so a lock left by a dead
 process is simply free for the next one: nothing to clean up, no race between
@@ -87,7 +87,7 @@ def run_folder_lock(out: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def cache_entry_lock(entry: Path, log=None) -> Iterator[None]:
     """Exclusive use of a phase-1 cache entry; waits (saying for whom) while another pipeline trains it."""
-    lock = entry.parent / f"{entry.name}.lock"
+    lock = entry / ".phase1.lock"
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(file_lock(lock, wait=False))

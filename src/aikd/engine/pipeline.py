@@ -56,11 +56,39 @@ def superior_config(student: dict[str, Any], teacher_model: str | None) -> dict[
     return phase1
 
 
+SHAPING = ("seed", "deterministic", "data", "model", "train")  # what determines a phase-1 model
+
+
 def superior_key(cfg: RunConfig) -> str:
-    """A short hash of everything that determines the phase-1 model."""
-    shaping = {k: v for k, v in cfg.to_dict().items() if k in ("seed", "deterministic", "data", "model", "train")}
+    """A short hash of everything that determines the phase-1 model.
+
+    Only settings that differ from their defaults enter the hash, so a config key added in a later
+    version (at its default) leaves every existing cache entry's name as it was.
+    """
+    defaults = RunConfig().to_dict()
+    shaping = {k: _not_default(v, defaults[k]) for k, v in cfg.to_dict().items() if k in SHAPING}
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.model.name}-{cfg.data.name}-seed{cfg.seed}-{digest}"
+
+
+def _not_default(value: Any, default: Any) -> Any:
+    if isinstance(value, dict) and isinstance(default, dict):
+        return {k: _not_default(v, default.get(k)) for k, v in value.items() if v != default.get(k)}
+    return value
+
+
+def cached_superior(cache: Path, cfg: RunConfig) -> Path:
+    """The cache entry of ``cfg``'s phase-1 model: its own name, or an entry an older aikd named otherwise
+    whose saved config is the same (so upgrading aikd does not retrain a cache)."""
+    entry = cache / superior_key(cfg)
+    if entry.exists() or not cache.is_dir():
+        return entry
+    wanted = cfg.to_dict()
+    for other in sorted(cache.glob(f"{cfg.model.name}-{cfg.data.name}-seed{cfg.seed}-*")):
+        saved = other / "config.yaml"
+        if other.is_dir() and saved.is_file() and normalized(yaml.safe_load(saved.read_text()) or {}) == wanted:
+            return other
+    return entry
 
 
 def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
@@ -117,7 +145,7 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
     if method_cls.needs_teacher(student_cfg.method_config()) and student_cfg.teacher.checkpoint is None:
         sup_data = apply_overrides(superior_config(base, teacher_model), per_phase["phase1"])
         sup_cfg = from_dict(sup_data, source=f"{config} (phase 1)")
-        sup_dir = Path(cache_dir or out / "superior") / superior_key(sup_cfg)
+        sup_dir = cached_superior(Path(cache_dir or out / "superior"), sup_cfg)
         log(f"aikd: phase 1, superior model -> {sup_dir}")
         # Two pipelines that need this model (a sweep with --jobs) train it once: the second waits, then reuses it.
         # Under torchrun only rank 0 takes the lock; the other ranks follow it through the run's collectives.
