@@ -289,27 +289,32 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         assert torch.equal(loaded.model[k], v)
 
 
+class FailingWriter:
+    """A file whose write lands ``share`` of the data, then fails with ``errno`` (5: I/O error, 28: ENOSPC)."""
+
+    def __init__(self, fh, errno: int, message: str, share: float = 0.0):
+        self.fh, self.errno, self.message, self.share = fh, errno, message, share
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def write(self, data):
+        self.fh.write(data[: int(len(data) * self.share)])
+        raise OSError(self.errno, self.message)
+
+
+def fail_writes(monkeypatch, errno: int, message: str, share: float = 0.0) -> None:
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FailingWriter(real_fdopen(fd, mode), errno, message, share))
+
+
 def test_failed_write_mid_payload_keeps_previous_checkpoint(tmp_path, monkeypatch):
     target = tmp_path / "last.safetensors"
     ckpt_mod.atomic_write_bytes(target, b"old contents")
-
-    real_fdopen = os.fdopen
-
-    class HalfWriter:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def write(self, data):
-            self.fh.write(data[: len(data) // 2])
-            raise OSError(5, "I/O error")
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    fail_writes(monkeypatch, 5, "I/O error", share=0.5)
     with pytest.raises(OSError, match="I/O error"):
         ckpt_mod.atomic_write_bytes(target, b"new contents that never fully land")
     monkeypatch.undo()
@@ -392,22 +397,7 @@ def test_full_disk_at_a_checkpoint_names_the_file_and_keeps_the_last_one(tmp_pat
     cfg = load_config(None, [*TINY_RUN, "train.epochs=2"])
     Trainer(cfg, tmp_path, quiet=True).fit(stop_after=1)
     before = (tmp_path / "checkpoints/last.safetensors").read_bytes()
-    real_fdopen = os.fdopen
-
-    class FullDisk:  # the write a full filesystem gives: ENOSPC
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def write(self, data):
-            raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    fail_writes(monkeypatch, 28, "No space left on device")  # the write a full filesystem gives: ENOSPC
     with pytest.raises(DiskFullError) as info:
         Trainer(cfg, tmp_path, quiet=True).fit(resume=True)
     monkeypatch.undo()
