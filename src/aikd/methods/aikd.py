@@ -274,7 +274,9 @@ class AIKD(Method):
         return {"critic_lr": self.critic_lr, "critic_steps": self.critic_steps} if self.use_adv else {}
 
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
-        if self.online and self.hparams.superior == "milestone" and epoch == self.start_epoch:
+        # A run resumed inside the start epoch already holds its copy: it is not taken again from a later student.
+        milestone = self.online and self.hparams.superior == "milestone"
+        if milestone and epoch == self.start_epoch and not self.superior_ready:
             self.superior_model.load_state_dict(model.state_dict())
             self.superior_ready.fill_(True)
 
@@ -293,7 +295,7 @@ class AIKD(Method):
         if batch.epoch < self.start_epoch or not self.superior_ready:
             return None
         with torch.inference_mode():
-            logits = self.superior_model(batch.images)
+            logits = self.superior_model.eval()(batch.images)  # eval even if someone called method.train()
         return logits.to(torch.float32, copy=True)
 
     def _previous_logits(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
