@@ -9,6 +9,7 @@ from aikd.config import load_config
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.engine.model_io import model_from_checkpoint
 from aikd.engine.pipeline import run_pipeline
+from aikd.errors import ConfigError
 
 pytest.importorskip("timm")
 
@@ -34,7 +35,7 @@ def test_vit_gets_the_datas_image_size_and_kwargs_are_checked():
 
     vit = build_model("timm/vit_tiny_patch16_224", 10, 1, 8, kwargs={"patch_size": 2, "depth": 1})
     assert vit.net.patch_embed.img_size == (8, 8) and len(vit.net.blocks) == 1
-    with pytest.raises(Exception, match="does not take model.kwargs"):
+    with pytest.raises(ConfigError, match=r"does not take model\.kwargs"):
         build_model("timm/resnet18", 10, 1, 8, kwargs={"no_such_option": 1})
-    with pytest.raises(Exception, match="model.kwargs"):
+    with pytest.raises(ConfigError, match=r"model\.kwargs"):
         load_config(None, ["model.kwargs=3"])
