@@ -39,3 +39,12 @@ def test_vit_gets_the_datas_image_size_and_kwargs_are_checked():
         build_model("timm/resnet18", 10, 1, 8, kwargs={"no_such_option": 1})
     with pytest.raises(ConfigError, match=r"model\.kwargs"):
         load_config(None, ["model.kwargs=3"])
+
+
+def test_an_architecture_too_deep_for_the_images_is_named_before_training(tmp_path):
+    from aikd.engine import Trainer
+
+    cfg = load_config(None, [*DIGITS, "model.name=timm/convnext_atto"])  # strides 32: nothing left of 8 pixels
+    with pytest.raises(ConfigError, match=r"Model 'timm/convnext_atto' cannot take 1x8x8 images of 'digits'"):
+        Trainer(cfg, tmp_path, quiet=True)
+    assert not any(tmp_path.iterdir())

@@ -93,6 +93,7 @@ def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
                         cfg.model.kwargs)
     if cfg.model.weights is not None:
         load_weights(model, Path(cfg.model.weights).expanduser())
+    _check_input_fits(model, cfg, data)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -119,6 +120,22 @@ def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
         scheduler=build_scheduler(optimizer, cfg.train, len(train_loader)),
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
     )
+
+
+def _check_input_fits(model: nn.Module, cfg: RunConfig, data: DataBundle) -> None:
+    """One eval-mode forward of a blank image, so that an architecture too deep for the images (a network
+    that strides 32 on 28-pixel images) stops here with the shapes, not inside the first training step."""
+    shape = (2, data.in_channels, data.image_size, data.image_size)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(shape))
+    except RuntimeError as err:
+        raise ConfigError(f"Model '{cfg.model.name}' cannot take {shape[1]}x{shape[2]}x{shape[3]} images of "
+                          f"'{cfg.data.name}': {str(err).splitlines()[0]}. Choose another model, a larger "
+                          f"data.image_size (image-file datasets) or other model.kwargs (timm).") from None
+    finally:
+        model.train()
 
 
 def _build_method(cfg: RunConfig, data: DataBundle, model: nn.Module, strategy: SingleProcess,
