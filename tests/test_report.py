@@ -335,3 +335,28 @@ def test_sweep_checks_every_config_before_training(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 2 and "pskd.alpha_t" in done.stderr
     assert not (tmp_path / "out/tmp").exists() and not any((tmp_path / "out").rglob("summary.json"))
+
+
+def test_cost_table_adds_phase_one_to_two_phase_runs_and_divides_by_the_baselines_time(tmp_path):
+    for seed, base in enumerate([100.0, 200.0]):
+        write_run(tmp_path, f"superior/run{seed}", "ce", "ce", seed, 10.0, 0.8, train_time_s=base)
+        # Phase 1 from the pipeline's record beside the run: (130 + 100) / 100, (250 + 200) / 200.
+        write_run(tmp_path, f"aikd/seed{seed}/student", "aikd", "aikd", seed, 9.0, 0.8, aikd=FULL,
+                  train_time_s=[130.0, 250.0][seed], teacher=f"/elsewhere/entry{seed}/checkpoints/last.safetensors")
+        (tmp_path / f"aikd/seed{seed}/pipeline.json").write_text(json.dumps({"superior": {"train_time_s": base}}))
+        # No phase 1: its own time only, (140, 300) / base.
+        write_run(tmp_path, f"online/seed{seed}", "aikd_online_ema", "aikd", seed, 9.5, 0.8, aikd=FULL,
+                  train_time_s=[140.0, 300.0][seed])
+    # Phase 1 found through the teacher checkpoint's entry (no pipeline.json): (50 + 100) / 100.
+    write_run(tmp_path, "kd/seed0/student", "kd", "kd", 0, 9.0, 0.8, train_time_s=50.0,
+              teacher=str(tmp_path / "superior/run0/checkpoints/last.safetensors"))
+    # A teacher whose time is nowhere to be found: no cost rather than an understated one.
+    write_run(tmp_path, "dkd/seed0/student", "dkd", "dkd", 0, 9.0, 0.8, train_time_s=50.0,
+              teacher="/nowhere/checkpoints/last.safetensors")
+    text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
+    table = "Training cost"
+    assert md_row(text, table, "Baseline")[1] == "1.00x ± 0.00"
+    assert md_row(text, table, "AI-KD")[1] == "2.27x ± 0.04"  # 2.30, 2.25
+    assert md_row(text, table, "AI-KD online (EMA)")[1] == "1.45x ± 0.07"  # 1.40, 1.50
+    assert md_row(text, table, "KD")[1] == "1.50x ± 0.00 (n=1)"
+    assert md_row(text, table, "DKD")[1] == "–"
