@@ -48,11 +48,6 @@ ExplicitWeight = Literal["one", "teacher", "gap", "ratio"]
 ImplicitWeight = Literal["one", "teacher_nontarget"]
 
 
-def target_confidence(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """p_t: the probability of the label at temperature T, per sample."""
-    return F.softmax(logits / temperature, dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
-
-
 def explicit_weight(kind: ExplicitWeight, p_teacher: Tensor, p_student: Tensor) -> Tensor:
     """Per-sample weight of the explicit (target-confidence) term; no gradient flows through it.
 

@@ -104,9 +104,11 @@ def critic_step(critic: nn.Module, optimizer: torch.optim.Optimizer, superior_lo
     the ranks and lets them decide the skip together, so every rank keeps the same critic.
     """
     optimizer.zero_grad(set_to_none=True)
+    # float32 throughout, the backward included: on the CPU the backward runs in the caller's thread,
+    # so a caller's autocast would otherwise compute the penalty's second derivatives in bf16.
     with torch.autocast(superior_logits.device.type, enabled=False):
         loss, stats = critic_loss(critic, superior_logits, student_logits, gp_weight)
-    loss.backward()
+        loss.backward()
     if not strategy.agree(~torch.isfinite(loss), loss.device):
         strategy.average_gradients(critic.parameters())
         optimizer.step()
