@@ -14,9 +14,11 @@ import pytest
 import torch
 from torch import nn
 
+from aikd.errors import ConfigError
 from aikd.methods.aekt import aekt_terms
 from aikd.methods.aikd import adversarial_loss, critic_loss, critic_step, gradient_penalty, guide_loss, progressive_loss
 from aikd.methods.amkd import pick_negatives
+from aikd.methods.base import non_negative, positive, weight
 from aikd.methods.bss import bss_attack, sample_attack_targets
 from aikd.methods.pskd import pskd_alpha, pskd_targets
 from aikd.methods.tfkd import tf_reg_loss, virtual_teacher
@@ -194,3 +196,15 @@ def test_bss_attack_takes_ten_steps_by_default():
     images = torch.tensor([[[[5.0, 0.0]]], [[[0.0, 5.0]]]])
     result = bss_attack(teacher.eval(), images, torch.tensor([1, 0]), eta=1e-3)
     assert result.steps == 10 and not result.flipped.any()
+
+
+def test_range_checks_accept_their_bounds_and_name_key_rule_and_value():
+    for check, ok, bad, rule in [(positive, [1e-9, 3.0], [0.0, -1.0], "must be positive"),
+                                 (non_negative, [0.0, 2.0], [-1e-9], "must be >= 0"),
+                                 (weight, [0.0, 1.0, 0.5], [-0.01, 1.01, 2.0], "is a weight in [0, 1]")]:
+        for value in ok:
+            check("aikd.alpha_g", value)
+        for value in bad:
+            with pytest.raises(ConfigError) as err:
+                check("aikd.alpha_g", value)
+            assert str(err.value) == f"Config key 'aikd.alpha_g' {rule}, got {value!r}."
