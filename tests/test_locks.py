@@ -116,6 +116,6 @@ def test_sweep_with_two_jobs_gives_the_serial_sweeps_results(tmp_path):
         rows = json.loads((out / "sweep.json").read_text())
         tables[jobs] = [(r["config"], r["seed"], r["top1_err"]) for r in rows]
         report = subprocess.run([sys.executable, "-m", "aikd", "report", str(out)], capture_output=True, text=True)
-        tables[f"report{jobs}"] = report.stdout
+        tables[f"report{jobs}"] = report.stdout.split("### Training cost")[0]  # wall times differ, results not
     assert tables[1] == tables[2] and len(tables[1]) == 4
-    assert tables["report1"] == tables["report2"]
+    assert "### Paired difference" in tables["report1"] and tables["report1"] == tables["report2"]
