@@ -170,7 +170,7 @@ def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        phase1 = data.get("superior", data).get("train_time_s")
+        phase1 = (data.get("superior") or data).get("train_time_s")
         if phase1 is not None:
             return own + phase1
     return None
