@@ -5,7 +5,7 @@
 # seeds, so no two processes ever train the same phase-1 model (each seed's CE model is the
 # Baseline row, AI-KD's superior model and the teacher of KD, DKD, AEKT, BSS and AMKD).
 # Finished runs are reused, so running the script again resumes a stopped table.
-#   OUT=runs/fmnist_proxy scripts/fmnist_proxy.sh            # about 2 hours on 2 cores
+#   OUT=runs/fmnist_proxy scripts/fmnist_proxy.sh            # about 2.5 hours on 2 cores
 #   STAGE=sensitivity OUT=runs/fmnist_proxy scripts/fmnist_proxy.sh   # Tables 5-6 / Fig. 7 grid, after the table
 set -euo pipefail
 cd "$(dirname "$0")/.."
