@@ -447,3 +447,13 @@ def test_teacher_of_another_architecture_is_refused(tmp_path):
                             "epoch": 1})
     with pytest.raises(CheckpointError, match="same architecture"):
         Trainer(_train_aikd(tmp_path, teacher=path), tmp_path / "run", quiet=True)
+
+
+def test_frozen_copies_stay_in_eval_mode_when_the_method_trains():
+    student = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.BatchNorm1d(3))
+    ctx = MethodContext(num_classes=3, num_train=4, epochs=4, student=student)
+    for config in (AIKDConfig(superior="ema"), AIKDConfig(prev="snapshot")):
+        method = AIKD(config, ctx).train()
+        frozen = method.superior_model if config.superior == "ema" else method.snapshot
+        assert not frozen.training and not any(m.training for m in frozen.modules())
+        assert method.disc.training  # the critic does train

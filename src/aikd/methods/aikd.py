@@ -247,6 +247,15 @@ class AIKD(Method):
             self.start_epoch = round(h.superior_start * ctx.epochs)
             self.register_buffer("superior_ready", torch.tensor(h.superior == "ema"))
 
+    def train(self, mode: bool = True) -> AIKD:
+        """Train mode for the critic only: the frozen copies of the student (snapshot, in-run superior
+        model) always answer in eval mode (BatchNorm's running statistics, no dropout)."""
+        super().train(mode)
+        for frozen in ("snapshot", "superior_model"):
+            if hasattr(self, frozen):
+                getattr(self, frozen).eval()
+        return self
+
     def _copy_of_student(self, what: str) -> nn.Module:
         if self.ctx.student is None:
             raise ConfigError(f"{what} copies the student: pass MethodContext(student=model) (the aikd trainer does).")
@@ -297,7 +306,7 @@ class AIKD(Method):
         if batch.epoch < self.start_epoch or not self.superior_ready:
             return None
         with torch.inference_mode():
-            logits = self.superior_model.eval()(batch.images)  # eval even if someone called method.train()
+            logits = self.superior_model(batch.images)
         return logits.to(torch.float32, copy=True)
 
     def _previous_logits(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
