@@ -39,10 +39,10 @@ class BenchPlan:
     device: str = "cpu"  # where the step costs are timed (the loader and memory parts run on the CPU)
 
 
-# Small CNN only; CE, AI-KD and its ablation, and the two closest relatives (PS-KD shares the prediction
-# buffer, KD the teacher forward); shorter timings: about 40 s on 2 CPU cores (all 12 methods: about 55 s).
+# Small CNN only; CE, AI-KD, its ablation and its online variants, and the two closest relatives (PS-KD shares
+# the prediction buffer, KD the teacher forward); shorter timings: about 50 s on 2 CPU cores.
 QUICK_PLAN = BenchPlan(settings=(Setting("small_cnn", 1, 28, 10, steps=2, rounds=4),),
-                       methods=("ce", "aikd", "aikd_no_adv", "aikd_online_ema", "pskd", "kd"),
+                       methods=("ce", "aikd", "aikd_no_adv", "aikd_online_ema", "aikd_online_milestone", "pskd", "kd"),
                        loader_batches=20, cifar_train_images=10_000, end_to_end_steps=10,
                        memory_setting=Setting("small_cnn", 1, 28, 10, steps=2), quick=True)
 # Both models: about 10 minutes on 2 CPU cores, most of it PreAct ResNet-18.
