@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -457,3 +458,29 @@ def test_frozen_copies_stay_in_eval_mode_when_the_method_trains():
         frozen = method.superior_model if config.superior == "ema" else method.snapshot
         assert not frozen.training and not any(m.training for m in frozen.modules())
         assert method.disc.training  # the critic does train
+
+
+def _superior_quality_script():
+    """scripts/superior_quality.py, imported from its file (scripts/ is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "superior_quality.py"
+    spec = importlib.util.spec_from_file_location("superior_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_superior_quality_reads_the_in_run_superior_model_from_the_checkpoint(tmp_path):
+    script = _superior_quality_script()
+    for source, extra in (("ema", "aikd.ema_decay=0"), ("milestone", "aikd.ema_decay=0.99")):
+        cfg = _train_aikd(tmp_path, f"aikd.superior={source}", extra, "aikd.superior_start=0.5",
+                          "data.train_limit=400", "train.epochs=2")
+        Trainer(cfg, tmp_path / source / "seed0" / "student", quiet=True).fit()
+    assert len(script.finished_runs(tmp_path / "ema")) == 1
+    # An EMA of decay 0 is the student after every step: the same model, the same numbers.
+    ema = script.summarize(tmp_path / "ema")
+    assert ema["superior"] == pytest.approx(ema["student"])
+    # The milestone copy is the student after epoch 1 of 2: a different model with different numbers.
+    milestone = script.summarize(tmp_path / "milestone")
+    assert milestone["superior"] != pytest.approx(milestone["student"], abs=1e-6)
