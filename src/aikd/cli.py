@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         example="aikd bench --quick -o bench.json   # also writes bench.md")
     p.add_argument("--quick", action="store_true",
                    help="the small CNN only, with CE, AI-KD, AI-KD without the adversarial loss, online AI-KD "
-                        "(EMA and milestone), PS-KD and KD, shorter timings (about 50 s on 2 CPU cores)")
+                        "(EMA and milestone), PS-KD and KD, shorter timings (about 40 s on 2 CPU cores)")
     p.add_argument("-o", "--out", metavar="OUT.json",
                    help="write the results as JSON to OUT.json and the Markdown report beside it (OUT.md)")
     p.add_argument("--device", default="cpu", metavar="DEVICE",

@@ -40,7 +40,7 @@ class BenchPlan:
 
 
 # Small CNN only; CE, AI-KD, its ablation and its online variants, and the two closest relatives (PS-KD shares
-# the prediction buffer, KD the teacher forward); shorter timings: about 50 s on 2 CPU cores.
+# the prediction buffer, KD the teacher forward); shorter timings: about 40 s on 2 CPU cores.
 QUICK_PLAN = BenchPlan(settings=(Setting("small_cnn", 1, 28, 10, steps=2, rounds=4),),
                        methods=("ce", "aikd", "aikd_no_adv", "aikd_online_ema", "aikd_online_milestone", "pskd", "kd"),
                        loader_batches=20, cifar_train_images=10_000, end_to_end_steps=10,
