@@ -38,7 +38,7 @@ LABELS = {"ce": "Baseline", "ce_equal_compute": "CE, equal compute", "kd": "KD",
           "amkd": "AMKD",
           "aikd_only_guide": "Only Guide", "aikd_only_progressive": "Only Progressive",
           "aikd_no_adv": "No Adv", "aikd": "AI-KD", "aikd_online_ema": "AI-KD online (EMA)",
-          "aikd_online_milestone": "AI-KD online (milestone)"}
+          "aikd_online_ema_no_adv": "AI-KD online (EMA), No Adv", "aikd_online_milestone": "AI-KD online (milestone)"}
 
 
 def label(recipe: str) -> str:
