@@ -15,14 +15,16 @@ T = 1 and at the guide temperature T_G (what L_G matches).
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import statistics
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.evaluation import LoadedModel, load_model
+from aikd.metrics import topk_error
 
 PREFIX = "superior_model."
 
@@ -31,25 +33,21 @@ def _quality(loaded: LoadedModel, temp_g: float) -> dict[str, float]:
     """Error on the training images and on the evaluation split; mean top probability on the training images."""
     train_logits, train_labels = loaded.predict(split=loaded.data.train)
     eval_logits, eval_labels = loaded.predict()
-    return {"train err %": _error(train_logits, train_labels), "eval err %": _error(eval_logits, eval_labels),
+    return {"train err %": topk_error(train_logits, train_labels, 1),
+            "eval err %": topk_error(eval_logits, eval_labels, 1),
             "top p (T=1)": train_logits.softmax(-1).amax(-1).mean().item(),
             "top p (T_G)": (train_logits / temp_g).softmax(-1).amax(-1).mean().item()}
 
 
-def _error(logits: Tensor, labels: Tensor) -> float:
-    return 100.0 * (logits.argmax(-1) != labels).float().mean().item()
-
-
 def _superior(student_checkpoint: Path, student: LoadedModel) -> LoadedModel:
     """The run's superior model: the pre-trained checkpoint in its config, or the copy in its checkpoint."""
-    teacher = student.cfg.teacher.checkpoint
     if student.cfg.method_config().superior == "pretrained":
-        return load_model(teacher)
+        return load_model(student.cfg.teacher.checkpoint)
     method_state = load_checkpoint(student_checkpoint).state["method"]
     weights = {k.removeprefix(PREFIX): v for k, v in method_state.items() if k.startswith(PREFIX)}
-    copy = load_model(student_checkpoint)  # the same architecture and data; its weights replaced below
-    copy.model.load_state_dict(weights)
-    return copy
+    superior = copy.deepcopy(student.model)  # the student's architecture, the copy's weights
+    superior.load_state_dict(weights)
+    return dataclasses.replace(student, model=superior)
 
 
 def finished_runs(folder: Path) -> list[Path]:
