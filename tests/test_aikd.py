@@ -22,16 +22,14 @@ from aikd.errors import AikdError, CheckpointError, ConfigError
 from aikd.methods.aikd import (
     AIKD,
     AIKDConfig,
-    Discriminator,
     adversarial_loss,
-    critic_loss,
     critic_schedule,
     ema_update,
-    gradient_penalty,
     guide_loss,
     progressive_loss,
 )
 from aikd.methods.base import Batch, MethodContext
+from aikd.methods.critic import Critic, critic_optimizer, train_critic
 from aikd.models import build_model
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=2"]
@@ -75,42 +73,15 @@ def test_batch_mean_not_sum():
     assert doubled.item() == pytest.approx(one.item(), rel=1e-6)
 
 
-class LinearCritic(nn.Module):
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-
-    def forward(self, x):
-        return x @ self.weight
-
-
-def test_gradient_penalty_zero_for_unit_norm_linear_critic():
-    w = torch.tensor([0.6, 0.8, 0.0])  # ||w|| = 1, so ||grad D|| = 1 everywhere
-    real, fake = torch.randn(16, 3), torch.randn(16, 3)
-    assert gradient_penalty(LinearCritic(w), real, fake).item() == pytest.approx(0.0, abs=1e-10)
-    # ||2w|| = 2 -> penalty (2 - 1)^2 = 1 at every interpolate.
-    assert gradient_penalty(LinearCritic(2 * w), real, fake).item() == pytest.approx(1.0, rel=1e-6)
-    assert gradient_penalty(Discriminator(3), real, fake).item() > 0
-
-
-def test_critic_loss_is_wgan_gp():
-    w = torch.tensor([1.0, 0.0])
-    real = torch.tensor([[2.0, 5.0], [4.0, 1.0]])  # D(real) = first coordinate: mean 3
-    fake = torch.tensor([[1.0, 0.0], [0.0, 9.0]])  # mean 0.5
-    loss, stats = critic_loss(LinearCritic(w), real, fake, gp_weight=10.0)
-    assert loss.item() == pytest.approx(0.5 - 3.0)  # unit-norm critic: zero penalty
-    assert stats["critic_gap"].item() == pytest.approx(2.5)
-
-
 def test_adversarial_gradient_reaches_the_student_not_the_superior():
     torch.manual_seed(0)
     student, superior = nn.Linear(4, 3), nn.Linear(4, 3).requires_grad_(False)
-    critic = Discriminator(3)
+    critic = Critic(3)
     x = torch.randn(8, 4)
     with torch.no_grad():
         sup_logits = superior(x)
-    critic_loss(critic, sup_logits, student(x))[0].backward()
-    assert student.weight.grad is None  # the critic's loss sees detached logits
+    train_critic(critic, critic_optimizer(critic, 1e-3), sup_logits, student(x))
+    assert student.weight.grad is None  # the critic learns from detached logits
     adversarial_loss(critic, student(x)).backward()
     assert student.weight.grad is not None and student.weight.grad.abs().sum() > 0
     assert superior.weight.grad is None

@@ -115,6 +115,10 @@ class SingleProcess:
         """True when ``flag`` is true here (on any rank, in a distributed run)."""
         return bool(torch.as_tensor(flag).reshape(()))
 
+    def any_rank(self, flag: Tensor) -> Tensor:
+        """``flag`` (a bool tensor) as a float tensor, true where it is true on any rank; never waits for the host."""
+        return flag.float()
+
     def gather_rows(self, tensor: Tensor) -> Tensor:
         return tensor
 
@@ -175,6 +179,11 @@ class DataParallel(SingleProcess):
         value = torch.as_tensor(flag, dtype=torch.int32, device=device).reshape(())
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value)
+
+    def any_rank(self, flag: Tensor) -> Tensor:
+        value = flag.float()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return value
 
     def gather_rows(self, tensor: Tensor) -> Tensor:
         """Every rank's ``tensor`` concatenated along dim 0 in rank order (row counts may differ)."""
@@ -251,6 +260,7 @@ class DataParallel(SingleProcess):
 
 
 Strategy = SingleProcess  # the interface: DataParallel implements the same methods
+SINGLE_PROCESS = SingleProcess()
 
 
 def strategy_for(info: DistInfo) -> SingleProcess:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import random
-import warnings
 
 import numpy as np
 import torch
 
+from aikd import compiling
 from aikd.config import TrainConfig
 from aikd.errors import ConfigError
 
@@ -69,34 +69,16 @@ def epoch_generator(seed: int, epoch: int, device: torch.device, rank: int = 0) 
 
 
 class CompiledOrEager(torch.nn.Module):
-    """``torch.compile(module)`` that falls back to eager mode if compiling fails.
-
-    Compilation happens at the first call (and again for new input shapes), so a missing
-    compiler toolchain or an unsupported op shows up there: the run warns once and goes on
-    with the plain module instead of stopping.
-    """
+    """``torch.compile(module)`` that falls back to eager mode if compiling fails (aikd.compiling)."""
 
     def __init__(self, module: torch.nn.Module) -> None:
         super().__init__()
         self.module = module
-        self.compiled = torch.compile(module)
-        self.failed: str | None = None
+        self.call = compiling.CompiledOrEager(module, "train.compile")
+
+    @property
+    def failed(self) -> str | None:
+        return self.call.failed
 
     def forward(self, *args, **kwargs):
-        if self.failed is None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as err:  # sorted below: compiler failures fall back, the model's own errors rise
-                if not _is_compile_error(err):
-                    raise
-                self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                warnings.warn(f"train.compile: torch.compile failed ({self.failed}); training in eager mode.",
-                              stacklevel=2)
-        return self.module(*args, **kwargs)
-
-
-def _is_compile_error(err: Exception) -> bool:
-    """Errors raised by the compiler stack (dynamo, inductor, a backend), not by the model itself."""
-    module = type(err).__module__ or ""
-    return module.startswith(("torch._dynamo", "torch._inductor", "torch._subclasses")) or isinstance(
-        err, (ImportError, OSError, NotImplementedError))
+        return self.call(*args, **kwargs)

@@ -147,7 +147,7 @@ def _build_method(cfg: RunConfig, data: DataBundle, model: nn.Module, strategy: 
     ctx = MethodContext(num_classes=data.num_classes, num_train=len(data.train), epochs=cfg.train.epochs,
                         device=device, train_labels=data.train.labels, teacher=teacher,
                         steps_per_epoch=len(EpochBatchSampler(len(data.train), cfg.data.batch_size)),
-                        student=model, strategy=strategy)
+                        student=model, strategy=strategy, compile=cfg.train.compile)
     return method_cls(cfg.method_config(), ctx).to(device)
 
 

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.distributed import SingleProcess
+from aikd.compiling import compiled_or_eager
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, MethodContext, StepOutput, non_negative, positive, register_method, require
 from aikd.methods.buffer import PredictionBuffer
+from aikd.methods.critic import Critic, critic_optimizer, train_critic
 from aikd.methods.functional import distillation_kl
 
 # --------------------------------------------------------------------------- the equations
@@ -45,74 +46,6 @@ def guide_loss(student_logits: Tensor, superior_logits: Tensor, temperature: flo
 def progressive_loss(student_logits: Tensor, previous_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """L_P (Eq. 5): the student stays close to its own prediction of the previous epoch."""
     return distillation_kl(previous_logits, student_logits, temperature)
-
-
-class Discriminator(nn.Module):
-    """The critic on logits: FC(C->64) - BatchNorm1d - LeakyReLU - FC(64->32) -> one score.
-
-    The paper stops at 32 outputs; ``reduce="mean"`` averages them into the
-    critic score (parameter-free, so the published architecture is kept).
-    """
-
-    def __init__(self, num_classes: int, hidden: int = 64, out_features: int = 32,
-                 negative_slope: float = 0.2, reduce: Literal["mean", "sum"] = "mean") -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(num_classes, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.LeakyReLU(negative_slope),
-            nn.Linear(hidden, out_features),
-        )
-        self.reduce = reduce
-
-    def forward(self, logits: Tensor) -> Tensor:
-        scores = self.net(logits)
-        return scores.mean(dim=1) if self.reduce == "mean" else scores.sum(dim=1)
-
-
-def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor,
-                     generator: torch.Generator | None = None) -> Tensor:
-    """E[(||grad_x D(x_hat)||_2 - 1)^2] at random interpolates x_hat = e real + (1 - e) fake."""
-    eps = torch.rand(real.shape[0], 1, device=real.device, dtype=real.dtype, generator=generator)
-    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    scores = critic(x_hat)
-    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
-    return ((grad.norm(2, dim=1) - 1) ** 2).mean()
-
-
-def critic_loss(critic: nn.Module, superior_logits: Tensor, student_logits: Tensor,
-                gp_weight: float = 10.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """L_D (Eq. 6) on detached logits, and its parts for logging."""
-    real, fake = superior_logits.detach().float(), student_logits.detach().float()
-    d_real, d_fake = critic(real).mean(), critic(fake).mean()
-    gp = gradient_penalty(critic, real, fake)
-    loss = d_fake - d_real + gp_weight * gp
-    return loss, {"critic_loss": loss.detach(), "critic_gap": (d_real - d_fake).detach(), "gp": gp.detach()}
-
-
-SINGLE_PROCESS = SingleProcess()
-
-
-def critic_step(critic: nn.Module, optimizer: torch.optim.Optimizer, superior_logits: Tensor,
-                student_logits: Tensor, gp_weight: float = 10.0,
-                strategy: SingleProcess = SINGLE_PROCESS) -> dict[str, Tensor]:
-    """One optimizer step of the critic on L_D; usable from any training script.
-
-    A non-finite L_D (a diverged student) skips the step, so it cannot poison the critic's
-    weights. The function itself holds no collective: in a data-parallel run pass the run's
-    ``strategy`` (aikd.distributed.DataParallel), which averages the critic's gradients over
-    the ranks and lets them decide the skip together, so every rank keeps the same critic.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    # float32 throughout, the backward included: on the CPU the backward runs in the caller's thread,
-    # so a caller's autocast would otherwise compute the penalty's second derivatives in bf16.
-    with torch.autocast(superior_logits.device.type, enabled=False):
-        loss, stats = critic_loss(critic, superior_logits, student_logits, gp_weight)
-        loss.backward()
-    if not strategy.agree(~torch.isfinite(loss), loss.device):
-        strategy.average_gradients(critic.parameters())
-        optimizer.step()
-    return stats
 
 
 @torch.no_grad()
@@ -170,6 +103,9 @@ class AIKDConfig:
     disc_out: int = 32
     disc_slope: float = 0.2  # LeakyReLU negative slope
     disc_reduce: Literal["mean", "sum"] = "mean"  # 32 critic outputs -> one score
+    # The critic's normalisation: "batch", the paper's BatchNorm (batch statistics); "layer" or "none", WGAN-GP's
+    # advice (a per-sample score, which the per-sample gradient penalty assumes). docs/methods/aikd.md.
+    disc_norm: Literal["batch", "layer", "none"] = "batch"
     disc_lr: float = 1e-4
     disc_betas: list[float] | None = None  # Adam betas; None: PyTorch's (0.9, 0.999)
     gp_weight: float = 10.0
@@ -230,10 +166,13 @@ class AIKD(Method):
         self.use_prev = h.alpha_p > 0
         self.critic_lr, self.critic_steps = self._critic_budget()
         if self.use_adv:
-            self.disc = Discriminator(ctx.num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce)
+            self.disc = Critic(ctx.num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce, h.disc_norm)
             self.disc.to(ctx.device)
             betas = tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999)
-            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=self.critic_lr, betas=betas)
+            self.disc_opt = critic_optimizer(self.disc, self.critic_lr, betas)
+            # With train.compile the critic's closed-form step is compiled too (it has no double backward).
+            self.critic_grad = compiled_or_eager(self.disc.loss_and_grad, "train.compile (critic)") if ctx.compile \
+                else self.disc.loss_and_grad
         if self.use_prev and h.prev == "buffer":
             self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes, gather_rows=ctx.strategy.gather_rows)
         if self.use_prev and h.prev == "snapshot":
@@ -364,14 +303,10 @@ class AIKD(Method):
         if "superior_logits" not in output.saved:  # no adversarial term, or no superior model yet
             return
         h, logits = self.hparams, output.logits
-        for _ in range(self.critic_steps):
-            critic_stats = critic_step(self.disc, self.disc_opt, output.saved["superior_logits"], logits, h.gp_weight,
-                                       self.ctx.strategy)
-        output.stats.update(L_D=critic_stats["critic_loss"], critic_gap=critic_stats["critic_gap"],
-                            gp=critic_stats["gp"])
-        self.disc.requires_grad_(False)  # the student's loss moves the student, not the critic
-        l_a = adversarial_loss(self.disc, logits)
-        self.disc.requires_grad_(True)
+        critic = train_critic(self.disc, self.disc_opt, output.saved["superior_logits"], logits, self.critic_steps,
+                              h.gp_weight, self.ctx.strategy, self.critic_grad)
+        output.stats.update(L_D=critic.loss, critic_gap=critic.gap, gp=critic.gp)
+        l_a = adversarial_loss(self.disc, logits)  # the critic's weights are constants here: L_A moves the student
         output.losses["adv"] = h.adv_weight * l_a
         output.stats["L_A"] = l_a.detach()
 
@@ -426,8 +361,8 @@ class AIKDLoss(nn.Module):
         self.alpha_g, self.alpha_p, self.temp_g, self.temp_p = alpha_g, alpha_p, temp_g, temp_p
         self.adv_weight, self.critic_steps, self.gp_weight = adv_weight, critic_steps, gp_weight
         self.buffer = PredictionBuffer(num_train, num_classes)
-        self.critic = Discriminator(num_classes)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
+        self.critic = Critic(num_classes)
+        self.critic_opt = critic_optimizer(self.critic, critic_lr)
         self.last_terms: dict[str, Tensor] = {}  # the weighted terms of the last call, detached
 
     def forward(self, logits: Tensor, labels: Tensor, indices: Tensor, superior_logits: Tensor | None) -> Tensor:
@@ -444,11 +379,8 @@ class AIKDLoss(nn.Module):
             terms["guide"] = self.alpha_g * guide_loss(logits32, sup, self.temp_g)
             if self.adv_weight > 0:
                 if self.training:
-                    for _ in range(self.critic_steps):
-                        critic_step(self.critic, self.critic_opt, sup, logits32, self.gp_weight)
-                self.critic.requires_grad_(False)
+                    train_critic(self.critic, self.critic_opt, sup, logits32, self.critic_steps, self.gp_weight)
                 terms["adv"] = self.adv_weight * adversarial_loss(self.critic, logits32)
-                self.critic.requires_grad_(True)
         terms["ce"] = ce_weight * F.cross_entropy(logits32, labels)
         if self.training:
             self.buffer.write(indices, logits)

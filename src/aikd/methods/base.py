@@ -85,6 +85,7 @@ class MethodContext:
     steps_per_epoch: int | None = None  # optimizer steps per epoch, for rules that scale with run length
     student: nn.Module | None = None  # the bare student (no DDP or compile wrapper), on ``device``
     strategy: SingleProcess = field(default_factory=SingleProcess)  # the run's processes (aikd.distributed)
+    compile: bool = False  # train.compile: a method may compile its own steps too (AI-KD's critic)
 
 
 class Method(nn.Module):
