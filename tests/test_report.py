@@ -316,14 +316,48 @@ def test_sweep_killed_after_one_run_resumes_without_rerunning_it(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr
     assert first.stat().st_mtime_ns == stamp  # the finished run was not trained again
-    assert f"reusing the finished run in {first.parent}" in done.stderr
+    assert f"reusing the finished run in {first.parent.resolve()}" in done.stderr.replace(str(out), str(out.resolve()))
     student = json.loads((out / "configs/tfkd_self/seed0/student/summary.json").read_text())
     assert student["recipe"] == "tfkd_self" and student["epochs"] == 25
-    assert len(list((out / "superior").iterdir())) == 1  # one phase-1 model for the seed
+    # Two phase-1 models: the 1-epoch Baseline (the CE row is its own phase-1 model) and TF-KD's 25-epoch teacher.
+    assert len(list((out / "superior").iterdir())) == 2
     assert [e["config"] for e in json.loads((out / "sweep.json").read_text())] == [
         str(configs / "ce.yaml"), str(configs / "tfkd_self.yaml")]
     report = subprocess.run([sys.executable, "-m", "aikd", "report", str(out)], capture_output=True, text=True)
     assert report.returncode == 0 and "| TF-KD (self) |" in report.stdout and "| Baseline |" in report.stdout
+
+
+def test_sweep_trains_the_baseline_once_as_the_ce_row_and_the_phase1_model(tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "ce.yaml").write_text(yaml.safe_dump({**DIGITS, "method": "ce", "train": {"epochs": 2}}))
+    (configs / "tfkd_self.yaml").write_text(yaml.safe_dump({**DIGITS, "method": "tfkd_self", "train": {"epochs": 2}}))
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "aikd", "sweep", "-c", str(configs / "ce.yaml"), str(configs / "tfkd_self.yaml"),
+               "--seeds", "0", "1", "-o", str(out), "-q"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    # Four pipelines, four trainings: per seed one CE model (the Baseline row and TF-KD's teacher) and one student.
+    trained = sorted(p.parent for p in out.rglob("metrics.jsonl"))  # rglob does not follow the links
+    assert len(trained) == 4, trained
+    assert [json.loads((p / "summary.json").read_text())["method"] for p in trained].count("ce") == 2
+    for seed in (0, 1):
+        student = out / f"configs/ce/seed{seed}/student"
+        assert student.is_symlink() and student.resolve().parent == (out / "superior").resolve()
+        teacher = json.loads((out / f"configs/tfkd_self/seed{seed}/student/summary.json").read_text())["teacher"]
+        assert Path(teacher).parent.parent.resolve() == student.resolve()  # the CE row is TF-KD's teacher
+    again = subprocess.run(command[:-1], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           timeout=600)  # without -q: its messages say what it reuses
+    # Per seed: the Baseline, TF-KD's phase 1 (the same entry) and TF-KD's student; nothing trains again.
+    assert again.returncode == 0 and again.stderr.count("reusing the finished run") == 6, again.stderr
+    assert sorted(p.parent for p in out.rglob("metrics.jsonl")) == trained
+    runs, duplicates = collect_runs(out)
+    assert sorted((r.recipe, r.seed) for r in runs) == [("ce", 0), ("ce", 1), ("tfkd_self", 0), ("tfkd_self", 1)]
+    assert duplicates == 0
+    report = subprocess.run([sys.executable, "-m", "aikd", "report", str(out / "configs")], capture_output=True,
+                            text=True)  # the cache is outside this folder: the links lead to the Baseline
+    assert report.returncode == 0 and "| Baseline |" in report.stdout and "| TF-KD (self) |" in report.stdout
 
 
 def test_sweep_checks_every_config_before_training(tmp_path):

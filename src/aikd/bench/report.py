@@ -57,6 +57,14 @@ def step_cost_lines(steps: dict[str, Any]) -> list[str]:
                  f"{setting['classes']} classes, batch {setting['batch']}, "
                  f"{setting['steps']} steps per timing, {setting['rounds']} rounds")
         lines += [f"**{label}**", "", *pipe_table(["method", "ms / step", "CE ms / step", "vs CE"], rows, "lrrr"), ""]
+    pairs = steps.get("pairs") or []
+    if pairs:
+        lines += ["### What the critic costs", "",
+                  "Each method over its reference, timed in the same run (median over rounds of the ratio of their "
+                  "ratios to CE).", "",
+                  *pipe_table(["model", "method", "reference", "method / reference"],
+                              [[p["model"], p["method"], p["reference"], f"{p['ratio']:.3f}x"] for p in pairs], "lllr"),
+                  ""]
     return lines
 
 

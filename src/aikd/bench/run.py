@@ -19,7 +19,7 @@ from aikd.bench.inputs import (
 )
 from aikd.bench.memory import buffer_footprint, peak_rss_ratio
 from aikd.bench.report import machine
-from aikd.bench.steps import PREACT_RESNET18, SMALL_CNN, Setting, benchmarked_methods, step_costs
+from aikd.bench.steps import PREACT_RESNET18, SMALL_CNN, Setting, benchmarked_methods, pair_ratios, step_costs
 from aikd.data.readers import FASHION_MNIST_ROOT
 
 
@@ -39,10 +39,11 @@ class BenchPlan:
     device: str = "cpu"  # where the step costs are timed (the loader and memory parts run on the CPU)
 
 
-# Small CNN only; CE, AI-KD, its ablation and its online variants, and the two closest relatives (PS-KD shares
-# the prediction buffer, KD the teacher forward); shorter timings: about 40 s on 2 CPU cores.
+# Small CNN only; CE, AI-KD (one and 10 critic steps), its ablation and its online variants, and the two closest
+# relatives (PS-KD shares the prediction buffer, KD the teacher forward); shorter timings: about 40 s on 2 CPU cores.
 QUICK_PLAN = BenchPlan(settings=(Setting("small_cnn", 1, 28, 10, steps=2, rounds=4),),
-                       methods=("ce", "aikd", "aikd_no_adv", "aikd_online_ema", "aikd_online_milestone", "pskd", "kd"),
+                       methods=("ce", "aikd", "aikd_critic10", "aikd_no_adv", "aikd_online_ema",
+                                "aikd_online_milestone", "pskd", "kd"),
                        loader_batches=20, cifar_train_images=10_000, end_to_end_steps=10,
                        memory_setting=Setting("small_cnn", 1, 28, 10, steps=2), quick=True)
 # Both models: about 10 minutes on 2 CPU cores, most of it PreAct ResNet-18.
@@ -100,7 +101,8 @@ def run_bench(plan: BenchPlan = FULL_PLAN, log: Callable[[str], None] = _to_stde
         "loader_speedup": min(r["loader_speedup"] for r in loaders),
         "aikd_over_ce_peak_rss": memory["peak_rss"]["aikd_over_ce"],
         "buffer_imagenet1k_gib": memory["buffer"]["imagenet1k"]["gib"],
-        "step_costs": {"settings": [s.to_dict() for s in plan.settings], "methods": methods, "rows": rows},
+        "step_costs": {"settings": [s.to_dict() for s in plan.settings], "methods": methods, "rows": rows,
+                       "pairs": pair_ratios(rows)},
         "loaders": loaders, "end_to_end": e2e, "memory": memory,
         "wall_s": time.perf_counter() - start,
     }

@@ -31,11 +31,21 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "aikd_no_adv": ("aikd", ["aikd.adv_weight=0"]),
     # The critic of a CPU-length run (critic_schedule=run_length in configs/fmnist_proxy): 10 steps per student step.
     "aikd_critic10": ("aikd", ["aikd.critic_steps=10"]),
+    # The whole AI-KD step compiled (train.compile: the student and the critic's closed-form step), against eager.
+    "aikd_critic10_compiled": ("aikd", ["aikd.critic_steps=10", "train.compile=true"]),
     # Online AI-KD, its superior model switched on from the first step: the EMA's forward and update, or the
     # milestone copy's forward (docs/methods/aikd.md).
     "aikd_online_ema": ("aikd", ["aikd.superior=ema", "aikd.superior_start=0.0"]),
     "aikd_online_milestone": ("aikd", ["aikd.superior=milestone", "aikd.superior_start=0.001"]),
 }
+
+
+# What the critic costs, measured side by side: (method, its reference without what the critic adds).
+# AI-KD with the proxy's 10 critic steps against No Adv (the same step without L_A and the critic), AI-KD with one
+# critic step against KD (one frozen teacher forward: the floor for a method with a frozen teacher), and the
+# compiled AI-KD step against the eager one.
+PAIRS: tuple[tuple[str, str], ...] = (("aikd_critic10", "aikd_no_adv"), ("aikd", "kd"),
+                                      ("aikd_critic10_compiled", "aikd_critic10"))
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,22 @@ def step_costs(s: Setting, methods: list[str], device: str = "cpu") -> list[dict
         rows.append({"model": s.model, "method": name, "ms_per_step": 1000 * statistics.median(times[name]),
                      "ce_ms_per_step": ce_ms, "ratio": statistics.median(ratios), "ratios": ratios})
     return rows
+
+
+def pair_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each of :data:`PAIRS` timed on a model: its time over its reference's, the median over rounds of the
+    per-round ratio of their CE-bracketed ratios (each method's epochs of one round sit close together in time)."""
+    out = []
+    by_key = {(r["model"], r["method"]): r for r in rows}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for method, reference in PAIRS:
+            a, b = by_key.get((model, method)), by_key.get((model, reference))
+            if a is None or b is None:
+                continue
+            per_round = [x / y for x, y in zip(a["ratios"], b["ratios"], strict=True)]
+            out.append({"model": model, "method": method, "reference": reference,
+                        "ratio": statistics.median(per_round), "ratios": per_round})
+    return out
 
 
 def train_briefly(s: Setting, name: str, epochs: int = 2) -> None:

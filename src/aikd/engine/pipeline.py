@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from aikd.errors import AikdError, ConfigError
 from aikd.methods import METHODS
 
 PHASES = ("phase1", "phase2")
+PHASE1_RECIPE = "ce"  # the recipe a phase-1 model is labelled with: the Baseline row of every report
 
 
 def split_phase_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -122,6 +124,34 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: b
     return train(cfg, run_dir, resume="auto", quiet=quiet, recipe=recipe)
 
 
+def _as_phase1_model(cfg: RunConfig, recipe: str, out: Path, cache_dir: str | Path | None) -> Path | None:
+    """The cache entry that ``cfg`` would train, if this run is a phase-1 model: the Baseline (recipe ``ce``) of
+    a config and seed whose phase-1 model other pipelines share. None otherwise.
+
+    Only with a shared cache (``aikd sweep``, or ``--cache``), and only where no student folder of an earlier
+    layout holds the run already, so a sweep's CE row and the superior model of the same seed are one run.
+    """
+    student = out / "student"
+    if cache_dir is None or recipe != PHASE1_RECIPE or cfg.method != "ce" or (student.exists() and
+                                                                               not student.is_symlink()):
+        return None
+    as_phase1 = from_dict(superior_config(cfg.to_dict(), None), source="the Baseline as a phase-1 model")
+    if as_phase1.to_dict() != cfg.to_dict():
+        return None
+    return cached_superior(Path(cache_dir), cfg)
+
+
+def _train_phase1_model(entry: Path, cfg: RunConfig, student: Path, quiet: bool, log) -> dict[str, Any]:
+    """Train (or reuse) the Baseline in its phase-1 cache entry; ``student`` becomes a link to it."""
+    log(f"aikd: the Baseline is this seed's phase-1 model -> {entry}")
+    with cache_entry_lock(entry, log) if current().is_main else contextlib.nullcontext():
+        summary = train_or_reuse(cfg, entry, quiet, log, recipe=PHASE1_RECIPE)
+    if current().is_main and not student.exists():
+        student.parent.mkdir(parents=True, exist_ok=True)
+        student.symlink_to(os.path.relpath(entry.resolve(), student.parent.resolve()), target_is_directory=True)
+    return {**summary, "run_dir": str(entry)}
+
+
 def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *,
                  cache_dir: str | Path | None = None, quiet: bool = False, overwrite: bool = False,
                  log=print, variant: str | None = None) -> dict[str, Any]:
@@ -150,17 +180,21 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
         # Two pipelines that need this model (a sweep with --jobs) train it once: the second waits, then reuses it.
         # Under torchrun only rank 0 takes the lock; the other ranks follow it through the run's collectives.
         with cache_entry_lock(sup_dir, log) if current().is_main else contextlib.nullcontext():
-            result["superior"] = train_or_reuse(sup_cfg, sup_dir, quiet, log, recipe="ce")
+            result["superior"] = train_or_reuse(sup_cfg, sup_dir, quiet, log, recipe=PHASE1_RECIPE)
         result["superior"]["run_dir"] = str(sup_dir)
         student_cfg.teacher.checkpoint = str(sup_dir / "checkpoints" / LAST)
     elif per_phase["phase1"]:
         raise ConfigError(f"phase1.* overrides were given, but method '{student_cfg.method}' with these settings "
                           f"has no phase 1 (it needs no pre-trained model, or teacher.checkpoint is set).")
-    log(f"aikd: phase 2, {student_cfg.method} student -> {out / 'student'}")
     recipe = recipe_name(config, student_cfg.model.name, student_cfg.method)
     recipe = f"{recipe}[{variant}]" if variant else recipe
-    result["student"] = train_or_reuse(student_cfg, out / "student", quiet, log, overwrite, recipe)
-    result["student"]["run_dir"] = str(out / "student")
+    shared = _as_phase1_model(student_cfg, recipe, out, cache_dir)
+    if shared is not None:
+        result["student"] = _train_phase1_model(shared, student_cfg, out / "student", quiet, log)
+    else:
+        log(f"aikd: phase 2, {student_cfg.method} student -> {out / 'student'}")
+        result["student"] = train_or_reuse(student_cfg, out / "student", quiet, log, overwrite, recipe)
+        result["student"]["run_dir"] = str(out / "student")
     if current().is_main:  # under torchrun every rank runs the pipeline; rank 0 writes its files
         (out / "pipeline.json").write_text(json.dumps(result, indent=2))
     return result

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -124,7 +125,7 @@ def collect_runs(root: str | Path) -> tuple[list[Run], int]:
         raise AikdError(f"Report folder '{root}' does not exist.")
     runs: dict[tuple, Run] = {}
     duplicates = 0
-    for path in sorted(root.rglob("summary.json")):
+    for path in _summaries(root):
         run = _read_run(path, root)
         key = (run.recipe, run.dataset, run.model, run.seed)
         if key in runs:
@@ -134,6 +135,23 @@ def collect_runs(root: str | Path) -> tuple[list[Run], int]:
     if not runs:
         raise AikdError(f"No finished runs (summary.json files) under '{root}'.")
     return list(runs.values()), duplicates
+
+
+def _summaries(root: Path) -> list[Path]:
+    """Every summary.json under ``root``, following linked run folders (a sweep's Baseline links to its phase-1
+    model, which may sit in a cache outside ``root``); a folder reached twice is read once."""
+    seen: set[str] = set()
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        if "summary.json" in files:
+            found.append(Path(folder) / "summary.json")
+    return sorted(found)
 
 
 def _read_run(path: Path, root: Path) -> Run:
