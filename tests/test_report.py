@@ -394,3 +394,47 @@ def test_cost_table_adds_phase_one_to_two_phase_runs_and_divides_by_the_baseline
     assert md_row(text, table, "AI-KD online (EMA)")[1] == "1.45x ± 0.07"  # 1.40, 1.50
     assert md_row(text, table, "KD")[1] == "1.50x ± 0.00 (n=1)"
     assert md_row(text, table, "DKD")[1] == "–"
+
+
+def test_forest_plot_draws_the_paired_tables_intervals(sweep, tmp_path):
+    import re
+
+    import matplotlib.pyplot as plt
+
+    from aikd.report.paper import forest_data, forest_figures
+    from aikd.report.plots import forest_figure
+
+    runs, _ = collect_runs(sweep)
+    text = render(paper_tables(runs), "md")
+    panels = forest_data(runs)[("cifar100", "resnet18")]
+    fig = forest_figure(panels)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["Top-1 err", "ECE", "NLL"]
+    names = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert names == ["PS-KD", "No Adv", "AI-KD"]  # the table's order, top to bottom
+    block = text.split("### Paired difference")[1].split("###")[0]
+    for ax, column in zip(axes, (1, 2, 3), strict=True):
+        segments = {round(seg[0][1]): (seg[0][0], seg[1][0]) for coll in ax.collections for seg in coll.get_segments()}
+        dots = {round(line.get_ydata()[0]): line.get_xdata()[0] for line in ax.get_lines() if line.get_marker() == "o"}
+        for y, name in enumerate(names):
+            cell = _paired_md(block, name)[column - 1]
+            mean, low, high = (float(v) for v in re.findall(r"[-+]?\d+\.\d+", cell)[:3])
+            assert dots[y] == pytest.approx(mean, abs=0.006)
+            if name == "PS-KD" and ax.get_title() != "Top-1 err":  # a difference of 0 on every seed: no spread
+                continue
+            assert segments[y] == pytest.approx((low, high), abs=0.006), (ax.get_title(), name)
+    # AI-KD's Top-1 error by hand: differences -1, -2.5, -4; mean -2.5, sd 1.5, t(0.975, 2) = 4.303.
+    half = 4.302653 * 1.5 / 3 ** 0.5
+    assert segments_of(axes[0], 2) == pytest.approx((-2.5 - half, -2.5 + half), rel=1e-4)
+    plt.close(fig)
+    assert [p.name for p in forest_figures(runs, tmp_path / "figs")] == ["forest_cifar100_resnet18.png"]
+
+
+def _paired_md(block: str, name: str) -> list[str]:
+    row = next(line for line in block.splitlines() if line.startswith(f"| {name} |"))
+    return [c.strip() for c in row.strip("|").split("|")][1:]
+
+
+def segments_of(ax, y: int) -> tuple[float, float]:
+    seg = next(seg for coll in ax.collections for seg in coll.get_segments() if round(seg[0][1]) == y)
+    return seg[0][0], seg[1][0]

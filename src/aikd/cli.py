@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder holding finished runs (searched recursively)")
     p.add_argument("-f", "--format", choices=("md", "csv", "latex"), default="md", help="output format")
     p.add_argument("-o", "--out", help="write the tables to this file instead of printing them")
-    p.add_argument("--plots", help="also write, per dataset and model, a reliability diagram and learning curves "
-                                   "(test error and ECE against epoch, mean over seeds with a band) into this folder")
+    p.add_argument("--plots", help="also write, per dataset and model, a reliability diagram, learning curves "
+                                   "(test error and ECE against epoch, mean over seeds with a band) and a forest plot "
+                                   "of the paired differences to the Baseline into this folder")
 
     p = _command(
         sub, "tsne", help="t-SNE map of penultimate features of chosen classes, one panel per model",
@@ -286,7 +287,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from aikd.report.paper import collect_runs, learning_curve_figures, paper_tables, reliability_figures, render
+    from aikd.report.paper import (
+        collect_runs,
+        forest_figures,
+        learning_curve_figures,
+        paper_tables,
+        reliability_figures,
+        render,
+    )
 
     runs, duplicates = collect_runs(args.dir)
     text = render(paper_tables(runs), args.format)
@@ -299,7 +307,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         print(text)
     if args.plots:
-        for path in [*reliability_figures(runs, args.plots), *learning_curve_figures(runs, args.plots)]:
+        for path in [*reliability_figures(runs, args.plots), *learning_curve_figures(runs, args.plots),
+                     *forest_figures(runs, args.plots)]:
             print(f"aikd report: wrote {path}", file=sys.stderr)
     return 0
 

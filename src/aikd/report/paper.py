@@ -555,9 +555,42 @@ def learning_curve_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Pat
 
     written = []
     for (dataset, model), curves in learning_curve_data(runs).items():
-        path = Path(out_dir) / (re.sub(r"[^\w.-]+", "_", f"curves_{dataset}_{model}").strip("_") + ".png")
+        path = Path(out_dir) / _figure_name("curves", dataset, model)
         written.append(learning_curves(curves, path, f"{dataset} / {model}"))
     return written
+
+
+FOREST_METRICS = (TOP1, ECE, NLL)
+
+
+def forest_data(runs: Sequence[Run]) -> dict[tuple[str, str], dict[str, list[tuple[str, float, Any]]]]:
+    """The paired table's numbers by (dataset, model), for :func:`aikd.report.plots.forest_figure`: per metric,
+    (row label, mean difference, 95 % interval) in the table's order; rows without a Baseline pairing left out."""
+    table = paired_table(runs, FOREST_METRICS)
+    out: dict[tuple[str, str], dict[str, list[tuple[str, float, Any]]]] = {}
+    for g, (dataset, model) in enumerate(_group_order(runs)):
+        panels: dict[str, list[tuple[str, float, Any]]] = {m.title: [] for m in FOREST_METRICS}
+        for name, row in zip(table.row_names, table.cells, strict=True):
+            cells = row[g * len(FOREST_METRICS):(g + 1) * len(FOREST_METRICS)]
+            if any(c.mean is None for c in cells):
+                continue
+            for metric, cell in zip(FOREST_METRICS, cells, strict=True):
+                panels[metric.title].append((name, cell.mean, cell.interval))
+        if panels[TOP1.title]:
+            out[(dataset, model)] = panels
+    return out
+
+
+def forest_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+    """The paired differences to the Baseline as a forest plot, one PNG per (dataset, model)."""
+    from aikd.report.plots import forest_plot
+
+    return [forest_plot(panels, Path(out_dir) / _figure_name("forest", dataset, model), f"{dataset} / {model}")
+            for (dataset, model), panels in forest_data(runs).items()]
+
+
+def _figure_name(kind: str, dataset: str, model: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", f"{kind}_{dataset}_{model}").strip("_") + ".png"
 
 
 def _history(path: Path) -> dict[int, dict[str, float]]:

@@ -75,6 +75,38 @@ def learning_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarr
     return _save(fig, path)
 
 
+ForestRow = tuple[str, float, tuple[float, float] | None]  # (row label, mean difference, 95 % interval or None)
+
+
+def forest_figure(panels: Mapping[str, Sequence[ForestRow]], title: str = ""):
+    """One panel per metric, one row per method (the first at the top): each paired difference to the Baseline
+    as a dot on its 95 % interval, and a line at zero. A row without an interval (one seed) is a dot alone;
+    a row whose interval excludes zero is drawn in a strong colour. Returns the matplotlib figure."""
+    plt = _pyplot()
+    rows = max((len(r) for r in panels.values()), default=1)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.6, 0.32 * rows + 1.2), dpi=120,
+                             squeeze=False, sharey=True)
+    for ax, (metric, entries) in zip(axes[0], panels.items(), strict=True):
+        for y, (_, mean, interval) in enumerate(entries):
+            clear = interval is not None and (interval[0] > 0 or interval[1] < 0)
+            colour = "tab:blue" if clear else "0.55"
+            if interval is not None:
+                ax.hlines(y, interval[0], interval[1], color=colour, linewidth=2.2)
+            ax.plot([mean], [y], "o", color=colour, markersize=4)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set(xlabel=f"{metric}: method - Baseline", title=f"{title}: {metric}" if title else metric)
+        ax.grid(axis="x", alpha=0.3)
+    first = next(iter(panels.values()), [])
+    axes[0][0].set_yticks(range(len(first)), [name for name, _, _ in first], fontsize=8)
+    axes[0][0].set_ylim(len(first) - 0.5, -0.5)  # the table's order, top to bottom
+    return fig
+
+
+def forest_plot(panels: Mapping[str, Sequence[ForestRow]], path: str | Path, title: str = "") -> Path:
+    """:func:`forest_figure`, saved as a PNG."""
+    return _save(forest_figure(panels, title), path)
+
+
 def tsne_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str],
                 path: str | Path) -> Path:
     """Side-by-side 2-D embeddings, one panel per model: (title, points (N, 2), labels (N,))."""
