@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -438,3 +439,55 @@ def _paired_md(block: str, name: str) -> list[str]:
 def segments_of(ax, y: int) -> tuple[float, float]:
     seg = next(seg for coll in ax.collections for seg in coll.get_segments() if round(seg[0][1]) == y)
     return seg[0][0], seg[1][0]
+
+
+def test_demo_prints_what_two_phase_aikd_costs_over_one_ce_run():
+    from aikd.cli import demo_cost
+
+    line = demo_cost({"train_time_s": 100.0}, {"train_time_s": 150.0})
+    assert "Baseline 100 s, AI-KD student 150 s" in line and "costs 2.50x one CE run" in line
+    assert demo_cost({"train_time_s": None}, {"train_time_s": 150.0}) is None
+
+
+def _run_on_subset(root: Path, recipe: str, method: str, seed: int, subset: int, top1: float) -> None:
+    run = root / f"{recipe}/s{subset}/seed{seed}"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"method": method, "dataset": "d", "model": "m", "seed": seed,
+                                                  "recipe": recipe, "top1_err": top1, "ece": 1.0, "nll": 1.0}))
+    section = {"alpha_g": 0.1, "alpha_p": 0.3, "adv_weight": 0.1 if recipe == "aikd" else 0.0}
+    (run / "config.yaml").write_text(yaml.safe_dump({"method": method, "data": {"subset_seed": subset},
+                                                     "aikd": section}))
+
+
+def test_table4_steps_pair_by_seed_and_subset_and_give_the_papers_verdict(tmp_path):
+    from aikd.report.paper import steps_table
+
+    # Seeds 0-2 on subset 0, seeds 5-6 each on its own subset; seed 0 also on subset 9 (a different draw).
+    no_adv = {(0, 0): 10.0, (1, 0): 11.0, (2, 0): 12.0, (5, 5): 10.0, (6, 6): 13.0, (0, 9): 50.0}
+    gains = {(0, 0): -0.5, (1, 0): -0.7, (2, 0): -0.6, (5, 5): -0.4, (6, 6): -0.8, (0, 9): +9.0}
+    for (seed, subset), err in no_adv.items():
+        _run_on_subset(tmp_path, "aikd_no_adv", "aikd", seed, subset, err)
+        _run_on_subset(tmp_path, "ce", "ce", seed, subset, err + 1.0)  # No Adv - Baseline: -1 on every draw
+    for (seed, subset), gain in gains.items():
+        if (seed, subset) != (0, 9):  # AI-KD lacks that draw: it must not be paired with subset 0's seed 0
+            _run_on_subset(tmp_path, "aikd", "aikd", seed, subset, no_adv[(seed, subset)] + gain)
+    runs, duplicates = collect_runs(tmp_path)
+    assert duplicates == 0 and len(runs) == 17  # seed 0 on two subsets: two runs, not a duplicate
+    table = steps_table(runs)
+    assert table.groups == ["d / m, subset 0", "d / m, other subsets", "d / m, all draws"]
+    row = table.cells[table.row_names.index("AI-KD - No Adv")]
+    # Subset 0: -0.5, -0.7, -0.6 -> mean -0.6, sd 0.1, t(0.975, 2) = 4.303: half-width 0.248.
+    assert row[0].mean == pytest.approx(-0.6) and row[0].interval == pytest.approx((-0.6 - 0.2484, -0.6 + 0.2484),
+                                                                                   abs=1e-4)
+    assert row[1].mean == pytest.approx(-0.6) and row[1].n == 2
+    assert row[2].n == 5 and row[2].mean == pytest.approx(-0.6)
+    notes = "\n".join(table.notes)
+    # All five draws: sd 0.158, t(0.975, 4) = 2.776: half-width 0.196, excluding 0 with the paper's sign.
+    assert "AI-KD - No Adv (paper -0.47): d / m: confirmed (n = 5, half-width 0.20)" in notes
+    assert "No Adv - Only Progressive" not in notes  # no Only Progressive runs: no row
+    # Only Guide is absent too; Baseline pairs with No Adv only through the steps that name it.
+    assert table.row_names == ["AI-KD - No Adv"]
+    flipped = [r for r in runs if r.recipe != "aikd"] + [
+        replace(r, metrics={**r.metrics, "top1_err": 2 * no_adv[r.draw] - r.metrics["top1_err"]})
+        for r in runs if r.recipe == "aikd"]
+    assert "contradicted (n = 5, half-width 0.20)" in "\n".join(steps_table(flipped).notes)

@@ -256,7 +256,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(markdown_table(rows))
     print()
     print(demo_difference(result["superior"], result["student"]))
+    cost = demo_cost(result["superior"], result["student"])
+    if cost:
+        print(cost)
     return 0
+
+
+def demo_cost(baseline: dict, student: dict) -> str | None:
+    """What the two phases cost on this machine: their training times, and AI-KD's from nothing over one CE run."""
+    phase1, phase2 = baseline.get("train_time_s"), student.get("train_time_s")
+    if not phase1 or phase2 is None:
+        return None
+    return (f"Training time on this machine: Baseline {phase1:.0f} s, AI-KD student {phase2:.0f} s; two-phase "
+            f"AI-KD from nothing costs {(phase1 + phase2) / phase1:.2f}x one CE run (a reused phase-1 model "
+            f"counts with its original time).")
 
 
 def demo_difference(baseline: dict, student: dict) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -64,6 +65,12 @@ class Run:
     metrics: dict[str, Any]
     losses: tuple[bool, bool, bool] | None  # AI-KD's (L_G, L_P, L_A) switches; None for other methods
     folder: Path
+    subset: int = 0  # data.subset_seed: which draw of the training images
+
+    @property
+    def draw(self) -> tuple[int, int]:
+        """What pairs two runs: the same seed on the same training subset."""
+        return self.seed, self.subset
 
 
 @dataclass
@@ -127,7 +134,7 @@ def collect_runs(root: str | Path) -> tuple[list[Run], int]:
     duplicates = 0
     for path in _summaries(root):
         run = _read_run(path, root)
-        key = (run.recipe, run.dataset, run.model, run.seed)
+        key = (run.recipe, run.dataset, run.model, run.draw)
         if key in runs:
             duplicates += 1
         else:
@@ -166,8 +173,19 @@ def _read_run(path: Path, root: Path) -> Run:
         last = _history(path.parent / "metrics.jsonl")
         summary["train_acc"] = last[max(last)].get("train.acc") if last else None
     summary["total_time_s"] = _total_time(summary, path.parent)
+    config = _saved_config(path.parent / "config.yaml")
+    subset = int((config.get("data") or {}).get("subset_seed") or 0)
     return Run(_recipe(summary, path.parent.relative_to(root)), method, dataset, model, seed, summary,
-               _aikd_switches(path.parent / "config.yaml", method), path.parent)
+               _aikd_switches(config, method), path.parent, subset)
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise AikdError(f"'{path}' is not a readable run config ({err}).") from None
 
 
 def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
@@ -205,12 +223,12 @@ def _recipe(summary: dict[str, Any], run_dir: Path) -> str:
     return summary["method"]
 
 
-def _aikd_switches(config: Path, method: str) -> tuple[bool, bool, bool] | None:
+def _aikd_switches(config: dict[str, Any], method: str) -> tuple[bool, bool, bool] | None:
     if method == "ce":
         return (False, False, False)
-    if method != "aikd" or not config.is_file():
+    if method != "aikd" or not config:
         return None
-    section = (yaml.safe_load(config.read_text()) or {}).get("aikd", {})
+    section = config.get("aikd", {})
     return (section.get("alpha_g", 0) > 0, section.get("alpha_p", 0) > 0, section.get("adv_weight", 0) > 0)
 
 
@@ -309,7 +327,7 @@ def cost_table(runs: Sequence[Run]) -> Table:
     totals: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in runs:
         if r.metrics.get("total_time_s"):
-            totals[(r.recipe, r.dataset, r.model)][r.seed] = r.metrics["total_time_s"]
+            totals[(r.recipe, r.dataset, r.model)][r.draw] = r.metrics["total_time_s"]
     table = Table("Training cost: wall time from nothing to the final model (phase 1 included) over the "
                   "Baseline's, same seed", [_group_name(*g) for g in groups], [COST])
     for recipe in _recipe_order({r.recipe for r in runs}):
@@ -339,7 +357,7 @@ def paired_table(runs: Sequence[Run], metrics: Sequence[Metric] = (TOP1, ECE, NL
     groups = _group_order(runs)
     values: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in runs:
-        values[(r.recipe, r.dataset, r.model)][r.seed] = r.metrics
+        values[(r.recipe, r.dataset, r.model)][r.draw] = r.metrics
     title = "Paired difference to Baseline (method - Baseline over the same seeds): mean [95 % CI], * excludes 0"
     table = Table(title, [_group_name(*g) for g in groups], list(metrics))
     for recipe in _recipe_order({r.recipe for r in runs} - {BASELINE}):
@@ -385,6 +403,72 @@ def ablation_order_notes(table: Table) -> list[str]:
     return notes
 
 
+# The paper's Table 4 as steps between neighbouring rows: (method, reference, the paper's difference in Top-1
+# error on CIFAR-100). AI-KD against CE trained as long is not in the paper; its claim implies a negative sign.
+TABLE4_STEPS: tuple[tuple[str, str, float | None], ...] = (
+    ("aikd", "aikd_no_adv", 19.87 - 20.34),
+    ("aikd_no_adv", "aikd_only_progressive", 20.34 - 21.26),
+    ("aikd_no_adv", "aikd_only_guide", 20.34 - 22.17),
+    ("aikd_only_guide", "ce", 22.17 - 23.97),
+    ("aikd", "ce_equal_compute", None),
+)
+
+
+def _draw_groups(runs: Sequence[Run]) -> list[tuple[str, Callable[[tuple[int, int]], bool]]]:
+    """Column groups of the steps table: every draw together, and apart when the runs span several subsets
+    (the shared subset 0, and subsets of their own)."""
+    subsets = {r.subset for r in runs}
+    every = ("all draws", lambda draw: True)
+    if len(subsets) < 2:
+        return [every]
+    return [("subset 0", lambda draw: draw[1] == 0), ("other subsets", lambda draw: draw[1] != 0), every]
+
+
+def steps_table(runs: Sequence[Run], metric: Metric = TOP1) -> Table:
+    """The paper's Table 4 steps as paired differences (method - reference over the same seed and subset), and
+    for each a verdict on the paper's sign from the interval over every draw: confirmed, contradicted, or
+    unresolved with the interval's half-width."""
+    values: dict[tuple, dict[tuple[int, int], float]] = defaultdict(dict)
+    for r in runs:
+        if r.metrics.get(metric.key) is not None:
+            values[(r.recipe, r.dataset, r.model)][r.draw] = r.metrics[metric.key]
+    draws = _draw_groups(runs)
+    groups = [(g, d) for g in _group_order(runs) for d in draws]
+    table = Table(f"Table 4 steps: {metric.title}, method - reference over the same seed and subset, "
+                  f"mean [95 % CI], * excludes 0", [f"{_group_name(*g)}, {name}" for g, (name, _) in groups],
+                  [metric])
+    for method, reference, paper in TABLE4_STEPS:
+        row, verdicts = [], []
+        for (dataset, model), (draw_name, keep) in groups:
+            mine = {d: v for d, v in values.get((method, dataset, model), {}).items() if keep(d)}
+            ref = {d: v for d, v in values.get((reference, dataset, model), {}).items() if keep(d)}
+            diff = paired_difference(mine, ref)
+            row.append(Cell("–") if diff is None else Cell(diff.text(metric.digits), mean=diff.mean, n=diff.n,
+                                                          mark="significant" if diff.excludes_zero else "",
+                                                          interval=(diff.low, diff.high) if diff.n >= 2 else None))
+            if draw_name == draws[-1][0] and diff is not None:
+                verdicts.append(f"{_group_name(dataset, model)}: {_verdict(diff, paper)}")
+        if all(c.text == "–" for c in row):
+            continue
+        name = f"{label(method)} - {label(reference)}"
+        table.row_names.append(name)
+        table.cells.append(row)
+        paper_text = f"paper {paper:+.2f}" if paper is not None else "not in the paper; AI-KD's claim: < 0"
+        table.notes.append(f"{name} ({paper_text}): {'; '.join(verdicts)}.")
+    return table
+
+
+def _verdict(diff, paper: float | None) -> str:
+    expected = -1.0 if paper is None else math.copysign(1.0, paper)
+    if diff.n < 2:
+        return f"unresolved (n = {diff.n})"
+    half = (diff.high - diff.low) / 2
+    if diff.excludes_zero:
+        agrees = (diff.mean < 0) == (expected < 0)
+        return f"{'confirmed' if agrees else 'contradicted'} (n = {diff.n}, half-width {half:.2f})"
+    return f"unresolved (n = {diff.n}, half-width {half:.2f})"
+
+
 def paper_tables(runs: Sequence[Run]) -> list[Table]:
     """Tables 2, 3 and 4 of the paper for whatever runs there are (empty tables are left out)."""
     tables = [
@@ -401,6 +485,7 @@ def paper_tables(runs: Sequence[Run]) -> list[Table]:
         ablation.lead_cells = [["✓" if on else "" for on in switches[name]] for name in ablation.row_names]
         ablation.notes = ablation_order_notes(ablation)
         tables.append(ablation)
+        tables.append(steps_table(runs))
     if any(r.recipe == BASELINE for r in runs):
         tables.append(paired_table(runs))
         cost = cost_table(runs)
