@@ -119,3 +119,55 @@ def test_sweep_with_two_jobs_gives_the_serial_sweeps_results(tmp_path):
         tables[f"report{jobs}"] = report.stdout.split("### Training cost")[0]  # wall times differ, results not
     assert tables[1] == tables[2] and len(tables[1]) == 4
     assert "### Paired difference" in tables["report1"] and tables["report1"] == tables["report2"]
+
+
+def _children(pid: int) -> set[int]:
+    """The pids of a process's children (Linux /proc)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits for a reaper
+
+
+def test_sweep_workers_end_when_the_sweep_is_killed_and_the_rerun_resumes_their_runs(tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    data = {"data": {"name": "digits", "train_limit": 384, "test_limit": 128, "batch_size": 64},
+            "model": {"name": "small_cnn"}, "train": {"epochs": 40}, "deterministic": True, "device": "cpu"}
+    for method in ("ce", "pskd"):
+        (configs / f"{method}.yaml").write_text(yaml.safe_dump({**data, "method": method}))
+    out = tmp_path / "sweep"
+    command = ["sweep", "-q", "-c", str(configs / "ce.yaml"), str(configs / "pskd.yaml"), "--seeds", "0", "-o",
+               str(out), "--jobs", "2"]
+    parent = aikd(*command)
+    wait_for(out / "configs/pskd/seed0/student/metrics.jsonl", parent, 300)  # both workers have trained an epoch:
+    # The Baseline trains in the phase-1 cache (the CE row is that seed's phase-1 model).
+    deadline = time.time() + 300
+    while not list(out.glob("superior/*/metrics.jsonl")) and parent.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    baseline = next(out.glob("superior/*/metrics.jsonl")).parent
+    workers = {pid for pid in _children(parent.pid) if "aikd" in Path(f"/proc/{pid}/cmdline").read_text()
+               or "multiprocessing" in Path(f"/proc/{pid}/cmdline").read_text()}
+    assert len(workers) >= 2, workers
+    parent.send_signal(signal.SIGKILL)  # the parent alone, not its process group
+    parent.wait()
+    deadline = time.time() + 60
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "sweep workers outlived their sweep"
+    done = subprocess.run([sys.executable, "-m", "aikd", *command[1:]], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)  # without -q: it says what it resumes
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("resuming the unfinished run") == 2, done.stderr
+    assert (out / "configs/ce/seed0/student").resolve() == baseline.resolve()
+    for run in (baseline, out / "configs/pskd/seed0/student"):
+        epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert epochs == list(range(1, 41)), run  # each epoch once: nothing half-written, nothing repeated

@@ -111,6 +111,10 @@ class SingleProcess:
     def sum_(self, tensor: Tensor) -> Tensor:
         return tensor
 
+    def mean_(self, tensor: Tensor) -> Tensor:
+        """``tensor`` averaged over the ranks, in place (a flat gradient that DDP does not see)."""
+        return tensor
+
     def agree(self, flag: bool | Tensor, device: torch.device) -> bool:
         """True when ``flag`` is true here (on any rank, in a distributed run)."""
         return bool(torch.as_tensor(flag).reshape(()))
@@ -173,6 +177,10 @@ class DataParallel(SingleProcess):
     def sum_(self, tensor: Tensor) -> Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def mean_(self, tensor: Tensor) -> Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.div_(self.world_size)
 
     def agree(self, flag: bool | Tensor, device: torch.device) -> bool:
         """True on every rank when ``flag`` is true on at least one: decisions that must not split the ranks."""

@@ -14,7 +14,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,12 +191,12 @@ def run_parallel(tasks: Sequence[SweepTask], jobs: int, log, finished) -> None:
         slots.put(slot)
     pending, running, error = list(tasks), {}, None
     with ProcessPoolExecutor(jobs, mp_context=spawn, initializer=_worker_init,
-                             initargs=(slots, threads, gpus)) as pool:
+                             initargs=(slots, threads, gpus, os.getpid())) as pool:
         while pending or running:
             while pending and len(running) < jobs and error is None:
                 task = pending.pop(0)
                 log(f"aikd sweep: [{task.number + 1}/{len(tasks)}] {_describe(task)} -> {task.run_dir} (started)")
-                running[pool.submit(task.run, True, _quiet_log)] = task
+                running[pool.submit(_run_in_worker, task)] = task
             if not running:
                 break
             ready, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -213,8 +216,47 @@ def _quiet_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _worker_init(slots, threads: int, gpus: int) -> None:
-    """One sweep worker: its share of the CPU threads, or its own GPU."""
+def _run_in_worker(task: SweepTask) -> dict[str, Any]:
+    """A task in a worker; a worker whose sweep has died leaves once its run has saved (no idle orphan)."""
+    try:
+        return task.run(True, _quiet_log)
+    finally:
+        if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
+            os._exit(1)
+
+
+_PARENT_PID: int | None = None  # the sweep's pid, in a worker
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this worker when the sweep's process dies, however it dies (kill -9 included).
+
+    On Linux the kernel sends it (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread watches the
+    parent's pid. SIGTERM reaches a training run as a stop after the current step with a checkpoint,
+    so the rerun of the sweep resumes it; an idle worker just ends.
+    """
+    global _PARENT_PID
+    _PARENT_PID = parent
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="aikd-sweep-parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_init(slots, threads: int, gpus: int, parent: int) -> None:
+    """One sweep worker: its share of the CPU threads, or its own GPU; it dies with the sweep."""
+    _die_with_parent(parent)
     slot = slots.get()
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)

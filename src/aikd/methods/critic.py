@@ -236,8 +236,7 @@ def train_critic(critic: Critic, optimizer: torch.optim.Optimizer, superior_logi
         fused = optimizer.defaults.get("fused", False)
         for step in range(steps):
             grad, stats = loss_and_grad(real, fake, eps[step], gp_weight)
-            critic.theta.grad = grad
-            strategy.average_gradients([critic.theta])
+            critic.theta.grad = strategy.mean_(grad)  # one all-reduce for all the critic's weights
             skip = strategy.any_rank(~torch.isfinite(stats.loss))
             if fused:
                 _fused_adam_step(optimizer, critic.theta, skip)
