@@ -228,3 +228,42 @@ def test_skip_policy_gives_up_after_max_skipped_steps(tmp_path, one_thread):
         trainer.fit()
 
 
+
+
+# ---------------------------------------------------------------------- aikd demo: never destroys, always continues
+
+DEMO_TINY = ["data.name=digits", "data.train_limit=384", "data.test_limit=128", "data.batch_size=64",
+             "train.epochs=12", "deterministic=true", "device=cpu"]
+
+
+def test_demo_stopped_by_sigterm_continues_when_run_again_and_never_replaces_another_configs_run(tmp_path):
+    out = tmp_path / "demo"
+    command = [sys.executable, "-m", "aikd", "demo", "-q", "-o", str(out), *DEMO_TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "student" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the student is training: phase 1 is done
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Continue it by running the same command again" in stderr and "--resume" not in stderr
+    epochs_before = len(metrics.read_text().splitlines())
+    assert 2 <= epochs_before < 12
+
+    again = subprocess.run(command[:4] + command[5:], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming the unfinished run in {out / 'student'}" in again.stderr
+    assert "reusing the finished run" in again.stderr  # phase 1 is not trained again
+    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
+    assert epochs == list(range(1, 13))  # continued where it stopped: each epoch once
+    summary = out / "student" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+
+    other = subprocess.run([*command, "seed=1"], env=env, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2
+    assert "holds a finished run made with another config" in other.stderr and "--overwrite" in other.stderr
+    assert "Traceback" not in other.stderr
+    assert summary.stat().st_mtime_ns == stamp  # the finished run is untouched

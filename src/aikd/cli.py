@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from aikd.errors import AikdError, RunInterrupted
+from aikd.errors import RESUME_RERUN, RESUME_TRAIN, AikdError, RunInterrupted
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the CE baseline (phase 1), then the AI-KD student (phase 2); print both and their difference.",
         example="aikd demo -o runs/demo")
     p.add_argument("-o", "--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run of another config in OUT (otherwise refused; an unfinished demo "
+                        "of the same config continues where it stopped)")
     _add_common(p, overrides="config overrides")
 
     p = _command(
@@ -251,7 +254,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from aikd.report.tables import markdown_table
 
     config = REPO_CONFIGS / "fmnist_proxy" / "aikd.yaml"
-    result = run_pipeline(config, args.overrides, args.out, quiet=args.quiet, overwrite=True, log=_logger(args.quiet))
+    # A finished run of another config in OUT is refused, not replaced (--overwrite replaces it); an unfinished
+    # demo continues where it stopped.
+    result = run_pipeline(config, args.overrides, args.out, quiet=args.quiet, overwrite=args.overwrite,
+                          log=_logger(args.quiet))
     rows = [("Baseline (phase 1, CE)", result["superior"]), ("AI-KD (phase 2)", result["student"])]
     print(markdown_table(rows))
     print()
@@ -390,9 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a full disk outside the atomic writes (a log line, a config copy)
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
+        advice = RESUME_TRAIN if args.command == "train" else RESUME_RERUN
         print(f"aikd: error: no space left on the device writing '{err.filename or 'a file'}'. Free space, then "
-              f"run the same command again (add --resume to continue a run from its last checkpoint).",
-              file=sys.stderr)
+              f"run {advice}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("aikd: interrupted", file=sys.stderr)

@@ -43,3 +43,17 @@ class RunInterrupted(AikdError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+# How a message tells the user to continue a run: `aikd train` continues with --resume; the commands that
+# train several runs (pipeline, demo, sweep) continue their unfinished runs when run again.
+RESUME_TRAIN = "the same command plus --resume (or --resume auto)"
+RESUME_RERUN = "the same command again (it continues the unfinished run from its last checkpoint)"
+
+
+def for_rerun(err: AikdError) -> AikdError:
+    """``err`` with its advice to continue the run rewritten for a command that resumes by itself."""
+    text = str(err).replace(RESUME_TRAIN, RESUME_RERUN)
+    if isinstance(err, RunInterrupted):
+        return RunInterrupted(text, err.exit_code - 128)
+    return type(err)(text)

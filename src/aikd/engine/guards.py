@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from aikd.config import TrainConfig
 from aikd.distributed import SingleProcess
 from aikd.engine.state import RunState
-from aikd.errors import AikdError, RunInterrupted
+from aikd.errors import RESUME_TRAIN, AikdError, RunInterrupted
 
 CHECK_EVERY = 25  # steps between divergence checks (and progress-bar updates), each a device sync
 
@@ -163,5 +163,5 @@ class StopSignals:
     def interrupted(self, where: str, checkpoint: Path) -> RunInterrupted:
         name = signal.Signals(self.signal).name
         return RunInterrupted(
-            f"Stopped by {name} {where}; the run is saved in '{checkpoint}'. Continue it with the same command "
-            f"plus --resume (or --resume auto).", self.signal)
+            f"Stopped by {name} {where}; the run is saved in '{checkpoint}'. Continue it by running {RESUME_TRAIN}.",
+            self.signal)

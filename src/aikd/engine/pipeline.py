@@ -26,7 +26,7 @@ from aikd.config import RunConfig, apply_overrides, from_dict, normalized, read_
 from aikd.distributed import current
 from aikd.engine.locks import cache_entry_lock
 from aikd.engine.trainer import LAST, train
-from aikd.errors import AikdError, ConfigError
+from aikd.errors import AikdError, ConfigError, DiskFullError, RunInterrupted, for_rerun
 from aikd.methods import METHODS
 
 PHASES = ("phase1", "phase2")
@@ -108,6 +108,22 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: b
     A run made with another config is replaced only with ``overwrite``; otherwise
     the call stops with a message (a finished run is never lost silently).
     """
+    try:
+        return _train_or_reuse(cfg, run_dir, quiet, log, overwrite, recipe)
+    except (RunInterrupted, DiskFullError) as err:  # a pipeline continues its runs when run again: say so
+        raise for_rerun(err) from None
+
+
+def _refuse_a_finished_student_of_another_config(student: Path, cfg: RunConfig, overwrite: bool) -> None:
+    """Before phase 1 trains anything: a finished student of another config is kept unless ``overwrite``."""
+    if not overwrite and not student.is_symlink() and (student / "summary.json").is_file() and \
+            _finished(student, cfg) is None:
+        raise AikdError(f"'{student}' holds a finished run made with another config. Choose another output "
+                        f"folder, or pass --overwrite to replace it.")
+
+
+def _train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: bool, recipe: str | None
+                    ) -> dict[str, Any]:
     done = _finished(run_dir, cfg)
     if done is not None:
         log(f"aikd: reusing the finished run in {run_dir}")
@@ -176,13 +192,14 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
         sup_data = apply_overrides(superior_config(base, teacher_model), per_phase["phase1"])
         sup_cfg = from_dict(sup_data, source=f"{config} (phase 1)")
         sup_dir = cached_superior(Path(cache_dir or out / "superior"), sup_cfg)
+        student_cfg.teacher.checkpoint = str(sup_dir / "checkpoints" / LAST)
+        _refuse_a_finished_student_of_another_config(out / "student", student_cfg, overwrite)
         log(f"aikd: phase 1, superior model -> {sup_dir}")
         # Two pipelines that need this model (a sweep with --jobs) train it once: the second waits, then reuses it.
         # Under torchrun only rank 0 takes the lock; the other ranks follow it through the run's collectives.
         with cache_entry_lock(sup_dir, log) if current().is_main else contextlib.nullcontext():
             result["superior"] = train_or_reuse(sup_cfg, sup_dir, quiet, log, recipe=PHASE1_RECIPE)
         result["superior"]["run_dir"] = str(sup_dir)
-        student_cfg.teacher.checkpoint = str(sup_dir / "checkpoints" / LAST)
     elif per_phase["phase1"]:
         raise ConfigError(f"phase1.* overrides were given, but method '{student_cfg.method}' with these settings "
                           f"has no phase 1 (it needs no pre-trained model, or teacher.checkpoint is set).")

@@ -20,7 +20,7 @@ from aikd.config import normalized
 from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aikd.engine.model_io import model_meta
 from aikd.engine.setup import RunParts
-from aikd.errors import CheckpointError, ConfigError, DiskFullError
+from aikd.errors import RESUME_TRAIN, CheckpointError, ConfigError, DiskFullError
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -97,9 +97,9 @@ class RunCheckpoints:
         try:
             save_checkpoint(path, p.model.state_dict(), self.meta(), state)
         except DiskFullError as err:
-            kept = (f"The last checkpoint '{self.last}' is intact: free space, then continue with the same command "
-                    f"plus --resume." if self.last.is_file() else "No checkpoint was written yet: free space, "
-                    "then run the command again.")
+            kept = (f"The last checkpoint '{self.last}' is intact: free space, then continue by running {RESUME_TRAIN}."
+                    if self.last.is_file() else "No checkpoint was written yet: free space, then run the command "
+                    "again.")
             raise DiskFullError(f"{err} {kept}") from None
         if name == LAST:
             self.last_epoch_end = None if position is not None else self.state.epoch
