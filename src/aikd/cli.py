@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from aikd.errors import RESUME_RERUN, RESUME_TRAIN, AikdError, RunInterrupted
+from aikd.fileio import check_output_file, check_output_folder
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -191,6 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from aikd.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validate before the heavy imports
+    check_output_folder(args.out, "run folder", ("checkpoints",))
     if args.nproc is not None:
         return _relaunch_with_torchrun(args.nproc, args.argv)
     from aikd.config import recipe_name
@@ -228,6 +230,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out and args.calibrate else None)
     if args.plot and not args.calibrate:
         raise AikdError("--plot draws the reliability diagram of --calibrate; add --calibrate.")
+    for path, what in ((args.out, "evaluation file"), (plot, "reliability diagram")):
+        if path:
+            check_output_file(path, what)  # before the evaluation, not after it
     result = evaluate_checkpoint(args.checkpoint, args.overrides, quiet=args.quiet, calibrate=args.calibrate,
                                  plot=plot)
     text = json.dumps(result, indent=2)
@@ -315,6 +320,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         render,
     )
 
+    if args.out:
+        check_output_file(args.out, "report file")
+    if args.plots:
+        check_output_folder(args.plots, "figure folder")
     runs, duplicates = collect_runs(args.dir)
     text = render(paper_tables(runs), args.format)
     if duplicates:
@@ -393,12 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     except AikdError as err:
         print(f"aikd: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:  # a full disk outside the atomic writes (a log line, a config copy)
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except OSError as err:  # a write that failed during the run (the paths were checked before it started)
+        if err.filename is None and err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         advice = RESUME_TRAIN if args.command == "train" else RESUME_RERUN
-        print(f"aikd: error: no space left on the device writing '{err.filename or 'a file'}'. Free space, then "
-              f"run {advice}.", file=sys.stderr)
+        where = f"'{err.filename}'" if err.filename else "a file being written"
+        cause = "no space left on the device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            (err.strerror or type(err).__name__).lower()
+        print(f"aikd: error: {cause}: {where}. Fix that, then run {advice}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("aikd: interrupted", file=sys.stderr)

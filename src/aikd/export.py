@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.engine.model_io import model_from_checkpoint
 from aikd.errors import AikdError
-from aikd.fileio import atomic_write_bytes
+from aikd.fileio import atomic_write_bytes, check_output_folder
 
 TORCHVISION_CLASSIFIER = {"resnet18": "fc.", "densenet121": "classifier."}
 
@@ -60,6 +60,7 @@ def plain_state_dict(model: nn.Module, info: dict[str, Any]) -> tuple[dict[str, 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True) -> dict[str, Any]:
     """Write OUT/model.safetensors (plain state dict), OUT/model.onnx (unless ``onnx`` is False) and
     OUT/export.json; return what export.json holds."""
+    check_output_folder(out_dir, "export folder")
     ckpt = load_checkpoint(checkpoint)
     info = ckpt.meta.get("model") or {}
     model = model_from_checkpoint(ckpt).eval()

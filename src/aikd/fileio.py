@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from aikd.errors import DiskFullError
+from aikd.errors import AikdError, DiskFullError
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -50,3 +50,38 @@ def _disk_full(err: OSError, path: Path, needed: int) -> OSError | DiskFullError
         free = "free space unknown"
     return DiskFullError(f"No space left on the device of '{path.parent}' to write '{path.name}': it needs "
                          f"{needed / 2**20:,.1f} MiB ({free}); '{path}' was not changed.")
+
+
+def check_output_folder(path: str | Path, what: str = "output folder", subfolders: tuple[str, ...] = ()) -> None:
+    """Before any compute: ``path`` is, or can become, a folder this process can write, and so is each of
+    ``subfolders`` inside it (a run's checkpoints/). Raises AikdError naming the path and the cause."""
+    path = Path(path)
+    for folder in (path, *(path / sub for sub in subfolders)):
+        if folder.exists() and not folder.is_dir():
+            raise AikdError(f"The {what} '{folder}' is a file; a folder is needed there. Choose another path.")
+        _check_writable(folder, what)
+
+
+def check_output_file(path: str | Path, what: str = "output file") -> None:
+    """Before any compute: ``path`` can be written as a file (not an existing folder, in a writable folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise AikdError(f"The {what} '{path}' is a folder; a file name is needed there (for example "
+                        f"'{path / 'out.json'}').")
+    _check_writable(path.parent, what, file=path)
+
+
+def _check_writable(folder: Path, what: str, file: Path | None = None) -> None:
+    """Try what the run will do: create a file in ``folder``, or in the nearest folder above it that exists."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AikdError(f"Cannot create the {what} '{file or folder}': '{existing}' is a file, not a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".aikd-write-check.", dir=existing)
+    except OSError as err:
+        raise AikdError(f"Cannot write the {what} '{file or folder}': {err.strerror.lower()} in '{existing}'."
+                        ) from None
+    os.close(fd)
+    os.unlink(probe)

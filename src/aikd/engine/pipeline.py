@@ -27,6 +27,7 @@ from aikd.distributed import current
 from aikd.engine.locks import cache_entry_lock
 from aikd.engine.trainer import LAST, train
 from aikd.errors import AikdError, ConfigError, DiskFullError, RunInterrupted, for_rerun
+from aikd.fileio import check_output_folder
 from aikd.methods import METHODS
 
 PHASES = ("phase1", "phase2")
@@ -177,6 +178,9 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
     ``variant`` tags the student's recipe (``aikd[aikd.alpha_p=0.1]``): a sweep's grid point.
     """
     out = Path(out_dir)
+    check_output_folder(out, "pipeline folder")
+    if cache_dir is not None:
+        check_output_folder(cache_dir, "phase-1 cache folder")
     common, per_phase = split_phase_overrides(overrides)
     base = apply_overrides(read_yaml(config), common)
     student_cfg = from_dict(apply_overrides(base, per_phase["phase2"]), source=str(config))

@@ -27,6 +27,7 @@ from aikd.config import apply_overrides, from_dict, read_yaml
 from aikd.engine.checkpoint import atomic_write_bytes
 from aikd.engine.pipeline import run_pipeline, split_phase_overrides
 from aikd.errors import AikdError
+from aikd.fileio import check_output_folder
 
 
 class GridPoint(tuple):
@@ -144,6 +145,9 @@ def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str 
     points = parse_grid(grid)
     check_configs(configs, seeds, overrides, points)
     out = Path(out_dir)
+    check_output_folder(out, "sweep folder")
+    if cache_dir:
+        check_output_folder(cache_dir, "phase-1 cache folder")
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "superior"
     tasks = [SweepTask(n, str(config), point, seed, tuple(overrides), sweep_dir(out, config, seed, point), cache)

@@ -31,6 +31,7 @@ from aikd.engine.loop import Epoch, train_epoch
 from aikd.engine.setup import RunParts, build_parts
 from aikd.engine.state import BEST, LAST, RunCheckpoints, RunState, find_resume_checkpoint
 from aikd.errors import AikdError
+from aikd.fileio import check_output_folder
 from aikd.metrics import classification_metrics, predict
 from aikd.metrics.calibration import ReliabilityBins, calibrate
 from aikd.report.plots import write_reliability
@@ -45,6 +46,7 @@ class Trainer:
                  data: DataBundle | None = None, recipe: str | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
+        check_output_folder(self.out, "run folder", ("checkpoints",))  # before the data and the model are built
         self.recipe = recipe or cfg.method  # the row label in reports (the config's name)
         self.parts: RunParts = build_parts(cfg, data)
         p = self.parts
