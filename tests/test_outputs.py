@@ -122,3 +122,21 @@ def test_report_pipeline_and_sweep_outputs(capsys, tmp_path):
     assert code == 2 and f"'{blocker}' is a file; a folder is needed" in one_line_error(err)
     code, err = run_cli(capsys, "sweep", "-q", "-c", CONFIG, "--seeds", "0", "-o", str(blocker), *TINY)
     assert code == 2 and f"'{blocker}' is a file; a folder is needed" in one_line_error(err)
+
+
+def test_results_are_written_with_the_mode_of_every_other_file(tmp_path, checkpoint):
+    import os
+    import stat
+
+    from aikd.fileio import atomic_write_bytes
+
+    run = checkpoint.parent.parent
+    plain = stat.S_IMODE((run / "metrics.jsonl").stat().st_mode)  # an ordinary open(): 0666 less the umask
+    for name in ("summary.json", "checkpoints/last.safetensors", "config.yaml"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == plain, name
+    old = os.umask(0o027)
+    try:
+        atomic_write_bytes(tmp_path / "shared.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o640  # the group may read, others not

@@ -23,6 +23,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except OSError as err:
         raise _disk_full(err, path, len(payload)) from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results get the mode of every other file
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
@@ -38,6 +39,13 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back: there is no other way to read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _disk_full(err: OSError, path: Path, needed: int) -> OSError | DiskFullError:

@@ -9,11 +9,12 @@ file and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import pickle
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -61,8 +62,30 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Any failure while a file is read or checked becomes a DataError naming the file and the cause.
+
+    The readers raise DataError with a precise message where they can tell what is wrong; a damaged file
+    can still break the parsing underneath in ways no check foresees (a flipped byte in a pickle's opcode
+    stream, a size that asks for more memory than there is), and the user must still learn which file it was.
+    """
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"Cannot read '{path}': it is damaged or not in the expected format "
+                        f"({type(err).__name__}: {str(err)[:200]}).") from None
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): the MNIST family's array format."""
+    with reading(path):
+        return _read_idx(path)
+
+
+def _read_idx(path: Path) -> np.ndarray:
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
@@ -176,6 +199,11 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 
 def _load_cifar_pickle(path: Path) -> dict:
+    with reading(path):
+        return _unpickle_cifar(path)
+
+
+def _unpickle_cifar(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
             data = _ArrayOnlyUnpickler(io.BytesIO(fh.read()), encoding="bytes").load()
@@ -192,21 +220,34 @@ def _cifar_folder(root: Path, name: str, dataset: str) -> Path:
     return _require(folder, dataset, f"Expected the official python version ('{name}' folder).")
 
 
-def _cifar_array(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_array(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     batch = _load_cifar_pickle(_require(path, path.parent.name, "A CIFAR batch file is missing."))
-    if "data" not in batch or label_key not in batch:
-        raise DataError(f"'{path}' lacks the '{'data' if 'data' not in batch else label_key}' entry.")
-    data = np.asarray(batch["data"], dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"'{path}': 'data' has shape {data.shape}, expected (N, 3072).")
-    return data.reshape(-1, 3, 32, 32), np.asarray(batch[label_key])
+    with reading(path):
+        if "data" not in batch or label_key not in batch:
+            raise DataError(f"'{path}' lacks the '{'data' if 'data' not in batch else label_key}' entry.")
+        data = np.asarray(batch["data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"'{path}': 'data' is {data.dtype} of shape {data.shape}, expected uint8 (N, 3072).")
+        labels = np.asarray(batch[label_key])
+        if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"'{path}': '{label_key}' holds {labels.shape} {labels.dtype} values for "
+                            f"{len(data)} images; expected one integer label per image.")
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if len(bad):
+            raise DataError(f"'{path}': label {int(labels[bad[0]])} of image {int(bad[0])} in this file is "
+                            f"outside 0..{num_classes - 1}.")
+        return data.reshape(-1, 3, 32, 32), labels
 
 
 def _cifar_classes(path: Path, key: str, count: int) -> list[str]:
     if path.is_file():
         names = _load_cifar_pickle(path).get(key)
         if names is not None:
-            return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+            with reading(path):
+                names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+                if len(names) != count:
+                    raise DataError(f"'{path}': '{key}' names {len(names)} classes, expected {count}.")
+                return names
     return [str(i) for i in range(count)]
 
 
@@ -217,7 +258,7 @@ def read_cifar10(root: Path, train: bool, download: bool) -> ArraySplit:
         CIFAR10(str(root), train=train, download=True)
     folder = _cifar_folder(root, "cifar-10-batches-py", "cifar10")
     files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    parts = [_cifar_array(folder / f, "labels") for f in files]
+    parts = [_cifar_array(folder / f, "labels", 10) for f in files]
     classes = _cifar_classes(folder / "batches.meta", "label_names", 10)
     return _array_split(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                         classes, folder)
@@ -229,7 +270,7 @@ def read_cifar100(root: Path, train: bool, download: bool) -> ArraySplit:
 
         CIFAR100(str(root), train=train, download=True)
     folder = _cifar_folder(root, "cifar-100-python", "cifar100")
-    images, labels = _cifar_array(folder / ("train" if train else "test"), "fine_labels")
+    images, labels = _cifar_array(folder / ("train" if train else "test"), "fine_labels", 100)
     classes = _cifar_classes(folder / "meta", "fine_label_names", 100)
     return _array_split(images, labels, classes, folder)
 
