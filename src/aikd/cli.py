@@ -144,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, overrides="config overrides")
 
     p = _command(
+        sub, "check-data", help="decode every image file a config's run would use, before training",
+        description="Read the config's dataset as a run would (its subset, validation and test images) and "
+                    "decode every image file: a missing, unreadable or truncated file is listed with the reason. "
+                    "Exits with 1 when any file is bad. For array datasets (IDX files, CIFAR pickles) reading "
+                    "them already checks every byte that matters. data.skip_bad_files=true makes a run leave "
+                    "bad files out instead of stopping.",
+        example="aikd check-data -c configs/cub200/aikd_resnet18.yaml data.root=/data/CUB_200_2011")
+    p.add_argument("-c", "--config", required=True, help="YAML config of the run to check")
+    _add_common(p, overrides="config overrides")
+
+    p = _command(
         sub, "export", help="a trained model as a plain state dict for its architecture and as ONNX",
         description="Write OUT/model.safetensors (the weights under the names of the architecture's own library: "
                     "timm, torchvision or aikd), OUT/model.onnx (normalized images in, logits out, any batch size) "
@@ -293,6 +304,37 @@ def demo_difference(baseline: dict, student: dict) -> str:
             f"draw: the 5-seed paired comparison with 95% intervals is in docs/results/fmnist_proxy.md.")
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from aikd.config import load_config
+    from aikd.data import load_data
+    from aikd.data.check import find_bad_files
+    from aikd.data.splits import FileSplit
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.data.skip_bad_files = False  # the point is to see them
+    data = load_data(cfg.data)
+    splits = [("training", data.train), (data.eval_split, data.test)]
+    if data.holdout is not None:
+        splits.insert(1, ("holdout", data.holdout))
+    if not isinstance(data.train, FileSplit):
+        sizes = ", ".join(f"{len(split)} {name}" for name, split in splits)
+        print(f"aikd: {cfg.data.name}: {sizes} images read and checked (array files: nothing to decode).")
+        return 0
+    bad = []
+    for name, split in splits:
+        found = find_bad_files(split)
+        bad += [(name, path, problem) for path, problem in found]
+        print(f"aikd: {name} split: {len(split)} files decoded, {len(found)} bad", file=sys.stderr, flush=True)
+    for name, path, problem in bad:
+        print(f"{path}\t{name}\t{problem}")
+    if bad:
+        print(f"aikd: {len(bad)} bad image files (listed above, tab-separated: file, split, reason); run with "
+              f"data.skip_bad_files=true to leave them out, or replace them.", file=sys.stderr)
+        return 1
+    print(f"aikd: {cfg.data.name}: every image file decodes.", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from aikd.export import export_checkpoint
 
@@ -387,7 +429,8 @@ def _headline(summary: dict) -> dict:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pipeline": cmd_pipeline, "demo": cmd_demo, "sweep": cmd_sweep,
-            "report": cmd_report, "tsne": cmd_tsne, "bench": cmd_bench, "export": cmd_export}
+            "report": cmd_report, "tsne": cmd_tsne, "bench": cmd_bench, "export": cmd_export,
+            "check-data": cmd_check_data}
 
 
 def main(argv: list[str] | None = None) -> int:

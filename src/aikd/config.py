@@ -56,6 +56,9 @@ class DataConfig:
     mix_alpha: float = 1.0  # the mixing ratio is drawn from Beta(mix_alpha, mix_alpha)
     mix_prob: float = 1.0  # share of batches that are mixed
     download: bool = False  # torchvision download where the dataset supports it
+    # Image-file datasets: decode every file the run uses before it starts, leave out those that fail and list
+    # them (in the log and in the run's summary). Off: a bad file stops the run when its batch comes up.
+    skip_bad_files: bool = False
 
 
 @dataclass

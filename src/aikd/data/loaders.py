@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -193,6 +194,16 @@ class ImageFileDataset(Dataset):
         return self.transform(img), int(self.split.labels[index]), index
 
 
+def _worker_message(text: str) -> str:
+    """The DataError's own message out of a DataLoader worker's report ("Caught DataError in DataLoader
+    worker process 0. Original Traceback ... aikd.errors.DataError: <message>")."""
+    for line in reversed(text.strip().splitlines()):
+        for prefix in ("aikd.errors.DataError: ", "DataError: "):
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+    return text
+
+
 class FileLoader:
     """A DataLoader over image files with workers, pinned memory and prefetching."""
 
@@ -209,7 +220,10 @@ class FileLoader:
         self.batch_sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[BatchTuple]:
-        yield from self.loader
+        try:
+            yield from self.loader
+        except DataError as err:  # raised in a worker: PyTorch puts the worker's traceback into the message
+            raise DataError(_worker_message(str(err))) from None
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -229,6 +243,7 @@ class DataBundle:
     cfg: DataConfig
     holdout: Split | None = None  # training images kept out of training, for temperature scaling
     eval_split: str = "test"  # what ``test`` holds: the test split, or the validation images (data.val_size)
+    skipped_files: list[str] = field(default_factory=list)  # files left out by data.skip_bad_files, with why
 
     @property
     def in_memory(self) -> bool:
@@ -288,6 +303,9 @@ def load_data(cfg: DataConfig) -> DataBundle:
     for split, which in ((train, "training"), (test, "test")):
         if len(split) == 0:
             raise DataError(f"Dataset '{cfg.name}' under '{root}' has an empty {which} split.")
+    skipped: list[str] = []
+    if cfg.skip_bad_files and isinstance(train, FileSplit):
+        train, test, skipped = _skip_bad_files(train, test)
     train, holdout = split_holdout(train, cfg.holdout, cfg.subset_seed)
     num_classes = len(train.classes)
     if isinstance(train, ArraySplit):
@@ -299,7 +317,28 @@ def load_data(cfg: DataConfig) -> DataBundle:
     flip = info.flip if cfg.flip is None else cfg.flip
     augment = BatchAugment(mean, std, padding, flip, cfg.augment == "standard")
     return DataBundle(cfg.name, train, test, num_classes, in_channels, image_size, augment, cfg, holdout,
-                      "validation" if validation is not None else "test")
+                      "validation" if validation is not None else "test", skipped)
+
+
+def _skip_bad_files(train: FileSplit, test: FileSplit) -> tuple[FileSplit, FileSplit, list[str]]:
+    """Both splits less the files that do not decode (data.skip_bad_files), and a line for each left out."""
+    from aikd.data.check import find_bad_files, without
+
+    skipped = []
+    for name, split in (("training", train), ("test", test)):
+        bad = find_bad_files(split)
+        for path, problem in bad:
+            skipped.append(f"{path} ({name} split): {problem}")
+        if bad:
+            kept = without(split, bad)
+            if name == "training":
+                train = kept
+            else:
+                test = kept
+    if skipped:
+        print(f"aikd: data.skip_bad_files: left out {len(skipped)} image files that do not decode:\n  "
+              + "\n  ".join(skipped), file=sys.stderr, flush=True)
+    return train, test, skipped
 
 
 def pick_validation(train: Split, picked: Tensor, size: int, seed: int) -> tuple[Tensor, Split] | None:

@@ -215,6 +215,7 @@ class Trainer:
             "world_size": p.strategy.world_size,
             "teacher": self.cfg.teacher.checkpoint,
             "skipped_steps": state.skipped_steps,
+            **({"skipped_files": p.data.skipped_files} if p.data.skipped_files else {}),
             **p.method.run_facts(),
         }
 
