@@ -140,3 +140,32 @@ def test_results_are_written_with_the_mode_of_every_other_file(tmp_path, checkpo
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "shared.json").stat().st_mode) == 0o640  # the group may read, others not
+
+
+# ---------------------------------------------------------------------- aikd eval checks what it is given
+
+
+def test_eval_refuses_a_dataset_with_other_class_names_or_channels(capsys, tmp_path, checkpoint):
+    import numpy as np
+    from PIL import Image
+
+    code, err = run_cli(capsys, "eval", "-q", "-k", str(checkpoint), "data.name=fashion-mnist", "data.root=null",
+                        "data.train_limit=100", "data.test_limit=50")
+    line = one_line_error(err)
+    assert code == 2 and "trained on other classes (0, 1, 2, 3, ...)" in line and "T-shirt/top" in line
+    root = tmp_path / "ten"
+    for split in ("train", "test"):
+        for k in range(10):
+            (root / split / str(k)).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 25 * k, dtype=np.uint8)).save(root / split / str(k) / "a.png")
+    code, err = run_cli(capsys, "eval", "-q", "-k", str(checkpoint), "data.name=imagefolder", f"data.root={root}",
+                        "data.image_size=8", "data.train_limit=null", "data.test_limit=null")
+    assert code == 2 and "takes 1-channel images, but this dataset has 3 channels" in one_line_error(err)
+
+
+def test_eval_refuses_overrides_it_cannot_apply(capsys, checkpoint):
+    code, err = run_cli(capsys, "eval", "-q", "-k", str(checkpoint), "model.name=resnet18", "train.lr=0.5")
+    line = one_line_error(err)
+    assert code == 2 and "model.name=resnet18, train.lr=0.5 cannot be applied" in line and "data.*" in line
+    code, _ = run_cli(capsys, "eval", "-q", "-k", str(checkpoint), "data.test_limit=50", "device=cpu")
+    assert code == 0

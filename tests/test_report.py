@@ -94,7 +94,7 @@ def test_training_accuracy_of_older_runs_comes_from_their_last_record(tmp_path):
     write_run(tmp_path, "ce/seed0", "ce", "ce", 0, 10, 0.8)  # a summary without train_acc
     write_history(tmp_path / "ce/seed0", [{"epoch": 1, "train.acc": 80.0}, {"epoch": 2, "train.acc": 99.5}])
     text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
-    assert md_row(text, "Table 3", "Baseline")[5] == "99.50 ± 0.00"
+    assert md_row(text, "Table 3", "Baseline")[5] == "99.50"  # one run: its value, no spread
 
 
 def test_online_and_grid_recipes_are_methods_not_ablations(tmp_path):
@@ -122,7 +122,7 @@ def test_latex_and_csv(sweep):
     runs = collect_runs(sweep)[0]
     latex = render(paper_tables(runs), "latex")
     assert "\\textbf{9.50 $\\pm$ 0.50}" in latex and "\\underline{11.00 $\\pm$ 0.00}" in latex
-    assert latex.count("\\begin{tabular}") == 4 and "\\checkmark" in latex  # Tables 2-4 and the paired one
+    assert latex.count("\\begin{tabular}") == 5 and "\\checkmark" in latex  # Tables 2-4, its steps, the paired one
     rows = list(csv.DictReader(io.StringIO(render(paper_tables(runs), "csv"))))
     cell = next(r for r in rows if r["table"] == "Table 2" and r["method"] == "Baseline" and r["metric"] == "top1_err")
     assert (float(cell["mean"]), float(cell["std"]), cell["seeds"], cell["dataset"]) == (12.0, 2.0, "3", "cifar100")
@@ -134,9 +134,9 @@ def test_ties_share_a_mark_and_columns_are_ranked_apart(tmp_path):
         write_run(tmp_path, f"{recipe}/seed0", recipe, recipe, 0, err, 0.5)
         write_run(tmp_path, f"{recipe}/seed0b", recipe, recipe, 0, err, 0.5, model="densenet121")
     text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
-    assert md_row(text, "Table 2", "KD")[1] == md_row(text, "Table 2", "DKD")[1] == "**10.00 ± 0.00**"
-    assert md_row(text, "Table 2", "PS-KD")[1] == "<u>12.00 ± 0.00</u>"
-    assert md_row(text, "Table 2", "PS-KD")[3] == "<u>12.00 ± 0.00</u>"  # the densenet121 column, ranked alone
+    assert md_row(text, "Table 2", "KD")[1] == md_row(text, "Table 2", "DKD")[1] == "**10.00**"
+    assert md_row(text, "Table 2", "PS-KD")[1] == "<u>12.00</u>"
+    assert md_row(text, "Table 2", "PS-KD")[3] == "<u>12.00</u>"  # the densenet121 column, ranked alone
 
 
 def test_recipe_falls_back_to_the_folder_and_missing_seeds_are_noted(tmp_path):
@@ -148,7 +148,7 @@ def test_recipe_falls_back_to_the_folder_and_missing_seeds_are_noted(tmp_path):
     runs, duplicates = collect_runs(tmp_path)
     assert duplicates == 1 and sorted(r.recipe for r in runs) == ["aikd", "aikd", "aikd_only_guide"]
     text = render(paper_tables(runs), "md")
-    assert md_row(text, "Table 4", "Only Guide")[1:5] == ["✓", "", "", "**9.00 ± 0.00 (n=1)**"]
+    assert md_row(text, "Table 4", "Only Guide")[1:5] == ["✓", "", "", "**9.00 (n=1)**"]
 
 
 def test_empty_or_foreign_folders_are_clear_errors(tmp_path):
@@ -393,7 +393,7 @@ def test_cost_table_adds_phase_one_to_two_phase_runs_and_divides_by_the_baseline
     assert md_row(text, table, "Baseline")[1] == "1.00x ± 0.00"
     assert md_row(text, table, "AI-KD")[1] == "2.27x ± 0.04"  # 2.30, 2.25
     assert md_row(text, table, "AI-KD online (EMA)")[1] == "1.45x ± 0.07"  # 1.40, 1.50
-    assert md_row(text, table, "KD")[1] == "1.50x ± 0.00 (n=1)"
+    assert md_row(text, table, "KD")[1] == "1.50x (n=1)"
     assert md_row(text, table, "DKD")[1] == "–"
 
 
@@ -491,3 +491,27 @@ def test_table4_steps_pair_by_seed_and_subset_and_give_the_papers_verdict(tmp_pa
         replace(r, metrics={**r.metrics, "top1_err": 2 * no_adv[r.draw] - r.metrics["top1_err"]})
         for r in runs if r.recipe == "aikd"]
     assert "contradicted (n = 5, half-width 0.20)" in "\n".join(steps_table(flipped).notes)
+
+
+@pytest.mark.parametrize(("value", "why"), [("12.5", "not a number"), (float("nan"), "not a finite number"),
+                                            (float("inf"), "not a finite number"), (True, "not a number")])
+def test_report_refuses_a_summary_with_a_bad_metric_naming_the_file(tmp_path, value, why):
+    write_run(tmp_path, "ok/seed0", "ce", "ce", 0, 10.0, 0.8)
+    write_run(tmp_path, "bad/seed1", "ce", "ce", 1, 10.0, 0.8)
+    bad = tmp_path / "bad/seed1/summary.json"
+    summary = json.loads(bad.read_text())
+    summary["ece"] = value
+    bad.write_text(json.dumps(summary))  # json writes nan and inf as NaN and Infinity, as Python reads them back
+    with pytest.raises(AikdError) as info:
+        collect_runs(tmp_path)
+    assert f"'{bad}': metric 'ece'" in str(info.value) and why in str(info.value)
+
+
+def test_one_seed_shows_its_value_without_a_spread(tmp_path):
+    write_run(tmp_path, "a/seed0", "ce", "ce", 0, 10.0, 0.8)
+    write_run(tmp_path, "b/seed0", "pskd", "pskd", 0, 9.0, 0.9)
+    write_run(tmp_path, "b/seed1", "pskd", "pskd", 1, 12.0, 0.7)
+    text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
+    assert md_row(text, "Table 2", "Baseline")[1] == "**10.00 (n=1)**"  # one seed where PS-KD has two: noted
+    assert md_row(text, "Table 2", "PS-KD")[1] == "<u>10.50 ± 2.12</u>"
+    assert "± 0.00" not in md_row(text, "Table 2", "Baseline")[1]

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from aikd.config import RunConfig, apply_overrides, from_dict
 from aikd.data import DataBundle, load_data
 from aikd.engine.checkpoint import load_checkpoint
-from aikd.engine.model_io import model_from_checkpoint
+from aikd.engine.model_io import check_fits, model_from_checkpoint
 from aikd.engine.runtime import autocast_dtype, pick_device
 from aikd.errors import AikdError, CheckpointError
 from aikd.metrics import classification_metrics, predict
@@ -48,17 +48,30 @@ def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     saved = ckpt.meta.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"Checkpoint '{path}' does not record the config it was trained with.")
+    _refuse_overrides_it_cannot_apply(path, overrides)
     cfg = from_dict(apply_overrides(saved, overrides), source=f"{path} (saved config)")
     data = load_data(cfg.data)
     info = ckpt.meta["model"]
-    if info["num_classes"] != data.num_classes or info["in_channels"] != data.in_channels:
-        raise CheckpointError(
-            f"Checkpoint '{path}' is for {info['num_classes']} classes and {info['in_channels']} "
-            f"channels, but '{cfg.data.name}' has {data.num_classes} and {data.in_channels}."
-        )
+    check_fits(path, info, "model", num_classes=data.num_classes, in_channels=data.in_channels,
+               classes=list(data.train.classes), fix="Evaluate it on the dataset it was trained on (data.name, "
+                                                     "data.root).")
     device = pick_device(cfg.device)
     model = model_from_checkpoint(ckpt).to(device)
     return LoadedModel(Path(path), cfg, data, model, device, info["name"], ckpt.meta.get("epoch"))
+
+
+# What a saved model is evaluated with; every other key describes its training, which is over.
+EVAL_KEYS = ("data.", "device", "deterministic", "train.amp", "train.channels_last")
+
+
+def _refuse_overrides_it_cannot_apply(path: str | Path, overrides: list[str] | tuple[str, ...]) -> None:
+    """Overrides of the architecture, the method or the recipe cannot change a trained model: refuse them, naming
+    them, instead of dropping them in silence."""
+    ignored = [o for o in overrides if not o.partition("=")[0].strip().startswith(EVAL_KEYS)]
+    if ignored:
+        allowed = ", ".join(f"{key}*" if key.endswith(".") else key for key in EVAL_KEYS)
+        raise AikdError(f"Evaluating '{path}' uses the model as it was trained; {', '.join(ignored)} cannot be "
+                        f"applied to it. Overrides here may set {allowed}.")
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...] = (), quiet: bool = False,

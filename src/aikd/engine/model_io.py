@@ -52,16 +52,32 @@ def load_frozen_model(path: str | Path, device: torch.device, *, num_classes: in
     """
     ckpt = load_checkpoint(path)
     info = ckpt.meta.get("model", {})
+    check_fits(path, info, role, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+               classes=classes)
+    if expect_model is not None and info.get("name") != expect_model:
+        raise CheckpointError(
+            f"The {role} checkpoint '{path}' is a '{info.get('name')}', but this method needs the "
+            f"same architecture as the student ('{expect_model}')."
+        )
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_fits(path: str | Path, info: dict, role: str, *, num_classes: int, in_channels: int,
+               image_size: int | None = None, classes: list[str] | None = None, fix: str | None = None) -> None:
+    """Raise CheckpointError unless the model recorded in ``info`` (a checkpoint's meta["model"]) fits the data:
+    its class count, channels and, when given, image size and class names. ``fix`` says what to do instead."""
+    fix = fix or f"Train the {role} on the same dataset, or pass another checkpoint with teacher.checkpoint=PATH."
     if info.get("num_classes") != num_classes:
         raise CheckpointError(
             f"The {role} checkpoint '{path}' predicts {info.get('num_classes')} classes, but this "
-            f"dataset has {num_classes}. Train the {role} on the same dataset, or pass another "
-            f"checkpoint with teacher.checkpoint=PATH."
+            f"dataset has {num_classes}. {fix}"
         )
     if info.get("in_channels") != in_channels:
         raise CheckpointError(
             f"The {role} checkpoint '{path}' takes {info.get('in_channels')}-channel images, but "
-            f"this dataset has {in_channels} channels."
+            f"this dataset has {in_channels} channels. {fix}"
         )
     if image_size is not None and info.get("image_size") not in (None, image_size):
         raise CheckpointError(
@@ -71,16 +87,8 @@ def load_frozen_model(path: str | Path, device: torch.device, *, num_classes: in
     if classes is not None and info.get("classes") not in (None, classes):
         raise CheckpointError(
             f"The {role} checkpoint '{path}' was trained on other classes ({_preview(info['classes'])}) than "
-            f"this dataset's ({_preview(classes)}). Train the {role} on the same dataset."
+            f"this dataset's ({_preview(classes)}). {fix}"
         )
-    if expect_model is not None and info.get("name") != expect_model:
-        raise CheckpointError(
-            f"The {role} checkpoint '{path}' is a '{info.get('name')}', but this method needs the "
-            f"same architecture as the student ('{expect_model}')."
-        )
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    model.requires_grad_(False)
-    return model
 
 
 def _preview(names: list[str], shown: int = 4) -> str:

@@ -169,6 +169,7 @@ def _read_run(path: Path, root: Path) -> Run:
             dataset = f"{dataset} ({summary['eval_split']})"
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise AikdError(f"'{path}' is not a run summary written by aikd ({type(err).__name__}: {err}).") from None
+    _check_metrics(summary, path)
     if summary.get("train_acc") is None:  # runs older than that field: the last epoch's record has it
         last = _history(path.parent / "metrics.jsonl")
         summary["train_acc"] = last[max(last)].get("train.acc") if last else None
@@ -177,6 +178,22 @@ def _read_run(path: Path, root: Path) -> Run:
     subset = int((config.get("data") or {}).get("subset_seed") or 0)
     return Run(_recipe(summary, path.parent.relative_to(root)), method, dataset, model, seed, summary,
                _aikd_switches(config, method), path.parent, subset)
+
+
+METRIC_KEYS = ("top1_err", "top5_err", "macro_f1", "ece", "ece_ts", "nll", "nll_ts", "train_acc", "train_time_s")
+
+
+def _check_metrics(summary: dict[str, Any], path: Path) -> None:
+    """Every metric a table may show is a finite number (or absent): a report never prints nan as a value."""
+    for key in METRIC_KEYS:
+        value = summary.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise AikdError(f"'{path}': metric '{key}' is {value!r}, not a number. Fix or remove that run.")
+        if not math.isfinite(value):
+            raise AikdError(f"'{path}': metric '{key}' is {value}, not a finite number (a diverged run?). "
+                            f"Fix or remove that run.")
 
 
 def _saved_config(path: Path) -> dict[str, Any]:
@@ -296,7 +313,8 @@ def _cell(members: Sequence[Run], metric: Metric) -> Cell:
     if not values:
         return Cell("–")
     mean, std, n = mean_std(values)
-    text = f"{mean:.{metric.digits}f} ± {std:.{metric.digits}f}"
+    # One seed has no spread to show: its value alone (the seed count is noted where the column has more).
+    text = f"{mean:.{metric.digits}f}" if n == 1 else f"{mean:.{metric.digits}f} ± {std:.{metric.digits}f}"
     return Cell(text, round(mean, metric.digits), mean=mean, std=std, n=n)
 
 
@@ -337,7 +355,7 @@ def cost_table(runs: Sequence[Run]) -> Table:
             ratios = [mine[s] / base[s] for s in sorted(set(mine) & set(base))]
             if ratios:
                 mean, std, n = mean_std(ratios)
-                row.append(Cell(f"{mean:.2f}x ± {std:.2f}", mean=mean, std=std, n=n))
+                row.append(Cell(f"{mean:.2f}x" if n == 1 else f"{mean:.2f}x ± {std:.2f}", mean=mean, std=std, n=n))
             else:
                 row.append(Cell("–"))
         table.row_names.append(label(recipe))
