@@ -95,10 +95,11 @@ def test_defaults_are_the_papers_recipe():
         assert cfg.method == "ce"
 
 
-def test_empty_yaml_file_gives_defaults(tmp_path):
+def test_empty_yaml_file_is_an_error_not_the_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing but a comment\n")
-    assert load_config(path).train.epochs == 300
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(path)  # it would train PreAct ResNet-18 for 300 epochs without a word
 
 
 def test_to_dict_round_trips_through_from_dict(cfg_file, tmp_path):
@@ -484,3 +485,29 @@ def test_bad_values_stop_every_command_before_data_or_training(tmp_path, command
     assert done.returncode == 2, done.stderr
     assert "aikd.alpha_g" in done.stderr or "model.name" in done.stderr
     assert "does not exist" not in done.stderr and not out.exists()
+
+
+def test_command_line_takes_overrides_after_options_and_names_config_mistakes(tmp_path, capsys):
+    from aikd.cli import build_parser, main, parse
+
+    args = parse(build_parser(), ["train", "-c", "c.yaml", "-o", "out", "--quiet", "data.train_limit=5", "seed=2"])
+    assert args.quiet and args.overrides == ["data.train_limit=5", "seed=2"]
+    args = parse(build_parser(), ["sweep", "-c", "a.yaml", "data.holdout=0.1", "--seeds", "0", "1", "-o", "o",
+                                  "train.lr=0.2"])
+    assert args.seeds == [0, 1] and args.overrides == ["data.holdout=0.1", "train.lr=0.2"]
+    with pytest.raises(SystemExit):
+        parse(build_parser(), ["train", "-c", "c.yaml", "-o", "out", "--bogus"])
+    folder = tmp_path / "configs"
+    (folder / "set").mkdir(parents=True)
+    (folder / "set" / "ce.yaml").write_text("method: ce\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("\n# nothing but a comment\n")
+    for config, message in ((folder, f"'{folder}' is a folder; give one of its YAML files, for example "
+                                     f"'{folder / 'set' / 'ce.yaml'}'"),
+                            (empty, f"'{empty}' is empty")):
+        assert main(["train", "-c", str(config), "-o", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["train", "-c", str(folder / "set" / "ce.yaml"), "-o", str(tmp_path / "run"), "--quiet",
+                 "train.batch_size=0"]) == 2
+    assert "Unknown config key 'train.batch_size'. Did you mean 'data.batch_size'?" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -433,9 +434,36 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pipeline": cmd_pipeline, "dem
             "check-data": cmd_check_data}
 
 
+def _is_override(text: str) -> bool:
+    """KEY=VALUE with a dotted config key, and not a file that happens to hold '='."""
+    return re.match(r"^[A-Za-z_][\w.]*=", text) is not None and not Path(text).is_file()
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse the command line with KEY=VALUE overrides allowed anywhere after the command, options included
+    (``aikd train -c C -o OUT --quiet data.train_limit=5``); argparse alone takes them only before the first
+    option that follows them."""
+    args, extra = parser.parse_known_args(argv)
+    configs = getattr(args, "config", None)
+    if isinstance(configs, list):  # sweep's -c takes several files: an override right after them is not one
+        extra = [c for c in configs if _is_override(c)] + extra
+        args.config = [c for c in configs if not _is_override(c)]
+    late = [a for a in extra if _is_override(a)]
+    unknown = [a for a in extra if a not in late]
+    if late and not hasattr(args, "overrides"):
+        unknown += late
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:  # in the order they were typed: a later override of the same key wins
+        given = [*(args.overrides or []), *late]
+        positions = [i for i, a in enumerate(argv) if a in given]
+        args.overrides = [argv[i] for i in positions]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     args.argv = argv
     try:
         return COMMANDS[args.command](args)

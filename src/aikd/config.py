@@ -187,12 +187,30 @@ def build(cls: type, data: Any, where: str) -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            raise ConfigError(
-                f"Unknown config key '{path}'.{did_you_mean(str(key), fields)} "
-                f"Valid keys here: {', '.join(fields)}."
-            )
+            hint = did_you_mean(str(key), fields) or _key_elsewhere(str(key), where)
+            raise ConfigError(f"Unknown config key '{path}'.{hint} Valid keys here: {', '.join(fields)}.")
         kwargs[key] = _check(hints[key], value, path)
     return cls(**kwargs)
+
+
+def _key_elsewhere(key: str, where: str) -> str:
+    """' Did you mean 'data.batch_size'?' for a key that belongs to another section (or to the top level)."""
+    sections = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "methods"}
+    hints = typing.get_type_hints(RunConfig)
+    candidates = []
+    for name in sections:
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            candidates += [f"{name}.{f.name}" for f in dataclasses.fields(kind)]
+        else:
+            candidates.append(name)
+    candidates += [f"{method}.{f.name}" for method, schema in method_schemas().items()
+                   for f in dataclasses.fields(schema)]
+    same = [c for c in candidates if c.rsplit(".", 1)[-1] == key and c.rpartition(".")[0] != where]
+    if same:
+        return f" Did you mean '{same[0]}'?" if len(same) == 1 else \
+            f" Did you mean one of {', '.join(repr(c) for c in same[:4])}?"
+    return did_you_mean(key, [c for c in candidates if c.rpartition(".")[0] != where])
 
 
 @dataclass(frozen=True)
@@ -429,6 +447,9 @@ _YAML_VALUE_ERRORS = (ValueError, KeyError, AttributeError, TypeError)
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning every failure into a message naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Config '{path}' is a folder; give one of its YAML files, for example "
+                          f"'{next(iter(sorted(path.rglob('*.yaml'))), path / 'ce.yaml')}'.")
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist. Configs ship under configs/.")
     try:
@@ -445,8 +466,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except _YAML_VALUE_ERRORS as err:  # a scalar PyYAML cannot build, e.g. the date 2020-13-45
         raise ConfigError(f"Config file '{path}' is not valid YAML: a value cannot be read "
                           f"({type(err).__name__}: {err}).") from None
-    if data is None:
-        return {}
+    if data is None or data == {}:  # an empty file would train the defaults without a word
+        raise ConfigError(f"Config file '{path}' is empty; a config names at least its method, data and model "
+                          f"(see configs/ for examples).")
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must hold a mapping of keys, got {type(data).__name__}.")
     return data
