@@ -163,7 +163,7 @@ def test_sweep_workers_end_when_the_sweep_is_killed_and_the_rerun_resumes_their_
     while any(_alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(_alive(pid) for pid in workers), "sweep workers outlived their sweep"
-    done = subprocess.run([sys.executable, "-m", "aikd", *command[1:]], cwd=ROOT, env=ENV, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "aikd", "sweep", *command[2:]], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=600)  # without -q: it says what it resumes
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("resuming the unfinished run") == 2, done.stderr
