@@ -169,3 +169,12 @@ def test_eval_refuses_overrides_it_cannot_apply(capsys, checkpoint):
     assert code == 2 and "model.name=resnet18, train.lr=0.5 cannot be applied" in line and "data.*" in line
     code, _ = run_cli(capsys, "eval", "-q", "-k", str(checkpoint), "data.test_limit=50", "device=cpu")
     assert code == 0
+
+
+def test_a_write_that_fails_during_the_run_is_named_in_one_line(capsys, tmp_path):
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").mkdir(parents=True)  # the epoch log cannot be opened: a failure met mid-run
+    code, err = run_cli(capsys, "train", "-q", "-c", CONFIG, "-o", str(run), *TINY)
+    line = one_line_error(err)
+    assert code == 2 and f"'{run / 'metrics.jsonl'}'" in line and "is a directory" in line
+    assert "--resume" in line  # aikd train continues with --resume
