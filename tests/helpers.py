@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,3 +28,19 @@ def check_loss_records_of(record: dict, terms: set[str]) -> None:
     assert all(math.isfinite(v) for v in values), record
     assert record["train.loss"] == pytest.approx(sum(values), rel=1e-5)
     assert 0 <= record["train.acc"] <= 100
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at ``folder`` with mount ``options`` ("size=1536k", "ro,size=64k"), unmounted after;
+    the test is skipped where this process may not mount one."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)

@@ -413,15 +413,10 @@ def test_full_disk_at_a_checkpoint_names_the_file_and_keeps_the_last_one(tmp_pat
 @pytest.fixture
 def tiny_filesystem(tmp_path):
     """A real 1.5 MiB tmpfs (skipped where this process may not mount one)."""
-    import subprocess
+    from helpers import tmpfs
 
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(folder)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], capture_output=True)
+    with tmpfs(tmp_path / "tiny", "size=1536k") as folder:
+        yield folder
 
 
 def test_a_really_full_filesystem_stops_the_run_with_a_clear_message(tiny_filesystem):

@@ -6,16 +6,17 @@ write); the tests that need one skip where this process may not mount.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from aikd.cli import main
+from helpers import tmpfs
 
 TINY = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "data.train_limit=256",
         "data.test_limit=100", "train.epochs=1", "device=cpu"]
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/fashion_mnist/ce.yaml")
+READ_ONLY = "ro,size=64k"
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -33,13 +34,8 @@ def one_line_error(err: str) -> str:
 @pytest.fixture
 def read_only(tmp_path) -> Path:
     """A real read-only filesystem (an empty tmpfs mounted ro)."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
-    yield folder
-    subprocess.run(["umount", str(folder)], capture_output=True)
+    with tmpfs(tmp_path / "ro", READ_ONLY) as folder:
+        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +66,8 @@ def test_train_into_a_file_or_with_checkpoints_as_a_file_is_refused(capsys, tmp_
 
 def test_a_read_only_checkpoint_folder_stops_the_run_before_its_first_epoch(capsys, tmp_path):
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(run / "checkpoints")],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(run / "checkpoints", READ_ONLY):
         code, err = run_cli(capsys, "train", "-q", "-c", CONFIG, "-o", str(run), *TINY)
-    finally:
-        subprocess.run(["umount", str(run / "checkpoints")], capture_output=True)
     line = one_line_error(err)
     assert code == 2 and f"'{run / 'checkpoints'}'" in line and "read-only" in line
     assert not (run / "metrics.jsonl").exists()  # no epoch was trained, so none was lost

@@ -515,3 +515,15 @@ def test_one_seed_shows_its_value_without_a_spread(tmp_path):
     assert md_row(text, "Table 2", "Baseline")[1] == "**10.00 (n=1)**"  # one seed where PS-KD has two: noted
     assert md_row(text, "Table 2", "PS-KD")[1] == "<u>10.50 ± 2.12</u>"
     assert "± 0.00" not in md_row(text, "Table 2", "Baseline")[1]
+
+
+def test_report_of_several_folders_pairs_their_seeds(tmp_path):
+    for root, seed, subset in (("first", 0, 0), ("second", 5, 5)):
+        _run_on_subset(tmp_path / root, "ce", "ce", seed, subset, 10.0 + seed)
+        _run_on_subset(tmp_path / root, "aikd_no_adv", "aikd", seed, subset, 9.0 + seed)
+    runs, _ = collect_runs(tmp_path / "first", tmp_path / "second")
+    assert sorted(r.draw for r in runs if r.recipe == "ce") == [(0, 0), (5, 5)]
+    done = subprocess.run([sys.executable, "-m", "aikd", "report", str(tmp_path / "first"), str(tmp_path / "second")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert md_row(done.stdout, "Paired difference", "No Adv")[1] == "**-1.00 [-1.00, -1.00]***"

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "paired difference to the Baseline over the same seeds: mean and 95% Student t interval, "
                     "starred (and bold) where the interval excludes 0.",
         example="aikd report runs/sweep -f latex -o tables.tex --plots runs/sweep/figures")
-    p.add_argument("dir", help="folder holding finished runs (searched recursively)")
+    p.add_argument("dir", nargs="+", help="folders holding finished runs (searched recursively; several make one "
+                                          "report)")
     p.add_argument("-f", "--format", choices=("md", "csv", "latex"), default="md", help="output format")
     p.add_argument("-o", "--out", help="write the tables to this file instead of printing them")
     p.add_argument("--plots", help="also write, per dataset and model, a reliability diagram, learning curves "
@@ -367,7 +368,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         check_output_file(args.out, "report file")
     if args.plots:
         check_output_folder(args.plots, "figure folder")
-    runs, duplicates = collect_runs(args.dir)
+    runs, duplicates = collect_runs(*args.dir)
     text = render(paper_tables(runs), args.format)
     if duplicates:
         print(f"aikd report: {duplicates} runs repeat a (recipe, dataset, model, seed) already counted "

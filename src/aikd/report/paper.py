@@ -121,26 +121,27 @@ class Table:
 # ---------------------------------------------------------------------------- reading runs
 
 
-def collect_runs(root: str | Path) -> tuple[list[Run], int]:
-    """Every finished run under ``root``, one per (recipe, dataset, model, seed); and how many duplicates were left out.
+def collect_runs(*roots: str | Path) -> tuple[list[Run], int]:
+    """Every finished run under the ``roots``, one per (recipe, dataset, model, seed, subset); and how many
+    duplicates were left out.
 
-    A pipeline's phase-1 model and a ``ce`` run of the same seed are the same
-    recipe; the first found is kept.
+    A pipeline's phase-1 model and a ``ce`` run of the same seed are the same recipe; the first found
+    is kept. Several roots make one report (seeds of one table committed in two places).
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise AikdError(f"Report folder '{root}' does not exist.")
     runs: dict[tuple, Run] = {}
     duplicates = 0
-    for path in _summaries(root):
-        run = _read_run(path, root)
-        key = (run.recipe, run.dataset, run.model, run.draw)
-        if key in runs:
-            duplicates += 1
-        else:
-            runs[key] = run
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise AikdError(f"Report folder '{root}' does not exist.")
+        for path in _summaries(root):
+            run = _read_run(path, root)
+            key = (run.recipe, run.dataset, run.model, run.draw)
+            if key in runs:
+                duplicates += 1
+            else:
+                runs[key] = run
     if not runs:
-        raise AikdError(f"No finished runs (summary.json files) under '{root}'.")
+        raise AikdError(f"No finished runs (summary.json files) under {', '.join(f'{r}' for r in roots)}.")
     return list(runs.values()), duplicates
 
 
