@@ -4,7 +4,7 @@ For every folder given (each holding seed<k>/student/metrics.jsonl, or runs belo
 Markdown table of the epoch records' critic gap, gradient penalty, L_D, L_A, L_P, L_G and
 training accuracy at the chosen epochs, as the mean over the runs found.
 
-    .venv/bin/python scripts/aikd_logs.py docs/results/fmnist_proxy/runs/selection/crop_padding_1/fmnist_proxy/aikd/*
+    .venv/bin/python scripts/aikd_logs.py results/fmnist_proxy/runs/selection/crop_padding_1/fmnist_proxy/aikd/*
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 # reliability.json, and pipeline.json for the phase-1 wall time) to DST with the same layout,
 # leaving checkpoints and TensorBoard logs behind, so that `aikd report DST` rebuilds the tables,
 # the training cost and the curves from what is committed.
-#   scripts/collect_runs.sh runs/fmnist_proxy docs/results/fmnist_proxy/runs/table
+#   scripts/collect_runs.sh runs/fmnist_proxy results/fmnist_proxy/runs/table
 set -euo pipefail
 src=${1:?source folder}; dst=$(realpath -m "${2:?destination folder}")
 cd "$src"
