@@ -112,10 +112,9 @@ class Critic(nn.Module):
     def _out_scale(self) -> float:
         return 1.0 / self.out_features if self.reduce == "mean" else 1.0
 
-    def _head(self) -> tuple[Tensor, Tensor]:
-        """(w, c): the second layer and the mean over its outputs in one, D = h w + c."""
-        r = self._out_scale
-        return self.weight2.sum(0) * r, self.bias2.sum() * r
+    def _head(self) -> Tensor:
+        """w: the second layer and the mean (or sum) over its outputs in one, D = h w + c."""
+        return self.weight2.sum(0).mul_(self._out_scale)
 
     def _hidden(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(a_hat, s, y) for rows x of shape (..., N, C), normalised per leading group."""
@@ -133,8 +132,7 @@ class Critic(nn.Module):
     def forward(self, logits: Tensor) -> Tensor:
         """D(logits): one score per row (differentiable in the logits; the critic's own weights are constants)."""
         _, _, y = self._hidden(logits)
-        w, c = self._head()
-        return nn.functional.leaky_relu(y, self.negative_slope) @ w + c
+        return nn.functional.leaky_relu(y, self.negative_slope) @ self._head() + self.bias2.sum() * self._out_scale
 
     def loss_and_grad(self, real: Tensor, fake: Tensor, eps: Tensor, gp_weight: float) -> tuple[Tensor, CriticStats]:
         """L_D's gradient in ``theta``'s layout, and L_D with its parts, for interpolation weights ``eps`` (N, 1).
@@ -147,7 +145,7 @@ class Critic(nn.Module):
         normed, scale, y = self._hidden(x)
         h = nn.functional.leaky_relu(y, slope)
         slopes = torch.ops.aten.leaky_relu_backward(torch.ones_like(y), y, slope, False)  # phi'(y)
-        w = self.weight2.sum(0).mul_(self._out_scale)  # D = h w + c; c cancels in L_D
+        w = self._head()  # D = h w + c; c cancels in L_D
         h_sum = h.sum(1)  # (3, H)
         h_gap = torch.sub(h_sum[1], h_sum[0]).mul_(1 / n)  # mean h over fake rows - over real rows
         fake_minus_real = h_gap @ w  # E[D(fake)] - E[D(real)]
