@@ -12,12 +12,13 @@ from pathlib import Path
 
 from aikd.errors import RESUME_RERUN, RESUME_TRAIN, AikdError, RunInterrupted
 from aikd.fileio import check_output_file, check_output_folder
-
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from aikd.shipped import CONFIG_ROOT, resolve_config, shipped_configs
 
 EPILOG_MAIN = """\
 examples:
   aikd demo -o runs/demo
+  aikd configs fmnist_proxy
+  aikd train -c fmnist_proxy/ce -o runs/ce_proxy
   aikd pipeline -c configs/fashion_mnist/aikd.yaml -o runs/aikd seed=1
   aikd train -c configs/fashion_mnist/ce.yaml -o runs/ce train.epochs=2 data.train_limit=2000
   aikd eval -k runs/ce/checkpoints/last.safetensors -o runs/ce/eval.json
@@ -31,6 +32,9 @@ def _add_common(p: argparse.ArgumentParser, overrides: str | None = None) -> Non
     if overrides:
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or epoch lines")
+
+
+CONFIG_HELP = "a YAML file, or a shipped config by name (fmnist_proxy/aikd; 'aikd configs' lists them)"
 
 
 def _command(sub, name: str, *, help: str, description: str, example: str) -> argparse.ArgumentParser:
@@ -52,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "KEY=VALUE overrides change any config key (dotted).",
         example="aikd train -c configs/fashion_mnist/ce.yaml -o runs/ce "
                 "train.epochs=2 data.train_limit=2000 seed=1")
-    p.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("-c", "--config", required=True, help=CONFIG_HELP)
     p.add_argument("-o", "--out", required=True, help="output folder of the run")
     p.add_argument("--resume", nargs="?", const="last", metavar="auto|PATH",
                    help="continue the run in OUT: from checkpoints/last.safetensors; 'auto': from the newest valid "
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the same command again continues a stopped sweep. Overrides apply to every run.",
         example="aikd sweep -c configs/fashion_mnist/aikd.yaml configs/fashion_mnist/pskd.yaml "
                 "--seeds 0 1 2 -o runs/sweep data.holdout=0.1")
-    p.add_argument("-c", "--config", nargs="+", required=True, help="YAML configs")
+    p.add_argument("-c", "--config", nargs="+", required=True, help=f"{CONFIG_HELP}; several")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="run every combination of these values (repeat --grid for more keys), each in its own "
@@ -139,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "phase2. to target a single phase. teacher.checkpoint=PATH skips phase 1.",
         example="aikd pipeline -c configs/fashion_mnist/aikd.yaml -o runs/aikd seed=1 "
                 "phase1.train.epochs=20")
-    p.add_argument("-c", "--config", required=True, help="YAML config of the student's run")
+    p.add_argument("-c", "--config", required=True, help=f"{CONFIG_HELP}: the student's run")
     p.add_argument("-o", "--out", required=True, help="output folder (student/ and superior/ inside)")
     p.add_argument("--cache", help="folder of phase-1 models to share between pipelines (default OUT/superior)")
     p.add_argument("--overwrite", action="store_true", help="replace a student run in OUT made with another config")
@@ -153,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "them already checks every byte that matters. data.skip_bad_files=true makes a run leave "
                     "bad files out instead of stopping.",
         example="aikd check-data -c configs/cub200/aikd_resnet18.yaml data.root=/data/CUB_200_2011")
-    p.add_argument("-c", "--config", required=True, help="YAML config of the run to check")
+    p.add_argument("-c", "--config", required=True, help=f"{CONFIG_HELP}: the run to check")
     _add_common(p, overrides="config overrides")
 
     p = _command(
@@ -178,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a finished run of another config in OUT (otherwise refused; an unfinished demo "
                         "of the same config continues where it stopped)")
     _add_common(p, overrides="config overrides")
+
+    p = _command(
+        sub, "configs", help="list the configs that ship with aikd (usable by name with -c)",
+        description="List the shipped configs, one per paper setting, with their method, model and dataset. "
+                    "Any of them runs by name, wherever aikd is installed: aikd train -c NAME -o OUT. "
+                    "--show prints one config's YAML, to copy and edit.",
+        example="aikd configs cifar100   # or: aikd configs --show fmnist_proxy/aikd")
+    p.add_argument("filter", nargs="?", default="", help="only names containing this text")
+    p.add_argument("--show", metavar="NAME", help="print this config's YAML")
 
     p = _command(
         sub, "bench", help="measure every method's step cost relative to CE, the input pipeline and memory",
@@ -271,7 +284,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from aikd.engine.pipeline import run_pipeline
     from aikd.report.tables import markdown_table
 
-    config = REPO_CONFIGS / "fmnist_proxy" / "aikd.yaml"
+    config = CONFIG_ROOT / "fmnist_proxy" / "aikd.yaml"
     # A finished run of another config in OUT is refused, not replaced (--overwrite replaces it); an unfinished
     # demo continues where it stopped.
     result = run_pipeline(config, args.overrides, args.out, quiet=args.quiet, overwrite=args.overwrite,
@@ -393,6 +406,29 @@ def cmd_tsne(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_configs(args: argparse.Namespace) -> int:
+    import yaml
+
+    from aikd.config import RunConfig
+
+    if args.show:
+        print(resolve_config(args.show).read_text(), end="")
+        return 0
+    names = [n for n in shipped_configs() if args.filter in n]
+    if not names:
+        raise AikdError(f"No shipped config name contains '{args.filter}'; 'aikd configs' lists all of them.")
+    rows, default = [], RunConfig()
+    for name in names:  # what each file says, else the default it runs with
+        data = yaml.safe_load((CONFIG_ROOT / f"{name}.yaml").read_text()) or {}
+        rows.append((name, str(data.get("method", default.method)),
+                     str((data.get("model") or {}).get("name", default.model.name)),
+                     str((data.get("data") or {}).get("name", default.data.name))))
+    widths = [max(len(r[i]) for r in [("name", "method", "model", "dataset"), *rows]) for i in range(4)]
+    for row in [("name", "method", "model", "dataset"), *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -432,7 +468,7 @@ def _headline(summary: dict) -> dict:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "pipeline": cmd_pipeline, "demo": cmd_demo, "sweep": cmd_sweep,
             "report": cmd_report, "tsne": cmd_tsne, "bench": cmd_bench, "export": cmd_export,
-            "check-data": cmd_check_data}
+            "check-data": cmd_check_data, "configs": cmd_configs}
 
 
 def _is_override(text: str) -> bool:
@@ -462,11 +498,21 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     return args
 
 
+def _resolve_configs(args: argparse.Namespace) -> None:
+    """``-c NAME`` of a shipped config becomes its file, so runs record a real path (an existing path wins)."""
+    config = getattr(args, "config", None)
+    if isinstance(config, list):
+        args.config = [str(resolve_config(c)) for c in config]
+    elif config is not None:
+        args.config = str(resolve_config(config))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(build_parser(), argv)
     args.argv = argv
     try:
+        _resolve_configs(args)
         return COMMANDS[args.command](args)
     except RunInterrupted as err:
         print(f"aikd: {err}", file=sys.stderr)
@@ -474,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     except AikdError as err:
         print(f"aikd: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left early (aikd configs | head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as err:  # a write that failed during the run (the paths were checked before it started)
         if err.filename is None and err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

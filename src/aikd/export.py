@@ -109,7 +109,7 @@ def _export_onnx(model: nn.Module, info: dict[str, Any], path: Path) -> None:
     try:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
-        raise AikdError("ONNX export needs onnx and onnxscript: pip install 'aikd[export]' (or pass --no-onnx "
+        raise AikdError("ONNX export needs onnx and onnxscript: pip install 'aikd[onnx]' (or pass --no-onnx "
                         "for the state dict alone).") from None
     example = torch.zeros(2, info["in_channels"], info["image_size"], info["image_size"])
     batch = torch.export.Dim("batch", min=1)
