@@ -45,7 +45,8 @@ def test_a_shipped_name_resolves_with_or_without_its_suffix_and_a_real_path_wins
 
 
 def test_an_unknown_name_is_refused_with_the_closest_shipped_one():
-    with pytest.raises(ConfigError, match=r"'fmnist_proxy/aikdd' does not exist.*aikd configs.*Did you mean 'fmnist_proxy/aikd'"):
+    with pytest.raises(ConfigError, match=r"'fmnist_proxy/aikdd' does not exist.*aikd configs.*Did you mean "
+                                          r"'fmnist_proxy/aikd'"):
         resolve_config("fmnist_proxy/aikdd")
 
 
@@ -87,8 +88,11 @@ def test_the_wheel_installed_outside_the_clone_runs_the_demo_and_a_shipped_confi
     """
     work = Path(tempfile.mkdtemp(prefix="aikd-wheel-"))
     try:
+        source = work / "source"  # a copy: setuptools' build/ folder never lands in (or leaks from) the clone
+        shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "runs", "results", "docs", "*.egg-info", "__pycache__", ".*_cache"))
         _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-              str(work / "dist"), str(REPO)], REPO, dict(os.environ))
+              str(work / "dist"), str(source)], source, dict(os.environ))
         wheel = next((work / "dist").glob("aikd-*.whl"))
         names = zipfile.ZipFile(wheel).namelist()
         shipped = {f"aikd/configs/{n}.yaml" for n in shipped_configs()}

@@ -92,16 +92,34 @@ def build_parser() -> argparse.ArgumentParser:
                     "the same command again continues a stopped sweep. Overrides apply to every run.",
         example="aikd sweep -c configs/fashion_mnist/aikd.yaml configs/fashion_mnist/pskd.yaml "
                 "--seeds 0 1 2 -o runs/sweep data.holdout=0.1")
-    p.add_argument("-c", "--config", nargs="+", required=True, help=f"{CONFIG_HELP}; several")
+    p.add_argument("-c", "--config", nargs="+", help=f"{CONFIG_HELP}; several")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default 0 1 2)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="run every combination of these values (repeat --grid for more keys), each in its own "
                         "folder OUT/<folder>/<config>/<KEY=V,...>/seed<k> and as its own row in 'aikd report'")
-    p.add_argument("-o", "--out", required=True, help="output folder of the sweep")
+    p.add_argument("-o", "--out", help="output folder of the sweep")
     p.add_argument("--cache", help="folder of phase-1 models (default OUT/superior): share them with another sweep")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N pipelines at once, each in its own process with its share of the CPU threads, or "
                         "one GPU each when there are GPUs (default 1); the results are a serial sweep's")
+    p.add_argument("--status", metavar="OUT", help="show every run of the Slurm sweep in OUT: its state, job and log")
+    slurm = p.add_argument_group(
+        "Slurm", "--launcher slurm submits one job per run (phase-1 models first, the runs that need them waiting "
+                 "on them); the same command again submits only the runs that are neither finished nor queued")
+    slurm.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                       help="local: run here (default); slurm: submit to the cluster with sbatch")
+    slurm.add_argument("--wait", action="store_true", help="with slurm: return once every job has ended")
+    slurm.add_argument("--slurm-config", metavar="FILE",
+                       help="YAML of the options below (top level or a slurm: section); the options override it")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--time", help="time limit per job, in Slurm's format (4:00:00)")
+    slurm.add_argument("--cpus-per-task", type=int, metavar="N", help="CPUs (and torch threads) per task (default 1)")
+    slurm.add_argument("--gpus-per-job", type=int, metavar="N",
+                       help="GPUs per job, on one node; the job runs one data-parallel task per GPU")
+    slurm.add_argument("--tasks-per-job", type=int, metavar="N",
+                       help="data-parallel tasks (ranks) per job without GPUs (gloo), for example to test DDP")
+    slurm.add_argument("--mem", help="memory per node (16G)")
+    slurm.add_argument("--array-parallelism", type=int, metavar="N", help="at most N tasks of each job array at once")
     _add_common(p, overrides="config overrides for every run")
 
     p = _command(
@@ -358,12 +376,48 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+SLURM_OPTIONS = ("partition", "time", "cpus_per_task", "gpus_per_job", "tasks_per_job", "mem", "array_parallelism")
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from aikd.engine.sweep import run_sweep
 
+    if args.status:
+        from aikd.engine.slurm import format_status, sweep_status
+
+        print(format_status(sweep_status(Path(args.status))))
+        return 0
+    if not args.config or not args.out:
+        raise AikdError("aikd sweep needs -c CONFIG... and -o OUT (or --status OUT).")
+    if args.launcher == "slurm":
+        return _slurm_sweep(args)
+    given = [f"--{k.replace('_', '-')}" for k in (*SLURM_OPTIONS, "slurm_config") if getattr(args, k) is not None]
+    if given or args.wait:
+        raise AikdError(f"{' '.join(given or ['--wait'])} applies to --launcher slurm only.")
     done = run_sweep(args.config, args.seeds, args.out, args.overrides, grid=args.grid, cache_dir=args.cache,
                      jobs=args.jobs, quiet=args.quiet, log=_logger(args.quiet))
     print(f"aikd sweep: {len(done)} runs finished in {args.out}; tables: aikd report {args.out}")
+    return 0
+
+
+def _slurm_sweep(args: argparse.Namespace) -> int:
+    from aikd.engine.slurm import format_status, read_options, submit_sweep, wait_for, write_results
+    from aikd.engine.sweep import sweep_tasks
+
+    if args.jobs != 1:
+        raise AikdError("--jobs runs pipelines side by side on this machine; with --launcher slurm use "
+                        "--array-parallelism.")
+    options = read_options(args.slurm_config, {k: getattr(args, k) for k in SLURM_OPTIONS})
+    out = Path(args.out).resolve()  # jobs and status find it from any folder
+    tasks = sweep_tasks(args.config, args.seeds, out, args.overrides, grid=args.grid,
+                        cache_dir=Path(args.cache).resolve() if args.cache else None)
+    submit_sweep(tasks, out, options, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.wait:
+        rows = wait_for(out)
+        print(format_status(rows))
+        if not all(r["state"] == "finished" for r in rows):
+            return 1
+        write_results(tasks, out)
     return 0
 
 

@@ -112,6 +112,28 @@ class TeacherConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """An experiment tracker that receives a copy of the run's numbers (beside metrics.jsonl and TensorBoard).
+
+    Where a run is reported, not what it is: the section is left out of :meth:`RunConfig.to_dict`, so it never
+    enters config.yaml, a checkpoint, a phase-1 cache key, or the checks that a resumed or reused run is the
+    same run. Switching tracking on or off never makes a run look changed.
+    """
+
+    backend: Literal["none", "mlflow"] = "none"  # mlflow needs the extra: pip install 'aikd[tracking]'
+    # MLflow tracking URI: sqlite:///runs/mlflow.db, http://host:5000, ... None: $MLFLOW_TRACKING_URI if set,
+    # else MLflow's own default (sqlite:///mlflow.db in the working folder).
+    uri: str | None = None
+    experiment: str | None = None  # None: the dataset's name (data.name)
+    run_name: str | None = None  # None: RECIPE-MODEL-seedN
+    log_checkpoint: bool = True  # upload the final checkpoint (checkpoints/last.safetensors) as an artifact
+
+
+# RunConfig fields that to_dict() leaves out: they do not shape the run (see TrackingConfig).
+NOT_SAVED = ("methods", "tracking")
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs."""
 
@@ -125,6 +147,7 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     # Hyper-parameters of methods, by method name: {"aikd": AIKDConfig(...)}.
     methods: dict[str, Any] = field(default_factory=dict)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def method_config(self) -> Any:
         """The hyper-parameters of the selected method (its dataclass instance)."""
@@ -135,8 +158,9 @@ class RunConfig:
 
         Other methods' sections are left out: they do not shape the run, and a new
         default in one method must not make another method's saved runs look changed.
+        The tracking section is left out too (:class:`TrackingConfig`).
         """
-        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "methods"}
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in NOT_SAVED}
         if self.method in self.methods:
             out[self.method] = _plain(self.methods[self.method])
         return out
@@ -411,7 +435,16 @@ def from_dict(data: Mapping[str, Any], source: str = "config") -> RunConfig:
     cfg.methods = methods
     _check_values(cfg)
     _check_names(cfg)
+    _check_tracking(cfg)
     return cfg
+
+
+def _check_tracking(cfg: RunConfig) -> None:
+    """A tracker's package must be importable, so a run (or a pipeline's phase 1) never trains before it fails."""
+    if cfg.tracking.backend != "none":
+        from aikd.engine.tracking import require_backend
+
+        require_backend(cfg.tracking.backend)
 
 
 def _check_names(cfg: RunConfig) -> None:
@@ -445,13 +478,14 @@ _YAML_VALUE_ERRORS = (ValueError, KeyError, AttributeError, TypeError)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning every failure into a message naming the file."""
-    path = Path(path)
+    """Read a YAML mapping (a file, or a shipped config's name), turning every failure into a message naming the
+    file."""
+    from aikd.shipped import resolve_config
+
+    path = resolve_config(path)  # a shipped config by name, where no such file exists
     if path.is_dir():
         raise ConfigError(f"Config '{path}' is a folder; give one of its YAML files, for example "
                           f"'{next(iter(sorted(path.rglob('*.yaml'))), path / 'ce.yaml')}'.")
-    if not path.is_file():
-        raise ConfigError(f"Config file '{path}' does not exist. Configs ship under configs/.")
     try:
         text = path.read_text()
     except (UnicodeDecodeError, OSError) as err:  # a binary file, or unreadable

@@ -1,4 +1,4 @@
-"""Where a run's numbers go: JSON lines, TensorBoard (when installed), one line per epoch."""
+"""Where a run's numbers go: JSON lines, TensorBoard (when installed), a tracker (MLflow), one line per epoch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from aikd.engine.tracking import NO_TRACKER, Tracker
 
 
 def show_progress(quiet: bool) -> bool:
@@ -23,9 +25,11 @@ def progress_bar(total: int, desc: str, quiet: bool, leave: bool = False) -> tqd
 class RunLogger:
     """Appends one JSON object per epoch to metrics.jsonl and mirrors it elsewhere."""
 
-    def __init__(self, out_dir: Path, quiet: bool = False, tensorboard: bool = True) -> None:
+    def __init__(self, out_dir: Path, quiet: bool = False, tensorboard: bool = True,
+                 tracker: Tracker = NO_TRACKER) -> None:
         self.path = out_dir / "metrics.jsonl"
         self.quiet = quiet
+        self.tracker = tracker  # the trainer opens and finishes it; the logger hands it each epoch
         self.writer = None
         if tensorboard:
             try:
@@ -39,7 +43,7 @@ class RunLogger:
     def silent(cls) -> RunLogger:
         """A logger that writes and prints nothing: the non-zero ranks of a distributed run."""
         logger = cls.__new__(cls)
-        logger.path, logger.quiet, logger.writer = None, True, None
+        logger.path, logger.quiet, logger.writer, logger.tracker = None, True, None, NO_TRACKER
         return logger
 
     def log_epoch(self, record: dict[str, Any]) -> None:
@@ -52,6 +56,7 @@ class RunLogger:
                 if isinstance(value, int | float) and key != "epoch":
                     self.writer.add_scalar(key.replace(".", "/"), value, record["epoch"])
             self.writer.flush()
+        self.tracker.log_epoch(record)
         if not self.quiet:
             print(format_epoch(record), file=sys.stderr, flush=True)
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,8 @@ def superior_config(student: dict[str, Any], teacher_model: str | None) -> dict[
 
     The model is the student's, or ``teacher.model`` for teacher-student KD.
     """
-    phase1 = {k: v for k, v in student.items() if k in ("seed", "deterministic", "device", "data", "model", "train")}
+    phase1 = {k: v for k, v in student.items()
+              if k in ("seed", "deterministic", "device", "data", "model", "train", "tracking")}
     phase1["method"] = "ce"
     if teacher_model is not None:
         phase1["model"] = {"name": teacher_model}
@@ -169,22 +171,29 @@ def _train_phase1_model(entry: Path, cfg: RunConfig, student: Path, quiet: bool,
     return {**summary, "run_dir": str(entry)}
 
 
-def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *,
-                 cache_dir: str | Path | None = None, quiet: bool = False, overwrite: bool = False,
-                 log=print, variant: str | None = None) -> dict[str, Any]:
-    """Run phase 1 (when the method needs it) and phase 2; return both summaries.
+@dataclass
+class PipelinePlan:
+    """What a pipeline will train, worked out before anything trains (a Slurm sweep plans its jobs from it)."""
 
-    ``overwrite`` replaces a student run in ``out_dir`` made with another config.
-    ``variant`` tags the student's recipe (``aikd[aikd.alpha_p=0.1]``): a sweep's grid point.
-    """
+    student: RunConfig  # phase 2's config; its teacher.checkpoint points into superior_dir when there is a phase 1
+    recipe: str  # the student's label in reports
+    superior: RunConfig | None = None  # phase 1's config, None without a phase 1
+    superior_dir: Path | None = None  # phase 1's cache entry
+    shared_entry: Path | None = None  # this run is itself a phase-1 model (the Baseline), trained in this entry
+
+    @property
+    def phase1_entry(self) -> Path | None:
+        """The cache entry this run needs (phase 1) or is (the Baseline), if any."""
+        return self.superior_dir or self.shared_entry
+
+
+def plan_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *,
+                  cache_dir: str | Path | None = None, variant: str | None = None) -> PipelinePlan:
+    """The student's config, its phase-1 model's config and cache entry, from the config file and overrides."""
     out = Path(out_dir)
-    check_output_folder(out, "pipeline folder")
-    if cache_dir is not None:
-        check_output_folder(cache_dir, "phase-1 cache folder")
     common, per_phase = split_phase_overrides(overrides)
     base = apply_overrides(read_yaml(config), common)
     student_cfg = from_dict(apply_overrides(base, per_phase["phase2"]), source=str(config))
-    result: dict[str, Any] = {"config": str(config), "superior": None}
     method_cls = METHODS.get(student_cfg.method)
     teacher_model = student_cfg.teacher.model
     if method_cls.teacher_same_architecture and teacher_model not in (None, student_cfg.model.name):
@@ -192,29 +201,63 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
             f"Method '{student_cfg.method}' distils from a copy of the student's own architecture "
             f"('{student_cfg.model.name}'), but teacher.model is '{teacher_model}'. Remove teacher.model."
         )
+    recipe = recipe_name(config, student_cfg.model.name, student_cfg.method)
+    plan = PipelinePlan(student_cfg, f"{recipe}[{variant}]" if variant else recipe)
     if method_cls.needs_teacher(student_cfg.method_config()) and student_cfg.teacher.checkpoint is None:
         sup_data = apply_overrides(superior_config(base, teacher_model), per_phase["phase1"])
-        sup_cfg = from_dict(sup_data, source=f"{config} (phase 1)")
-        sup_dir = cached_superior(Path(cache_dir or out / "superior"), sup_cfg)
-        student_cfg.teacher.checkpoint = str(sup_dir / "checkpoints" / LAST)
-        _refuse_a_finished_student_of_another_config(out / "student", student_cfg, overwrite)
-        log(f"aikd: phase 1, superior model -> {sup_dir}")
-        # Two pipelines that need this model (a sweep with --jobs) train it once: the second waits, then reuses it.
-        # Under torchrun only rank 0 takes the lock; the other ranks follow it through the run's collectives.
-        with cache_entry_lock(sup_dir, log) if current().is_main else contextlib.nullcontext():
-            result["superior"] = train_or_reuse(sup_cfg, sup_dir, quiet, log, recipe=PHASE1_RECIPE)
-        result["superior"]["run_dir"] = str(sup_dir)
+        plan.superior = from_dict(sup_data, source=f"{config} (phase 1)")
+        plan.superior_dir = cached_superior(Path(cache_dir or out / "superior"), plan.superior)
+        student_cfg.teacher.checkpoint = str(plan.superior_dir / "checkpoints" / LAST)
     elif per_phase["phase1"]:
         raise ConfigError(f"phase1.* overrides were given, but method '{student_cfg.method}' with these settings "
                           f"has no phase 1 (it needs no pre-trained model, or teacher.checkpoint is set).")
-    recipe = recipe_name(config, student_cfg.model.name, student_cfg.method)
-    recipe = f"{recipe}[{variant}]" if variant else recipe
-    shared = _as_phase1_model(student_cfg, recipe, out, cache_dir)
-    if shared is not None:
-        result["student"] = _train_phase1_model(shared, student_cfg, out / "student", quiet, log)
+    plan.shared_entry = _as_phase1_model(student_cfg, plan.recipe, out, cache_dir)
+    return plan
+
+
+def phase1_finished(plan: PipelinePlan) -> bool:
+    """Whether the phase-1 model this plan needs (or is) has finished training in its cache entry."""
+    entry = plan.phase1_entry
+    return entry is not None and _finished(entry, plan.superior or plan.student) is not None
+
+
+def student_finished(plan: PipelinePlan, out_dir: str | Path) -> bool:
+    """Whether the run itself (the student, or the Baseline in its cache entry) has finished."""
+    if plan.shared_entry is not None:
+        return phase1_finished(plan)
+    return _finished(Path(out_dir) / "student", plan.student) is not None
+
+
+def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *,
+                 cache_dir: str | Path | None = None, quiet: bool = False, overwrite: bool = False,
+                 log=print, variant: str | None = None, phase1_only: bool = False) -> dict[str, Any]:
+    """Run phase 1 (when the method needs it) and phase 2; return both summaries.
+
+    ``overwrite`` replaces a student run in ``out_dir`` made with another config.
+    ``variant`` tags the student's recipe (``aikd[aikd.alpha_p=0.1]``): a sweep's grid point.
+    ``phase1_only`` stops after phase 1 (a Slurm sweep trains each phase-1 model as a job of its own).
+    """
+    out = Path(out_dir)
+    check_output_folder(out, "pipeline folder")
+    if cache_dir is not None:
+        check_output_folder(cache_dir, "phase-1 cache folder")
+    plan = plan_pipeline(config, overrides, out, cache_dir=cache_dir, variant=variant)
+    result: dict[str, Any] = {"config": str(config), "superior": None}
+    if plan.superior is not None:
+        _refuse_a_finished_student_of_another_config(out / "student", plan.student, overwrite)
+        log(f"aikd: phase 1, superior model -> {plan.superior_dir}")
+        # Two pipelines that need this model (a sweep with --jobs) train it once: the second waits, then reuses it.
+        # Under torchrun only rank 0 takes the lock; the other ranks follow it through the run's collectives.
+        with cache_entry_lock(plan.superior_dir, log) if current().is_main else contextlib.nullcontext():
+            result["superior"] = train_or_reuse(plan.superior, plan.superior_dir, quiet, log, recipe=PHASE1_RECIPE)
+        result["superior"]["run_dir"] = str(plan.superior_dir)
+    if phase1_only and plan.shared_entry is None:
+        return result
+    if plan.shared_entry is not None:
+        result["student"] = _train_phase1_model(plan.shared_entry, plan.student, out / "student", quiet, log)
     else:
-        log(f"aikd: phase 2, {student_cfg.method} student -> {out / 'student'}")
-        result["student"] = train_or_reuse(student_cfg, out / "student", quiet, log, overwrite, recipe)
+        log(f"aikd: phase 2, {plan.student.method} student -> {out / 'student'}")
+        result["student"] = train_or_reuse(plan.student, out / "student", quiet, log, overwrite, plan.recipe)
         result["student"]["run_dir"] = str(out / "student")
     if current().is_main:  # under torchrun every rank runs the pipeline; rank 0 writes its files
         (out / "pipeline.json").write_text(json.dumps(result, indent=2))

@@ -25,7 +25,7 @@ from typing import Any
 
 from aikd.config import apply_overrides, from_dict, read_yaml
 from aikd.engine.checkpoint import atomic_write_bytes
-from aikd.engine.pipeline import run_pipeline, split_phase_overrides
+from aikd.engine.pipeline import PipelinePlan, plan_pipeline, run_pipeline, split_phase_overrides
 from aikd.errors import AikdError
 from aikd.fileio import check_output_folder
 
@@ -120,12 +120,38 @@ class SweepTask:
     run_dir: Path
     cache_dir: Path
 
-    def run(self, quiet: bool, log) -> dict[str, Any]:
-        result = run_pipeline(self.config, [*self.overrides, *self.point.overrides, f"seed={self.seed}"],
-                              self.run_dir, cache_dir=self.cache_dir, quiet=quiet, log=log,
-                              variant=self.point.name or None)
+    @property
+    def pipeline_overrides(self) -> list[str]:
+        return [*self.overrides, *self.point.overrides, f"seed={self.seed}"]
+
+    def plan(self) -> PipelinePlan:
+        return plan_pipeline(self.config, self.pipeline_overrides, self.run_dir, cache_dir=self.cache_dir,
+                             variant=self.point.name or None)
+
+    def run(self, quiet: bool, log, phase1_only: bool = False) -> dict[str, Any]:
+        result = run_pipeline(self.config, self.pipeline_overrides, self.run_dir, cache_dir=self.cache_dir,
+                              quiet=quiet, log=log, variant=self.point.name or None, phase1_only=phase1_only)
+        if phase1_only and "student" not in result:
+            return {"config": self.config, "grid": dict(self.point), "seed": self.seed,
+                    "run_dir": result["superior"]["run_dir"], "top1_err": result["superior"]["top1_err"]}
         return {"config": self.config, "grid": dict(self.point), "seed": self.seed,
                 "run_dir": str(self.run_dir / "student"), "top1_err": result["student"]["top1_err"]}
+
+
+def sweep_tasks(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str | Path,
+                overrides: Sequence[str] = (), *, grid: Sequence[str] = (),
+                cache_dir: str | Path | None = None) -> list[SweepTask]:
+    """Every (config, grid point, seed) of a sweep, seeds outermost, checked (configs and folders) before any run."""
+    points = parse_grid(grid)
+    check_configs(configs, seeds, overrides, points)
+    out = Path(out_dir)
+    check_output_folder(out, "sweep folder")
+    if cache_dir:
+        check_output_folder(cache_dir, "phase-1 cache folder")
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else out / "superior"
+    return [SweepTask(n, str(config), point, seed, tuple(overrides), sweep_dir(out, config, seed, point), cache)
+            for n, (seed, config, point) in enumerate(itertools.product(seeds, configs, points))]
 
 
 def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str | Path,
@@ -142,16 +168,8 @@ def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str 
     """
     if jobs < 1:
         raise AikdError(f"--jobs must be at least 1, got {jobs}.")
-    points = parse_grid(grid)
-    check_configs(configs, seeds, overrides, points)
+    tasks = sweep_tasks(configs, seeds, out_dir, overrides, grid=grid, cache_dir=cache_dir)
     out = Path(out_dir)
-    check_output_folder(out, "sweep folder")
-    if cache_dir:
-        check_output_folder(cache_dir, "phase-1 cache folder")
-    out.mkdir(parents=True, exist_ok=True)
-    cache = Path(cache_dir) if cache_dir else out / "superior"
-    tasks = [SweepTask(n, str(config), point, seed, tuple(overrides), sweep_dir(out, config, seed, point), cache)
-             for n, (seed, config, point) in enumerate(itertools.product(seeds, configs, points))]
     done: list[dict[str, Any]] = []
 
     def finished(task: SweepTask, row: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from aikd.engine.logger import RunLogger, progress_bar
 from aikd.engine.loop import Epoch, train_epoch
 from aikd.engine.setup import RunParts, build_parts
 from aikd.engine.state import BEST, LAST, RunCheckpoints, RunState, find_resume_checkpoint
+from aikd.engine.tracking import NO_TRACKER, TRACKING_FILE, Tracker, open_tracker
 from aikd.errors import AikdError
 from aikd.fileio import check_output_folder
 from aikd.metrics import classification_metrics, predict
@@ -90,18 +91,26 @@ class Trainer:
     def _fit(self, lock: contextlib.ExitStack, resume: bool | str | Path, overwrite: bool,
              stop_after: int | None) -> dict[str, Any] | None:
         p, state, epochs = self.parts, self.state, self.cfg.train.epochs
+        tracker: Tracker = NO_TRACKER  # rank 0's MLflow run with tracking.backend=mlflow; it ends with the stack
 
         def take_folder() -> None:  # rank 0 locks the folder for the whole run, then checks and prepares it
             lock.enter_context(run_folder_lock(self.out))
             self._prepare_out_dir(source is not None, overwrite)
 
+        def start_tracking() -> None:  # after a resume was accepted, so a refused one leaves the tracked run as it was
+            nonlocal tracker
+            tracker = lock.enter_context(open_tracker(self.cfg, self.out, recipe=self.recipe, quiet=self.quiet,
+                                                      resumed_at=None if source is None else state.epoch))
+
         source = find_resume_checkpoint(self.out, resume) if resume else None
         p.strategy.main_then_share(take_folder)  # a refusal there stops every rank with rank 0's message
         if source is not None:
             self.resume(source)
+        if self.cfg.tracking.backend != "none":
+            p.strategy.main_then_share(start_tracking)
         if p.strategy.is_main:
             save_config(self.cfg, self.out / "config.yaml")
-        logger = RunLogger(self.out, self.quiet) if p.strategy.is_main else RunLogger.silent()
+        logger = RunLogger(self.out, self.quiet, tracker=tracker) if p.strategy.is_main else RunLogger.silent()
         logger.info(self._banner())
         if source is not None:
             logger.info(f"aikd: resuming from '{source}' (epoch {state.epoch}"
@@ -128,6 +137,7 @@ class Trainer:
             if bins is not None:
                 write_reliability(bins, summary["temperature"], f"{self.recipe} - {self.cfg.data.name}",
                                   self.out / "reliability.png", self.out / "reliability.json")
+            tracker.finish(summary)
         p.strategy.barrier()  # every file of the run is written before any rank moves on (pipeline phase 2)
         return summary
 
@@ -236,7 +246,8 @@ class Trainer:
                 )
             for name in ("checkpoints", "tensorboard"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "summary.json", "config.yaml", "reliability.json", "reliability.png"):
+            for name in ("metrics.jsonl", "summary.json", "config.yaml", "reliability.json", "reliability.png",
+                         TRACKING_FILE):
                 (self.out / name).unlink(missing_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
 

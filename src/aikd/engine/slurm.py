@@ -1,0 +1,423 @@
+"""Sweeps on a Slurm cluster (``aikd sweep --launcher slurm``): one job per run, phase-1 models first.
+
+Plan: every (config, grid point, seed) of the sweep is planned as its pipeline would run it. Each
+phase-1 model (the superior or teacher model that several rows share, or the Baseline row itself)
+becomes one task of a phase-1 job array; every other run becomes a task of a student array, one array
+per phase-1 task it waits for (``--dependency=afterok:<array>_<index>``). ``array_parallelism``
+caps how many tasks of an array run at once (``--array=0-N%P``).
+
+State lives on disk, not in the scheduler: a run is finished when its folder holds a finished run with
+the same config (the local sweep's rule), queued while squeue lists its job, and otherwise failed,
+cancelled or lost, which ``scontrol show job`` (recent jobs) or the job's log tells apart. Running the
+same command again submits exactly the runs that are neither finished nor queued; an unfinished run
+resumes from its last checkpoint. Nothing here needs Slurm's accounting (sacct), which many small
+clusters do not run: see the README for why aikd does not use submitit.
+
+What a job runs: ``python -m aikd.engine.slurm UNITS.json``; the file lists the array's runs and
+``SLURM_ARRAY_TASK_ID`` picks one. With several tasks per job (one per GPU) each task takes its rank
+from Slurm's task variables, as torchrun would set them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aikd.engine.checkpoint import atomic_write_bytes
+from aikd.errors import AikdError, ConfigError, did_you_mean
+
+SLURM_FOLDER = "slurm"  # OUT/slurm: the job scripts, their run lists, logs and the submission record
+
+
+@dataclass
+class SlurmOptions:
+    """The resources of every job of a sweep (``--slurm-config FILE`` and the command-line options)."""
+
+    partition: str | None = None
+    time: str | None = None  # Slurm's time format: 30, 4:00:00, 1-12:00:00
+    cpus_per_task: int = 1  # also each process's torch threads
+    gpus_per_job: int = 0  # on one node; one task (rank) per GPU unless tasks_per_job says otherwise
+    tasks_per_job: int | None = None  # ranks of a job; None: gpus_per_job, or 1 without GPUs
+    mem: str | None = None  # per node: 16G, 64000M
+    array_parallelism: int | None = None  # at most this many tasks of each array at once
+    sbatch_args: list[str] = field(default_factory=list)  # anything else: ["--account=lab", "--qos=short"]
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_job or self.gpus_per_job or 1
+
+    def check(self) -> SlurmOptions:
+        for name in ("cpus_per_task", "gpus_per_job", "tasks_per_job", "array_parallelism"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0 or
+                                      (value == 0 and name != "gpus_per_job")):
+                raise ConfigError(f"Slurm option '{name}' must be a whole number of at least "
+                                  f"{0 if name == 'gpus_per_job' else 1}, got {value!r}.")
+        if self.gpus_per_job and self.tasks_per_job and self.tasks_per_job != self.gpus_per_job:
+            raise ConfigError(f"Slurm options: {self.tasks_per_job} tasks for {self.gpus_per_job} GPUs; a data-parallel"
+                              f" job runs one task per GPU.")
+        if not isinstance(self.sbatch_args, list) or not all(isinstance(a, str) for a in self.sbatch_args):
+            raise ConfigError(f"Slurm option 'sbatch_args' is a list of sbatch arguments, got {self.sbatch_args!r}.")
+        return self
+
+    def directives(self) -> list[str]:
+        """The ``#SBATCH`` lines of these resources."""
+        lines = ["--nodes=1", f"--ntasks={self.tasks}", f"--cpus-per-task={self.cpus_per_task}"]
+        lines += [f"--{flag}={value}" for flag, value in (("partition", self.partition), ("time", self.time),
+                                                           ("mem", self.mem)) if value]
+        if self.gpus_per_job:
+            lines.append(f"--gpus-per-node={self.gpus_per_job}")
+        return [*lines, *self.sbatch_args]
+
+
+def read_options(path: str | Path | None, given: dict[str, Any]) -> SlurmOptions:
+    """The options of a YAML file (``slurm:`` section or top level), then those given on the command line."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"Slurm config '{path}' cannot be read: {err}") from None
+        data = data.get("slurm", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            raise ConfigError(f"Slurm config '{path}' must hold a mapping of options.")
+        values.update(data)
+    values.update({k: v for k, v in given.items() if v is not None})
+    known = [f.name for f in fields(SlurmOptions)]
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"Unknown Slurm option '{key}'{f' in {path}' if path else ''}.{did_you_mean(key, known)}"
+                              f" Known: {', '.join(known)}.")
+    return SlurmOptions(**values).check()
+
+
+# ---------------------------------------------------------------------------
+# The plan: units of work and their state
+
+
+@dataclass
+class Unit:
+    """One job's work: a run of the sweep, or a phase-1 model that other runs wait for."""
+
+    name: str  # how status names it: fmnist_proxy/aikd seed 3, or superior <entry>
+    kind: str  # "phase1" or "run"
+    run_dir: str  # where its finished run lands (the student, or the phase-1 cache entry)
+    config: str
+    point: list[list[str]]
+    seed: int
+    overrides: list[str]
+    sweep_dir: str
+    cache_dir: str
+    phase1_only: bool = False  # train the phase-1 model of this pipeline and stop
+    needs: str | None = None  # the phase-1 unit (its run_dir) this run waits for
+
+
+def plan_units(tasks: Sequence[Any]) -> tuple[list[Unit], dict[str, bool]]:
+    """Units for the sweep's tasks (phase-1 models first), and which of them have finished already."""
+    phase1: dict[str, Unit] = {}
+    runs: list[Unit] = []
+    finished: dict[str, bool] = {}
+    plans = [(task, task.plan()) for task in tasks]
+    from aikd.engine.pipeline import phase1_finished, student_finished
+
+    for task, plan in plans:  # a Baseline row that is a phase-1 model trains it as its own unit
+        if plan.shared_entry is not None and str(plan.shared_entry) not in phase1:
+            unit = _unit(task, "phase1", plan.shared_entry, f"{_label(task)} (phase-1 model)")
+            phase1[unit.run_dir], finished[unit.run_dir] = unit, phase1_finished(plan)
+    for task, plan in plans:
+        entry = plan.superior_dir
+        if entry is not None and str(entry) not in phase1:
+            unit = _unit(task, "phase1", entry, f"phase-1 model of {_label(task)}", phase1_only=True)
+            phase1[unit.run_dir], finished[unit.run_dir] = unit, phase1_finished(plan)
+        if plan.shared_entry is not None:
+            continue  # the phase-1 unit is this run
+        unit = _unit(task, "run", task.run_dir / "student", _label(task))
+        unit.needs = str(entry) if entry is not None else None
+        runs.append(unit)
+        finished[unit.run_dir] = student_finished(plan, task.run_dir)
+    return [*phase1.values(), *runs], finished
+
+
+def _label(task: Any) -> str:
+    config = Path(task.config)
+    return f"{config.parent.name}/{config.stem}{f' [{task.point.name}]' if task.point else ''} seed {task.seed}"
+
+
+def _unit(task: Any, kind: str, run_dir: Path, name: str, phase1_only: bool = False) -> Unit:
+    return Unit(name, kind, str(run_dir), task.config, [list(p) for p in task.point], task.seed,
+                list(task.overrides), str(task.run_dir), str(task.cache_dir), phase1_only)
+
+
+# ---------------------------------------------------------------------------
+# The scheduler: sbatch, squeue, scontrol
+
+
+def _slurm(*command: str) -> str:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise AikdError(f"'{command[0]}' is not on PATH: --launcher slurm runs where Slurm's commands are "
+                        f"installed (a login node of the cluster).") from None
+    if done.returncode != 0:
+        raise AikdError(f"{' '.join(command[:2])} failed: {(done.stderr or done.stdout).strip()}")
+    return done.stdout
+
+
+def queued_jobs(ids: Sequence[str]) -> dict[str, str]:
+    """State (PENDING, RUNNING, ...) of the given jobs that squeue still lists; array tasks one by one."""
+    if not ids:
+        return {}
+    out = _slurm("squeue", "-h", "-r", "--me", "-o", "%i %T")  # -j would fail on a job the controller forgot
+    wanted = set(ids)
+    return {job: state for job, state in (line.split()[:2] for line in out.splitlines() if line.strip())
+            if job in wanted}
+
+
+def ended_state(job: str) -> str | None:
+    """How a job that left the queue ended (COMPLETED, FAILED, CANCELLED, TIMEOUT, ...), while the controller
+    remembers it (MinJobAge), else None."""
+    done = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    found = re.search(r"JobState=(\S+)", done.stdout) if done.returncode == 0 else None
+    return found.group(1) if found else None
+
+
+def _submit(script: Path) -> str:
+    return _slurm("sbatch", "--parsable", str(script)).strip().split(";")[0]
+
+
+# ---------------------------------------------------------------------------
+# Submission
+
+
+@dataclass
+class Record:
+    """What was submitted for a unit: its job (``<array>_<index>``) and log."""
+
+    job: str
+    log: str
+    kind: str
+    run_dir: str
+    submitted: float
+
+
+class Submissions:
+    """``OUT/slurm/jobs.json``: the latest job of every unit, by unit name (written atomically)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "jobs.json"
+        self.records: dict[str, Record] = {}
+        if self.path.is_file():
+            try:
+                self.records = {k: Record(**v) for k, v in json.loads(self.path.read_text()).items()}
+            except (ValueError, TypeError) as err:
+                raise AikdError(f"'{self.path}' is damaged ({err}); move it away to submit every unfinished run "
+                                f"again.") from None
+
+    def save(self) -> None:
+        text = json.dumps({k: asdict(v) for k, v in self.records.items()}, indent=2)
+        atomic_write_bytes(self.path, text.encode())
+
+
+def submit_sweep(tasks: Sequence[Any], out: Path, options: SlurmOptions, log=print) -> dict[str, str]:
+    """Submit every unit that is neither finished nor queued; return each unit's state before submission."""
+    folder = out / SLURM_FOLDER
+    for sub in ("logs", "jobs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    units, finished = plan_units(tasks)
+    records = Submissions(folder)
+    queue = queued_jobs([r.job for r in records.records.values()])
+    states = {u.name: _state(u, finished, records, queue) for u in units}
+    job_of = {u.run_dir: records.records[u.name].job for u in units if states[u.name] in ("PENDING", "RUNNING")}
+    todo = [u for u in units if states[u.name] not in ("finished", "PENDING", "RUNNING")]
+    phase1 = [u for u in todo if u.kind == "phase1"]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if phase1:
+        array = _submit_array(folder, f"phase1-{stamp}", phase1, options, None)
+        job_of.update({u.run_dir: f"{array}_{i}" for i, u in enumerate(phase1)})
+        _remember(records, folder, array, phase1)
+    groups: dict[str | None, list[Unit]] = {}
+    for unit in (u for u in todo if u.kind == "run"):
+        waits = job_of.get(unit.needs) if unit.needs and not finished.get(unit.needs) else None
+        groups.setdefault(waits, []).append(unit)
+    for n, (waits, group) in enumerate(groups.items()):
+        array = _submit_array(folder, f"runs-{stamp}-{n}", group, options, waits)
+        _remember(records, folder, array, group)
+    records.save()
+    if not todo and all(states[u.name] == "finished" for u in units):
+        write_results(tasks, out)
+    submitted = len(todo)
+    log(f"aikd sweep: {sum(s == 'finished' for s in states.values())} of {len(units)} runs finished, "
+        f"{len(units) - submitted - sum(s == 'finished' for s in states.values())} queued, {submitted} submitted "
+        f"({len(phase1)} phase-1 models); aikd sweep --status {out}")
+    return states
+
+
+def write_results(tasks: Sequence[Any], out: Path) -> None:
+    """OUT/sweep.json, as a local sweep writes it, once every run has finished."""
+    rows = []
+    for task in tasks:
+        student = task.run_dir / "student"
+        summary = json.loads((student / "summary.json").read_text())
+        rows.append({"config": task.config, "grid": dict(task.point), "seed": task.seed, "run_dir": str(student),
+                     "top1_err": summary["top1_err"]})
+    atomic_write_bytes(out / "sweep.json", json.dumps(rows, indent=2).encode())
+
+
+def _state(unit: Unit, finished: dict[str, bool], records: Submissions, queue: dict[str, str]) -> str:
+    if finished[unit.run_dir]:
+        return "finished"
+    record = records.records.get(unit.name)
+    if record is None:
+        return "new"
+    return queue.get(record.job) or "ended"
+
+
+def _remember(records: Submissions, folder: Path, array: str, units: Sequence[Unit]) -> None:
+    now = time.time()
+    for i, unit in enumerate(units):
+        records.records[unit.name] = Record(f"{array}_{i}", str(folder / "logs" / f"{array}_{i}.log"), unit.kind,
+                                            unit.run_dir, now)
+    records.save()  # after each array: a failure in the next submission loses no job id
+
+
+def _submit_array(folder: Path, name: str, units: Sequence[Unit], options: SlurmOptions, waits: str | None) -> str:
+    """Write the array's run list and script, submit it; its job id."""
+    listing = folder / "jobs" / f"{name}.json"
+    atomic_write_bytes(listing, json.dumps([asdict(u) for u in units], indent=2).encode())
+    parallel = f"%{options.array_parallelism}" if options.array_parallelism else ""
+    directives = [f"--job-name=aikd-{name}", f"--array=0-{len(units) - 1}{parallel}",
+                  f"--output={folder / 'logs'}/%A_%a.log", "--open-mode=append", *options.directives()]
+    if waits:
+        directives += [f"--dependency=afterok:{waits}", "--kill-on-invalid-dep=yes"]
+    command = [sys.executable, "-m", "aikd.engine.slurm", str(listing)]
+    launch = "srun " if options.tasks > 1 else "exec "
+    script = folder / "jobs" / f"{name}.sh"
+    lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
+             "# written by aikd sweep --launcher slurm; each array task runs one line of the JSON file beside it",
+             f"cd {shlex.quote(os.getcwd())}", f"export OMP_NUM_THREADS={options.cpus_per_task}",
+             f"{launch}{shlex.join(command)}", ""]
+    atomic_write_bytes(script, "\n".join(lines).encode())
+    return _submit(script)
+
+
+# ---------------------------------------------------------------------------
+# Status
+
+
+def sweep_status(out: Path) -> list[dict[str, str]]:
+    """Every submitted unit: its state (finished, pending, running, failed, cancelled, ...), job and log."""
+    folder = out / SLURM_FOLDER
+    if not (folder / "jobs.json").is_file():
+        raise AikdError(f"'{out}' holds no Slurm sweep (no {folder / 'jobs.json'}); start one with "
+                        f"aikd sweep ... -o {out} --launcher slurm.")
+    records = Submissions(folder)
+    try:
+        queue = queued_jobs([r.job for r in records.records.values()])
+    except AikdError:  # no scheduler reachable from here: the files still say what finished
+        queue = {}
+    rows = []
+    for name, record in records.records.items():
+        if (Path(record.run_dir) / "summary.json").is_file():
+            state = "finished"
+        elif record.job in queue:
+            state = queue[record.job].lower()
+        else:
+            state = _ended(record)
+        rows.append({"run": name, "state": state, "job": record.job, "log": record.log})
+    return rows
+
+
+def _ended(record: Record) -> str:
+    """A job out of the queue whose run has not finished: how it ended, from the controller or its log."""
+    state = ended_state(record.job)
+    if state is not None and state != "COMPLETED":
+        return state.lower()
+    log = Path(record.log)
+    text = log.read_text(errors="replace")[-20000:] if log.is_file() else ""
+    if "CANCELLED" in text:
+        return "cancelled"
+    if not text:
+        return "cancelled before it started" if state is None else "ended without a log"
+    last = [line for line in text.splitlines() if line.strip()][-1:]
+    return f"failed: {last[0][:120]}" if last else "failed"
+
+
+def format_status(rows: Sequence[dict[str, str]]) -> str:
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("run", "state", "job")} if rows else {}
+    lines = ["  ".join(k.ljust(widths[k]) for k in ("run", "state", "job")) + "  log"] if rows else []
+    lines += ["  ".join(r[k].ljust(widths[k]) for k in ("run", "state", "job")) + f"  {r['log']}" for r in rows]
+    counts: dict[str, int] = {}
+    for row in rows:
+        key = row["state"].split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    lines.append(", ".join(f"{n} {state}" for state, n in counts.items()) or "no runs submitted")
+    return "\n".join(lines)
+
+
+def wait_for(out: Path, poll_s: float = 5.0, log=print) -> list[dict[str, str]]:
+    """Block until no job of the sweep is pending or running; the final status."""
+    while True:
+        rows = sweep_status(out)
+        if not any(r["state"] in ("pending", "running", "configuring", "completing") for r in rows):
+            return rows
+        time.sleep(poll_s)
+
+
+# ---------------------------------------------------------------------------
+# Inside a job
+
+
+def ranks_from_slurm(env: dict[str, str] | os._Environ) -> dict[str, str]:
+    """torchrun's variables from Slurm's, for a job of several tasks on one node (one per GPU)."""
+    tasks = int(env.get("SLURM_NTASKS", "1"))
+    if tasks <= 1 or "RANK" in env:
+        return {}
+    job = int(env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0")))
+    task = int(env.get("SLURM_ARRAY_TASK_ID", "0"))
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": str(tasks), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(20000 + (job * 97 + task) % 20000)}
+
+
+def run_unit(listing: Path, index: int) -> int:
+    """Run the array task's unit as its pipeline would; 0 when its run finished."""
+    from aikd.engine.sweep import GridPoint, SweepTask
+
+    unit = Unit(**json.loads(listing.read_text())[index])
+    task = SweepTask(index, unit.config, GridPoint(tuple(p) for p in unit.point), unit.seed, tuple(unit.overrides),
+                     Path(unit.sweep_dir), Path(unit.cache_dir))
+    job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "?"))
+    print(f"aikd: slurm job {job}_{index}: {unit.name} -> {unit.run_dir}", file=sys.stderr, flush=True)
+    from aikd.cli import _logger
+
+    task.run(quiet=False, log=_logger(False), phase1_only=unit.phase1_only)  # epoch lines into the job's log
+    return 0
+
+
+def job_main(argv: Sequence[str]) -> int:
+    os.environ.update(ranks_from_slurm(os.environ))
+    from aikd.errors import RunInterrupted
+
+    try:
+        return run_unit(Path(argv[0]), int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
+    except RunInterrupted as err:
+        print(f"aikd: {err}", file=sys.stderr)
+        return err.exit_code
+    except AikdError as err:
+        print(f"aikd: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(job_main(sys.argv[1:]))
