@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from aikd.config import RunConfig, save_config
@@ -226,6 +227,7 @@ class Trainer:
             "teacher": self.cfg.teacher.checkpoint,
             "skipped_steps": state.skipped_steps,
             **({"skipped_files": p.data.skipped_files} if p.data.skipped_files else {}),
+            **_peak_gpu_memory(p.device),
             **p.method.run_facts(),
         }
 
@@ -260,3 +262,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool | str | Path = Fa
     """
     return Trainer(cfg, out_dir, quiet=quiet, recipe=recipe).fit(resume=resume, overwrite=overwrite,
                                                                  stop_after=stop_after)
+
+
+def _peak_gpu_memory(device: torch.device) -> dict[str, float]:
+    """On CUDA: the most memory this process's tensors held (MiB; a resumed run counts since its resume)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20}
