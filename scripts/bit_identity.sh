@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Trains CE, PS-KD, CS-KD, AI-KD (buffer and snapshot) and BSS on scikit-learn's digits in deterministic
+# Trains every method and every AI-KD source (previous predictions: buffer, snapshot; superior model:
+# pre-trained, EMA, milestone; critic schedules) on scikit-learn's digits in deterministic
 # mode on the CPU and writes their summaries, without timings, to OUT/summaries.json. Run it on two
 # commits and compare the files: an engine change that keeps the numbers gives identical files.
 #   OUT=/tmp/before scripts/bit_identity.sh && git checkout NEW && OUT=/tmp/after scripts/bit_identity.sh
@@ -21,13 +22,27 @@ run cskd configs/fashion_mnist/cskd.yaml
 run aikd_buffer configs/fashion_mnist/aikd.yaml
 run aikd_snapshot configs/fashion_mnist/aikd.yaml aikd.prev=snapshot
 run bss configs/fashion_mnist/bss.yaml
+run kd configs/fashion_mnist/kd.yaml
+run tfkd_self configs/fashion_mnist/tfkd_self.yaml
+run tfkd_reg configs/fashion_mnist/tfkd_reg.yaml
+run dkd configs/fashion_mnist/dkd.yaml
+run aekt configs/fashion_mnist/aekt.yaml
+run amkd configs/fashion_mnist/amkd.yaml
+run aikd_no_adv configs/fashion_mnist/aikd_no_adv.yaml
+run aikd_run_length configs/fashion_mnist/aikd.yaml aikd.critic_schedule=run_length
+run aikd_online_ema configs/fashion_mnist/aikd.yaml aikd.superior=ema aikd.superior_start=0.34
+run aikd_online_milestone configs/fashion_mnist/aikd.yaml aikd.superior=milestone aikd.superior_start=0.34
 "${AIKD%/aikd}/python" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 timing = {"time_per_epoch_s", "train_time_s", "run_dir", "teacher"}
-runs = {p.parent.parent.name: {k: v for k, v in json.loads(p.read_text()).items() if k not in timing}
-        for p in sorted(out.glob("*/student/summary.json"))}
+def untimed(record):
+    return {k: v for k, v in record.items() if k not in timing and k != "time_s"}
+runs = {}
+for p in sorted(out.glob("*/student/summary.json")):  # the final numbers and every epoch's record
+    epochs = [untimed(json.loads(line)) for line in (p.parent / "metrics.jsonl").read_text().splitlines()]
+    runs[p.parent.parent.name] = {**untimed(json.loads(p.read_text())), "epochs": epochs}
 (out / "summaries.json").write_text(json.dumps(runs, indent=1, sort_keys=True))
 print(f"{len(runs)} runs -> {out / 'summaries.json'}")
 PY
