@@ -1,7 +1,7 @@
 """AI-KD inside a PyTorch Lightning module, with aikd's drop-in loss (five lines marked "+ aikd").
 
     pip install 'aikd[lightning]'
-    python examples/lightning_aikd.py            # scikit-learn's digits, 5 epochs on the CPU
+    python examples/lightning_aikd.py            # scikit-learn's digits, 5 epochs on the CPU -> runs/lightning_aikd
 
 The superior model is a frozen pre-trained copy of the student when you pass one (the paper's
 AI-KD), else an exponential moving average of the student updated after every step (online
@@ -66,13 +66,15 @@ class AIKDModule(L.LightningModule):
                                weight_decay=5e-4)
 
 
-def main(epochs: int = 5, limit: int | None = None, **trainer_options) -> tuple[L.Trainer, AIKDModule]:
+def main(epochs: int = 5, limit: int | None = None, out: str = "runs/lightning_aikd",
+         **trainer_options) -> tuple[L.Trainer, AIKDModule]:
+    """Train on digits; Lightning writes its checkpoints under ``out`` (not the current folder)."""
     data = digits_with_indices(limit)
     train, val = torch.utils.data.random_split(data, [len(data) - len(data) // 5, len(data) // 5],
                                                generator=torch.Generator().manual_seed(0))
     module = AIKDModule(num_classes=10, num_train=len(data))  # indices are the full dataset's
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, **trainer_options)
+                        enable_model_summary=False, default_root_dir=out, **trainer_options)
     trainer.fit(module, DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=256))
     return trainer, module
 

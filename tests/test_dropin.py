@@ -79,11 +79,12 @@ def test_lightning_example_trains_an_epoch_and_checkpoints(tmp_path, one_thread)
     spec = importlib.util.spec_from_file_location("lightning_aikd", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    trainer, module = example.main(epochs=1, limit=400, default_root_dir=str(tmp_path))
+    trainer, module = example.main(epochs=1, limit=400, out=str(tmp_path / "out"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert metrics["val/top1_err"] < 90 and all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert int(module.criterion.buffer.filled.sum()) == 320  # every training sample written once
     [checkpoint] = list(tmp_path.rglob("*.ckpt"))
+    assert checkpoint.is_relative_to(tmp_path / "out")  # its own folder, never the current one
     again = example.AIKDModule.load_from_checkpoint(checkpoint, num_classes=10, num_train=400)
     for key, value in module.state_dict().items():
         if isinstance(value, torch.Tensor):  # the buffer's unseen (validation) samples are NaN rows

@@ -90,13 +90,6 @@ def test_table4_switches_come_from_the_saved_configs(sweep):
             "(AI-KD < No Adv < Baseline) holds.") in text
 
 
-def test_training_accuracy_of_older_runs_comes_from_their_last_record(tmp_path):
-    write_run(tmp_path, "ce/seed0", "ce", "ce", 0, 10, 0.8)  # a summary without train_acc
-    write_history(tmp_path / "ce/seed0", [{"epoch": 1, "train.acc": 80.0}, {"epoch": 2, "train.acc": 99.5}])
-    text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
-    assert md_row(text, "Table 3", "Baseline")[5] == "99.50"  # one run: its value, no spread
-
-
 def test_online_and_grid_recipes_are_methods_not_ablations(tmp_path):
     write_run(tmp_path, "ce/seed0", "ce", "ce", 0, 10, 0.8)
     write_run(tmp_path, "online/seed0", "aikd_online_ema", "aikd", 0, 9, 0.8, aikd=FULL)
@@ -139,11 +132,11 @@ def test_ties_share_a_mark_and_columns_are_ranked_apart(tmp_path):
     assert md_row(text, "Table 2", "PS-KD")[3] == "<u>12.00</u>"  # the densenet121 column, ranked alone
 
 
-def test_recipe_falls_back_to_the_folder_and_missing_seeds_are_noted(tmp_path):
-    write_run(tmp_path, "aikd_only_guide/seed0/student", None, "aikd", 0, 9, 0.5,
+def test_a_repeated_run_is_counted_once_and_missing_seeds_are_noted(tmp_path):
+    write_run(tmp_path, "aikd_only_guide/seed0/student", "aikd_only_guide", "aikd", 0, 9, 0.5,
               aikd={**FULL, "alpha_p": 0, "adv_weight": 0})
-    write_run(tmp_path, "aikd/seed0/student", None, "aikd", 0, 9, 0.5, aikd=FULL)
-    write_run(tmp_path, "aikd/seed1/student", None, "aikd", 1, 10, 0.5, aikd=FULL)
+    write_run(tmp_path, "aikd/seed0/student", "aikd", "aikd", 0, 9, 0.5, aikd=FULL)
+    write_run(tmp_path, "aikd/seed1/student", "aikd", "aikd", 1, 10, 0.5, aikd=FULL)
     write_run(tmp_path, "dup/aikd/seed1/student", "aikd", "aikd", 1, 50, 0.5, aikd=FULL)
     runs, duplicates = collect_runs(tmp_path)
     assert duplicates == 1 and sorted(r.recipe for r in runs) == ["aikd", "aikd", "aikd_only_guide"]

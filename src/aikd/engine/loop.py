@@ -125,7 +125,7 @@ class EpochSums:
         sums = cls(p.device)
         if position is None or position["epoch"] != epoch:
             return sums, 0, 0.0
-        states = position.get("generators") or [position["generator"]]  # one rank's: older checkpoints
+        states = position["generators"]  # one per rank
         if len(states) == p.strategy.world_size:
             generator.set_state(states[p.strategy.rank])
         elif p.strategy.is_main:

@@ -83,17 +83,8 @@ def _not_default(value: Any, default: Any) -> Any:
 
 
 def cached_superior(cache: Path, cfg: RunConfig) -> Path:
-    """The cache entry of ``cfg``'s phase-1 model: its own name, or an entry an older aikd named otherwise
-    whose saved config is the same (so upgrading aikd does not retrain a cache)."""
-    entry = cache / superior_key(cfg)
-    if entry.exists() or not cache.is_dir():
-        return entry
-    wanted = cfg.to_dict()
-    for other in sorted(cache.glob(f"{cfg.model.name}-{cfg.data.name}-seed{cfg.seed}-*")):
-        saved = other / "config.yaml"
-        if other.is_dir() and saved.is_file() and normalized(yaml.safe_load(saved.read_text()) or {}) == wanted:
-            return other
-    return entry
+    """The cache entry of ``cfg``'s phase-1 model."""
+    return cache / superior_key(cfg)
 
 
 def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:

@@ -322,16 +322,6 @@ class AIKD(Method):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self.use_adv:
             self.disc_opt.load_state_dict(state["disc_opt"])
-        if "snapshot" in state and self.use_prev and self.hparams.prev == "snapshot":  # checkpoints before 0.2
-            self.snapshot.load_state_dict(state["snapshot"])
-            self.snapshot_ready.fill_(True)
-
-    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False):
-        """Checkpoints written before the snapshot was a sub-module lack its entries: keep the fresh copy
-        (its saved weights come with the checkpoint's extra state)."""
-        if self.use_prev and self.hparams.prev == "snapshot" and "snapshot_ready" not in state_dict:
-            state_dict = {**state_dict, **{k: v for k, v in super().state_dict().items() if k.startswith("snapshot")}}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 # --------------------------------------------------------------------------- a drop-in loss for your own loop

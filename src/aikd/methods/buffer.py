@@ -57,14 +57,3 @@ class PredictionBuffer(nn.Module):
         """Store ``logits`` for ``indices`` (and, in a distributed run, every other rank's slice too)."""
         indices = self.gather_rows(indices.to(self.logits.device))
         self.logits[indices] = self.gather_rows(logits.detach().to(self.logits.device, self.logits.dtype))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        """Checkpoints from before the NaN sentinel kept a separate "filled" flag: fold it in."""
-        flag = state_dict.pop(prefix + "filled", None)
-        if flag is not None and prefix + "logits" in state_dict:
-            logits = state_dict[prefix + "logits"].clone()
-            logits[~flag.bool()] = float("nan")
-            state_dict[prefix + "logits"] = logits
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)

@@ -171,13 +171,10 @@ def _read_run(path: Path, root: Path) -> Run:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise AikdError(f"'{path}' is not a run summary written by aikd ({type(err).__name__}: {err}).") from None
     _check_metrics(summary, path)
-    if summary.get("train_acc") is None:  # runs older than that field: the last epoch's record has it
-        last = _history(path.parent / "metrics.jsonl")
-        summary["train_acc"] = last[max(last)].get("train.acc") if last else None
     summary["total_time_s"] = _total_time(summary, path.parent)
     config = _saved_config(path.parent / "config.yaml")
     subset = int((config.get("data") or {}).get("subset_seed") or 0)
-    return Run(_recipe(summary, path.parent.relative_to(root)), method, dataset, model, seed, summary,
+    return Run(summary.get("recipe") or method, method, dataset, model, seed, summary,
                _aikd_switches(config, method), path.parent, subset)
 
 
@@ -228,17 +225,6 @@ def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
         if phase1 is not None:
             return own + phase1
     return None
-
-
-def _recipe(summary: dict[str, Any], run_dir: Path) -> str:
-    """The summary's recipe; for runs older than that field, the folder before ``seedN``, else the method."""
-    if summary.get("recipe"):
-        return summary["recipe"]
-    parts = run_dir.parts
-    for i, part in enumerate(parts[1:], start=1):
-        if SEED_DIR.fullmatch(part):
-            return parts[i - 1]
-    return summary["method"]
 
 
 def _aikd_switches(config: dict[str, Any], method: str) -> tuple[bool, bool, bool] | None:
