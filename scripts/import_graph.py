@@ -1,9 +1,9 @@
 """List which aikd modules import which, and every import circle among them (there should be none).
 
-Imports inside functions count too (they run when the function does); imports under
-``if TYPE_CHECKING:`` do not (they never run). Importing ``aikd.a.b`` first imports the
-package ``aikd.a``, so that edge is followed as well, except from modules inside ``aikd.a``
-(a package's own modules load while it initialises).
+Imports inside functions count too (they run when the function does), and so do imports under
+``if TYPE_CHECKING:``: they never run, but a type named across layers ties them as much as a call.
+Importing ``aikd.a.b`` first imports the package ``aikd.a``, so that edge is followed as well, except
+from modules inside ``aikd.a`` (a package's own modules load while it initialises).
 
     .venv/bin/python scripts/import_graph.py            # the circles, or "no import circle"
     .venv/bin/python scripts/import_graph.py --edges    # and every module's aikd imports
@@ -24,14 +24,10 @@ def module_name(path: Path) -> str:
 
 
 def imported(tree: ast.AST, here: str, is_package: bool) -> set[str]:
-    """aikd modules imported anywhere in ``tree`` outside ``if TYPE_CHECKING:`` blocks."""
+    """aikd modules imported anywhere in ``tree``, ``if TYPE_CHECKING:`` blocks included."""
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == "aikd")
         elif isinstance(node, ast.ImportFrom):

@@ -173,9 +173,9 @@ def test_tracking_keys_are_checked():
 def test_tracking_never_changes_a_runs_identity(tmp_path, monkeypatch):
     """Left out of to_dict: config.yaml, checkpoints, the phase-1 cache key and the reuse/resume checks are the
     same with tracking on or off, so switching it never makes a finished or cached run look changed."""
-    import aikd.engine.tracking as tracking
+    import aikd.config
 
-    monkeypatch.setattr(tracking, "require_backend", lambda backend: None)  # no MLflow needed for this check
+    monkeypatch.setattr(aikd.config, "_check_tracking", lambda cfg: None)  # no MLflow needed for this check
     off = load_config(None, TINY)
     on = load_config(None, [*TINY, "tracking.backend=mlflow", "tracking.uri=sqlite:///x.db",
                             "tracking.experiment=e", "tracking.run_name=r", "tracking.log_checkpoint=false"])

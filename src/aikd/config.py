@@ -22,43 +22,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from aikd.data.settings import DataConfig
 from aikd.errors import ConfigError, did_you_mean
 
-
-@dataclass
-class DataConfig:
-    """Which dataset, how much of it, and how it is batched and augmented."""
-
-    name: str = "fashion-mnist"
-    root: str | None = None  # None: the dataset's conventional location
-    train_limit: int | None = None  # stratified subset of the training split
-    test_limit: int | None = None
-    subset_seed: int = 0  # same subset for every training seed, so seeds are comparable
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    num_workers: int | None = None  # None: min(8, cpu count) for image folders
-    image_size: int | None = None  # None: the dataset's own (32, 64 or 224)
-    augment: Literal["standard", "none"] = "standard"
-    # Strength of the in-memory crop + flip ("standard"): padding of the random crop in pixels
-    # (null: the dataset's, 4 from 28 px up) and horizontal flips (null: where they keep the label).
-    crop_padding: int | None = None
-    flip: bool | None = None
-    # Images of the training split held out as a validation set that replaces the test split in
-    # every evaluation (0: evaluate on the test split). Settings are chosen with it, never on the
-    # test set. With train_limit they come from the images the subset leaves out, so the training
-    # images are the same as in the final run; otherwise they are carved out of the training split.
-    val_size: int = 0
-    # Fraction of the training split held out of training (stratified, fixed by subset_seed);
-    # used only to fit the temperature of temperature scaling. 0: train on all of it, no TS.
-    holdout: float = 0.0
-    cutout: int = 0  # side of the Cutout square in pixels (paper Table 7: 16 on 32 px); 0: off
-    mix: Literal["none", "mixup", "cutmix"] = "none"  # batch mixing with soft labels (Table 7)
-    mix_alpha: float = 1.0  # the mixing ratio is drawn from Beta(mix_alpha, mix_alpha)
-    mix_prob: float = 1.0  # share of batches that are mixed
-    download: bool = False  # torchvision download where the dataset supports it
-    # Image-file datasets: decode every file the run uses before it starts, leave out those that fail and list
-    # them (in the log and in the run's summary). Off: a bad file stops the run when its batch comes up.
-    skip_bad_files: bool = False
+__all__ = ["DataConfig", "ModelConfig", "RunConfig", "TeacherConfig", "TrainConfig", "apply_overrides", "from_dict",
+           "load_config", "read_yaml", "save_config"]
 
 
 @dataclass
@@ -441,10 +409,10 @@ def from_dict(data: Mapping[str, Any], source: str = "config") -> RunConfig:
 
 def _check_tracking(cfg: RunConfig) -> None:
     """A tracker's package must be importable, so a run (or a pipeline's phase 1) never trains before it fails."""
-    if cfg.tracking.backend != "none":
-        from aikd.engine.tracking import require_backend
+    if cfg.tracking.backend == "mlflow":
+        from aikd.extras import TRACKING, require
 
-        require_backend(cfg.tracking.backend)
+        require(*TRACKING)
 
 
 def _check_names(cfg: RunConfig) -> None:

@@ -5,15 +5,17 @@ sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables in every
 process; :func:`setup` joins the group once per process (NCCL on GPUs, gloo on
 CPU).
 
-Two strategies share one small interface. :class:`SingleProcess` is a run of
-one process: every call is the identity or a no-op. :class:`DataParallel` is
-one rank of a torchrun job. The loop, the setup and the methods call the
+Two strategies share one small interface, :class:`aikd.strategy.Strategy`.
+:class:`SingleProcess` (in that leaf module, so that methods need not import this one) is a run
+of one process: every call is the identity or a no-op. :class:`DataParallel` is one rank of a
+torchrun job. The loop, the setup and the methods call the
 strategy unconditionally and never ask whether the run is distributed; the
 collectives live here and nowhere else (pure functions such as the losses and
 ``critic_step`` take the few they need as arguments).
 
 * ``wrap``: the student as the training step calls it (DistributedDataParallel);
-* ``train_sampler`` / ``eval_sampler``: this rank's share of the batches;
+* ``rank`` / ``world_size``: which share of the batches is this rank's (the samplers in
+  :mod:`aikd.data.loaders` take them);
 * ``sum_``, ``agree``, ``gather_rows``, ``gather_objects``: reduce, decide
   together, collect rows or small objects in rank order;
 * ``average_gradients``, ``average_norm_statistics``: what DDP does not do
@@ -35,8 +37,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from aikd.data.loaders import BlockBatchSampler, EpochBatchSampler, ShardedBatchSampler
 from aikd.errors import AikdError, ConfigError
+from aikd.strategy import SINGLE_PROCESS, SingleProcess, Strategy
+
+__all__ = ["SINGLE_PROCESS", "DataParallel", "DistInfo", "SingleProcess", "Strategy", "current", "setup",
+           "strategy_for"]
 
 
 @dataclass(frozen=True)
@@ -92,56 +97,6 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
     return device
 
 
-class SingleProcess:
-    """A run of one process: rank 0 of 1; every collective is the identity."""
-
-    rank, world_size, is_main, distributed = 0, 1, True, False
-
-    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        return model
-
-    def train_sampler(self, sampler: Any | None, num_samples: int, batch_size: int, seed: int,
-                      paired: bool) -> Any | None:
-        """The method's epoch batch sampler, or None for the loader's shuffled batches."""
-        return sampler
-
-    def eval_sampler(self, num_samples: int, batch_size: int) -> Any | None:
-        return None
-
-    def sum_(self, tensor: Tensor) -> Tensor:
-        return tensor
-
-    def mean_(self, tensor: Tensor) -> Tensor:
-        """``tensor`` averaged over the ranks, in place (a flat gradient that DDP does not see)."""
-        return tensor
-
-    def agree(self, flag: bool | Tensor, device: torch.device) -> bool:
-        """True when ``flag`` is true here (on any rank, in a distributed run)."""
-        return bool(torch.as_tensor(flag).reshape(()))
-
-    def any_rank(self, flag: Tensor) -> Tensor:
-        """``flag`` (a bool tensor) as a float tensor, true where it is true on any rank; never waits for the host."""
-        return flag.float()
-
-    def gather_rows(self, tensor: Tensor) -> Tensor:
-        return tensor
-
-    def gather_objects(self, obj: Any) -> list[Any]:
-        return [obj]
-
-    def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
-        """Gradients of parameters outside the wrapped student: already this process's own."""
-
-    def average_norm_statistics(self, modules: Sequence[nn.Module]) -> None:
-        """BatchNorm running statistics: already this process's own."""
-
-    def barrier(self) -> None:
-        """Nothing to wait for."""
-
-    def main_then_share(self, action: Callable[[], None]) -> None:
-        action()
-
-
 class DataParallel(SingleProcess):
     """Rank ``info.rank`` of ``info.world_size`` processes that train one model on slices of each batch."""
 
@@ -163,16 +118,6 @@ class DataParallel(SingleProcess):
         device_ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
                                        gradient_as_bucket_view=True)
-
-    def train_sampler(self, sampler: Any | None, num_samples: int, batch_size: int, seed: int,
-                      paired: bool) -> Any | None:
-        """This rank's slice of every global batch (``data.batch_size`` stays the global batch)."""
-        sampler = sampler or EpochBatchSampler(num_samples, batch_size, seed)
-        return ShardedBatchSampler(sampler, self.rank, self.world_size, paired)
-
-    def eval_sampler(self, num_samples: int, batch_size: int) -> Any | None:
-        """This rank's contiguous block of a split: gathered in rank order, every sample counts once."""
-        return BlockBatchSampler(num_samples, batch_size, self.rank, self.world_size)
 
     def sum_(self, tensor: Tensor) -> Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -267,11 +212,7 @@ class DataParallel(SingleProcess):
             raise kind(text)
 
 
-Strategy = SingleProcess  # the interface: DataParallel implements the same methods
-SINGLE_PROCESS = SingleProcess()
-
-
-def strategy_for(info: DistInfo) -> SingleProcess:
+def strategy_for(info: DistInfo) -> Strategy:
     """The strategy of this process: DataParallel when torchrun started several, else SingleProcess."""
     return DataParallel(info) if info.enabled else SingleProcess()
 

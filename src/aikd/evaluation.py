@@ -94,7 +94,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
 def _calibrate(loaded: LoadedModel, logits: Tensor, labels: Tensor, quiet: bool,
                plot: str | Path | None) -> dict[str, float]:
     from aikd.metrics.calibration import calibrate
-    from aikd.report.plots import write_reliability
+    from aikd.metrics.reliability import write_reliability
 
     if loaded.data.holdout is None:
         raise AikdError(

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from aikd.config import DataConfig
 from aikd.data.augment import crop_padding_for
 from aikd.data.loaders import DataBundle, load_data
 from aikd.data.readers import DATASETS, FASHION_MNIST_ROOT
+from aikd.data.settings import DataConfig
 
 Batches = Generator[tuple[Tensor, Tensor], None, None]  # (augmented, normalized float images, labels), forever
 

@@ -20,7 +20,7 @@ import torch
 
 from aikd.config import load_config
 from aikd.data.augment import BatchAugment, crop_padding_for
-from aikd.data.loaders import DataBundle
+from aikd.data.loaders import DataBundle, Loading
 from aikd.data.splits import ArraySplit
 from aikd.engine.checkpoint import save_checkpoint
 from aikd.engine.model_io import model_meta
@@ -104,7 +104,7 @@ def synthetic_bundle(s: Setting, cfg) -> DataBundle:
     mean, std = (0.5,) * s.channels, (0.25,) * s.channels
     augment = BatchAugment(mean, std, crop_padding_for(s.size), True, True)
     test = split.subset(torch.arange(min(256, s.samples)))
-    return DataBundle("synthetic", split, test, s.classes, s.channels, s.size, augment, cfg.data)
+    return DataBundle("synthetic", split, test, s.classes, s.channels, s.size, augment, Loading.of(cfg.data))
 
 
 def teacher_checkpoint(s: Setting, folder: Path) -> Path:

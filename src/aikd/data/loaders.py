@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -23,11 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from aikd.data.augment import BatchAugment, crop_padding_for, file_transforms
 from aikd.data.readers import DATASETS
+from aikd.data.settings import DataConfig
 from aikd.data.splits import ArraySplit, FileSplit, Split, stratified_indices
 from aikd.errors import DataError
-
-if TYPE_CHECKING:  # annotations only: the data package does not depend on the config module
-    from aikd.config import DataConfig
 
 BatchTuple = tuple[Tensor, Tensor, Tensor]  # images, labels, indices
 
@@ -154,6 +152,21 @@ class BlockBatchSampler:
         return -(-(self.stop - self.start) // self.batch_size)
 
 
+def rank_train_sampler(sampler: Any | None, num_samples: int, batch_size: int, seed: int, paired: bool,
+                       rank: int, world_size: int) -> Any | None:
+    """This rank's training batches: the method's epoch sampler (None: the loader's shuffled batches) alone, or,
+    in a run of several processes, this rank's slice of every global batch (``data.batch_size`` stays global)."""
+    if world_size == 1:
+        return sampler
+    sampler = sampler or EpochBatchSampler(num_samples, batch_size, seed)
+    return ShardedBatchSampler(sampler, rank, world_size, paired)
+
+
+def rank_eval_sampler(num_samples: int, batch_size: int, rank: int, world_size: int) -> BlockBatchSampler | None:
+    """This rank's contiguous block of a split (gathered in rank order, every sample counts once); None alone."""
+    return None if world_size == 1 else BlockBatchSampler(num_samples, batch_size, rank, world_size)
+
+
 class TensorLoader:
     """Batches straight out of in-memory uint8 tensors: one index op per batch."""
 
@@ -229,6 +242,20 @@ class FileLoader:
         return len(self.batch_sampler)
 
 
+@dataclass(frozen=True)
+class Loading:
+    """How a bundle's loaders batch: plain values taken from ``data.*`` once."""
+
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int | None  # image files: None = min(8, CPUs per rank)
+    file_augment: bool  # image files: crop + flip (data.augment: standard)
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> Loading:
+        return cls(cfg.batch_size, cfg.eval_batch_size, cfg.num_workers, cfg.augment == "standard")
+
+
 @dataclass
 class DataBundle:
     """Both splits of a dataset plus what the model and loop need to know about them."""
@@ -240,7 +267,7 @@ class DataBundle:
     in_channels: int
     image_size: int
     augment: BatchAugment  # device-side normalization (and augmentation for in-memory data)
-    cfg: DataConfig
+    loading: Loading  # batch sizes and workers
     holdout: Split | None = None  # training images kept out of training, for temperature scaling
     eval_split: str = "test"  # what ``test`` holds: the test split, or the validation images (data.val_size)
     skipped_files: list[str] = field(default_factory=list)  # files left out by data.skip_bad_files, with why
@@ -255,14 +282,14 @@ class DataBundle:
         batch sampler or the default one."""
         split = split if split is not None else self.train if train else self.test
         if batch_sampler is None:
-            size = self.cfg.batch_size if train else self.cfg.eval_batch_size
+            size = self.loading.batch_size if train else self.loading.eval_batch_size
             batch_sampler = EpochBatchSampler(len(split), size, seed, shuffle=train)
         if isinstance(split, ArraySplit):
             return TensorLoader(split, batch_sampler, pin_memory)
         transform = file_transforms(self.image_size, tuple(self.augment.mean.flatten().tolist()),
                                     tuple(self.augment.std.flatten().tolist()), train,
-                                    self.cfg.augment == "standard", self.augment.padding, self.augment.flip)
-        workers = self.cfg.num_workers
+                                    self.loading.file_augment, self.augment.padding, self.augment.flip)
+        workers = self.loading.num_workers
         if workers is None:  # the node's CPUs are shared by the ranks torchrun started on it
             ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             workers = min(8, max(1, (os.cpu_count() or 1) // ranks_here))
@@ -316,7 +343,7 @@ def load_data(cfg: DataConfig) -> DataBundle:
     padding = crop_padding_for(image_size) if cfg.crop_padding is None else cfg.crop_padding
     flip = info.flip if cfg.flip is None else cfg.flip
     augment = BatchAugment(mean, std, padding, flip, cfg.augment == "standard")
-    return DataBundle(cfg.name, train, test, num_classes, in_channels, image_size, augment, cfg, holdout,
+    return DataBundle(cfg.name, train, test, num_classes, in_channels, image_size, augment, Loading.of(cfg), holdout,
                       "validation" if validation is not None else "test", skipped)
 
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: the data package does not depend on the config module
-    from aikd.config import DataConfig
+if TYPE_CHECKING:
+    from aikd.data.settings import DataConfig
 
 
 class BatchMixer:

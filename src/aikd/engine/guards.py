@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from aikd.config import TrainConfig
-from aikd.distributed import SingleProcess
 from aikd.engine.state import RunState
 from aikd.errors import RESUME_TRAIN, AikdError, RunInterrupted
+from aikd.strategy import Strategy
 
 CHECK_EVERY = 25  # steps between divergence checks (and progress-bar updates), each a device sync
 
@@ -63,7 +63,7 @@ class NonFiniteWatch:
 class NonFiniteGuard:
     """The non-finite policy of one run (``train.on_nonfinite``, ``train.max_skipped_steps``)."""
 
-    def __init__(self, cfg: TrainConfig, strategy: SingleProcess, device: torch.device, student: nn.Module,
+    def __init__(self, cfg: TrainConfig, strategy: Strategy, device: torch.device, student: nn.Module,
                  state: RunState, last_checkpoint: Path) -> None:
         self.skip = cfg.on_nonfinite == "skip"
         self.max_skipped = cfg.max_skipped_steps
@@ -125,7 +125,7 @@ class StopSignals:
     A second signal of the same kind while stopping falls back to the previous handler.
     """
 
-    def __init__(self, strategy: SingleProcess, device: torch.device) -> None:
+    def __init__(self, strategy: Strategy, device: torch.device) -> None:
         self.strategy, self.device = strategy, device
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}

@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from aikd import distributed
 from aikd.config import RunConfig
 from aikd.data import DataBundle, load_data
-from aikd.data.loaders import EpochBatchSampler
+from aikd.data.loaders import EpochBatchSampler, rank_eval_sampler, rank_train_sampler
 from aikd.data.mixing import BatchMixer
-from aikd.distributed import SingleProcess
 from aikd.engine.model_io import load_frozen_model
 from aikd.engine.optim import build_optimizer, build_scheduler
 from aikd.engine.runtime import CompiledOrEager, autocast_dtype, pick_device, seed_everything, use_channels_last
@@ -32,6 +31,7 @@ from aikd.errors import ConfigError
 from aikd.methods import METHODS, Batch, Method, MethodContext
 from aikd.models import build_model, resolve_stem
 from aikd.models.weights import load_weights
+from aikd.strategy import Strategy
 
 
 @dataclass
@@ -39,7 +39,7 @@ class RunParts:
     """The built parts of one run; the loop and the trainer read them, nothing rebuilds them."""
 
     cfg: RunConfig
-    strategy: SingleProcess  # SingleProcess or DataParallel (aikd.distributed)
+    strategy: Strategy  # SingleProcess or DataParallel (aikd.distributed)
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
@@ -77,7 +77,8 @@ class RunParts:
 
     def eval_loader(self, split):
         """Sequential batches over ``split`` (this rank's block of it in a distributed run)."""
-        sampler = self.strategy.eval_sampler(len(split), self.cfg.data.eval_batch_size)
+        sampler = rank_eval_sampler(len(split), self.cfg.data.eval_batch_size, self.strategy.rank,
+                                    self.strategy.world_size)
         return self.data.loader(False, sampler, pin_memory=self.device.type == "cuda", split=split)
 
 
@@ -102,11 +103,12 @@ def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     method = _build_method(cfg, data, model, strategy, device)
     pin = device.type == "cuda"
-    sampler = strategy.train_sampler(method.batch_sampler(cfg.data.batch_size, cfg.seed), len(data.train),
-                                     cfg.data.batch_size, cfg.seed, method.paired_batches)
+    sampler = rank_train_sampler(method.batch_sampler(cfg.data.batch_size, cfg.seed), len(data.train),
+                                 cfg.data.batch_size, cfg.seed, method.paired_batches, strategy.rank,
+                                 strategy.world_size)
     train_loader = data.loader(True, sampler, seed=cfg.seed, pin_memory=pin)
-    test_loader = data.loader(False, strategy.eval_sampler(len(data.test), cfg.data.eval_batch_size),
-                              pin_memory=pin, split=data.test)
+    test_loader = data.loader(False, rank_eval_sampler(len(data.test), cfg.data.eval_batch_size, strategy.rank,
+                                                       strategy.world_size), pin_memory=pin, split=data.test)
     train_model = strategy.wrap(model, device)
     if cfg.train.compile:
         train_model = CompiledOrEager(train_model)
@@ -138,7 +140,7 @@ def _check_input_fits(model: nn.Module, cfg: RunConfig, data: DataBundle) -> Non
         model.train()
 
 
-def _build_method(cfg: RunConfig, data: DataBundle, model: nn.Module, strategy: SingleProcess,
+def _build_method(cfg: RunConfig, data: DataBundle, model: nn.Module, strategy: Strategy,
                   device: torch.device) -> Method:
     method_cls = METHODS.get(cfg.method)
     teacher = None
@@ -164,7 +166,7 @@ def _load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device, same_a
     return teacher.to(memory_format=torch.channels_last)  # see Method.teacher_logits
 
 
-def _check_distributed(cfg: RunConfig, strategy: SingleProcess, device: torch.device) -> None:
+def _check_distributed(cfg: RunConfig, strategy: Strategy, device: torch.device) -> None:
     if not strategy.distributed:
         return
     world, batch = strategy.world_size, cfg.data.batch_size

@@ -399,9 +399,11 @@ def run_unit(listing: Path, index: int) -> int:
                      Path(unit.sweep_dir), Path(unit.cache_dir))
     job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "?"))
     print(f"aikd: slurm job {job}_{index}: {unit.name} -> {unit.run_dir}", file=sys.stderr, flush=True)
-    from aikd.cli import _logger
+    def log(message: str) -> None:  # one voice in a job of several tasks
+        if os.environ.get("RANK", "0") == "0":
+            print(message, file=sys.stderr, flush=True)
 
-    task.run(quiet=False, log=_logger(False), phase1_only=unit.phase1_only)  # epoch lines into the job's log
+    task.run(quiet=False, log=log, phase1_only=unit.phase1_only)  # epoch lines into the job's log
     return 0
 
 

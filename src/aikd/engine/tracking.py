@@ -26,27 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from aikd.config import RunConfig
-from aikd.errors import AikdError, ConfigError, RunInterrupted
+from aikd.errors import AikdError, RunInterrupted
+from aikd.extras import TRACKING, require
 from aikd.fileio import atomic_write_bytes
 
 TRACKING_FILE = "tracking.json"  # in the run folder: which MLflow run it reports to (resume continues it)
 LAST_EPOCH_TAG = "aikd.last_epoch"  # the last epoch the MLflow run holds metrics for
-MISSING = "tracking.backend=mlflow needs MLflow: pip install 'aikd[tracking]'"
+MISSING = f"{TRACKING[2]}: pip install 'aikd[{TRACKING[1]}]'"
 FINAL_FILES = ("summary.json", "config.yaml", "metrics.jsonl", "reliability.json", "reliability.png")
 
 
-def require_backend(backend: str) -> None:
-    """Raise :class:`ConfigError` naming the extra when ``backend``'s package cannot be imported."""
-    if backend == "mlflow":
-        _mlflow()
-
-
 def _mlflow() -> Any:
-    try:
-        import mlflow
-    except ImportError:
-        raise ConfigError(MISSING) from None
-    return mlflow
+    return require(*TRACKING)
 
 
 class Tracker:

@@ -36,7 +36,7 @@ from aikd.errors import AikdError
 from aikd.fileio import check_output_folder
 from aikd.metrics import classification_metrics, predict
 from aikd.metrics.calibration import ReliabilityBins, calibrate
-from aikd.report.plots import write_reliability
+from aikd.metrics.reliability import write_reliability
 
 __all__ = ["BEST", "LAST", "Trainer", "find_resume_checkpoint", "train"]
 

@@ -46,9 +46,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from aikd.distributed import SingleProcess
 from aikd.errors import ConfigError
 from aikd.registry import Registry
+from aikd.strategy import SingleProcess, Strategy
 
 
 @dataclass
@@ -84,7 +84,7 @@ class MethodContext:
     train_labels: Tensor | None = None  # (num_train,) labels, for class-aware samplers
     steps_per_epoch: int | None = None  # optimizer steps per epoch, for rules that scale with run length
     student: nn.Module | None = None  # the bare student (no DDP or compile wrapper), on ``device``
-    strategy: SingleProcess = field(default_factory=SingleProcess)  # the run's processes (aikd.distributed)
+    strategy: Strategy = field(default_factory=SingleProcess)  # the run's processes (aikd.distributed)
     compile: bool = False  # train.compile: a method may compile its own steps too (AI-KD's critic)
 
 

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from aikd.distributed import SINGLE_PROCESS, Strategy
+from aikd.strategy import SINGLE_PROCESS, Strategy
 
 Norm = Literal["batch", "layer", "none"]
 NORM_EPS = 1e-5  # BatchNorm1d's and LayerNorm's default

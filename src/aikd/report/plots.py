@@ -1,4 +1,5 @@
-"""PNG figures: reliability diagrams (paper Figures 4-5) and t-SNE maps (Figure 6).
+"""PNG figures of reports: learning curves, forest plots and t-SNE maps (Figure 6); the reliability diagram
+(Figures 4-5), which every run writes, lives with the calibration metrics (:mod:`aikd.metrics.reliability`).
 
 matplotlib runs on its file-only Agg backend, so plots work on machines
 without a display.
@@ -6,52 +7,15 @@ without a display.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from aikd.fileio import atomic_write_bytes
-from aikd.metrics.calibration import ReliabilityBins
+from aikd.metrics.reliability import _pyplot, _save, reliability_diagram, write_reliability
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def reliability_diagram(curves: Mapping[str, ReliabilityBins], path: str | Path, title: str = "") -> Path:
-    """Accuracy against mean confidence per bin, one line per curve, with the identity line.
-
-    A curve under the diagonal is over-confident. Empty bins are skipped, and
-    the legend carries each curve's ECE so the figure reads on its own.
-    """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
-    ax.plot([0, 1], [0, 1], linestyle=":", color="black", linewidth=1, label="identity")
-    for name, bins in curves.items():
-        pairs = [(c, a) for c, a in zip(bins.mean_confidence(), bins.accuracy(), strict=True) if c is not None]
-        conf, acc = zip(*pairs, strict=True) if pairs else ((), ())
-        ax.plot(conf, acc, marker="o", markersize=3, linewidth=1.5, label=f"{name} (ECE {bins.ece():.2f}%)")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=7)
-    return _save(fig, path)
-
-
-def write_reliability(bins: Mapping[str, ReliabilityBins], temperature: float, title: str, png: str | Path,
-                      json_path: str | Path | None = None) -> Path:
-    """The one writer of calibration files: a reliability diagram before and after temperature scaling,
-    and (``json_path``) the bins as JSON, which reports pool over seeds. Used at a run's end and by aikd eval."""
-    if json_path is not None:
-        payload = {"temperature": temperature, **{k: b.to_dict() for k, b in bins.items()}}
-        atomic_write_bytes(Path(json_path), json.dumps(payload).encode())
-    return reliability_diagram({"before TS": bins["raw"], f"after TS (T={temperature:.2f})": bins["ts"]}, png, title)
+__all__ = ["forest_figure", "forest_plot", "learning_curves", "reliability_diagram", "tsne_figure",
+           "write_reliability"]
 
 
 def learning_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]],
@@ -120,14 +84,3 @@ def tsne_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_name
         ax.set(title=title, xticks=[], yticks=[])
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3)
     return _save(fig, path)
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
