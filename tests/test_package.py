@@ -78,6 +78,16 @@ def _run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Compl
     return done
 
 
+TOP_LEVEL_LEFT_OUT = {".git", ".venv", "build", "runs", "results", "docs", "data"}  # run outputs, records, data
+
+
+def _not_packaged(folder: str, names: list[str]) -> set[str]:
+    """What the wheel's copy of the clone leaves out: big top-level folders, caches and build leftovers."""
+    top = Path(folder) == REPO
+    return {n for n in names if (top and n in TOP_LEVEL_LEFT_OUT) or n == "__pycache__" or n.endswith(".egg-info")
+            or (n.startswith(".") and n.endswith("_cache"))}
+
+
 @pytest.mark.slow
 def test_the_wheel_installed_outside_the_clone_runs_the_demo_and_a_shipped_config():
     """pip wheel . -> a fresh venv in an unrelated folder -> aikd demo and aikd train -c <name> from there.
@@ -89,8 +99,7 @@ def test_the_wheel_installed_outside_the_clone_runs_the_demo_and_a_shipped_confi
     work = Path(tempfile.mkdtemp(prefix="aikd-wheel-"))
     try:
         source = work / "source"  # a copy: setuptools' build/ folder never lands in (or leaks from) the clone
-        shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "runs", "results", "docs", "*.egg-info", "__pycache__", ".*_cache"))
+        shutil.copytree(REPO, source, symlinks=True, ignore=_not_packaged)
         _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
               str(work / "dist"), str(source)], source, dict(os.environ))
         wheel = next((work / "dist").glob("aikd-*.whl"))

@@ -175,7 +175,7 @@ def _read_run(path: Path, root: Path) -> Run:
     config = _saved_config(path.parent / "config.yaml")
     subset = int((config.get("data") or {}).get("subset_seed") or 0)
     return Run(summary.get("recipe") or method, method, dataset, model, seed, summary,
-               _aikd_switches(config, method), path.parent, subset)
+               _loss_switches(config, method), path.parent, subset)
 
 
 METRIC_KEYS = ("top1_err", "top5_err", "macro_f1", "ece", "ece_ts", "nll", "nll_ts", "train_acc", "train_time_s")
@@ -227,13 +227,24 @@ def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
     return None
 
 
-def _aikd_switches(config: dict[str, Any], method: str) -> tuple[bool, bool, bool] | None:
-    if method == "ce":
-        return (False, False, False)
-    if method != "aikd" or not config:
+TABLE4_TERMS = ("guide", "prev", "adv")  # the paper's Table 4 columns: L_G, L_P, L_A
+
+
+def _loss_switches(config: dict[str, Any], method: str) -> tuple[bool, bool, bool] | None:
+    """Which of Table 4's loss terms the run trained with, as its method names them (``Method.loss_terms``) for
+    its saved settings; None for a method whose terms are not Table 4's, or a config that no longer validates."""
+    from aikd.catalog import methods
+    from aikd.config import from_dict
+    from aikd.errors import ConfigError
+
+    try:  # a run without its config.yaml trained with the defaults
+        cfg = from_dict({**(config or {}), "method": method}, source="saved config")
+    except ConfigError:
         return None
-    section = config.get("aikd", {})
-    return (section.get("alpha_g", 0) > 0, section.get("alpha_p", 0) > 0, section.get("adv_weight", 0) > 0)
+    terms = methods().get(method).loss_terms(cfg.method_config())
+    if not terms <= {"ce", *TABLE4_TERMS}:
+        return None
+    return tuple(term in terms for term in TABLE4_TERMS)
 
 
 # ---------------------------------------------------------------------------- building tables
