@@ -10,7 +10,7 @@ import re
 import sys
 from pathlib import Path
 
-from aikd.errors import RESUME_RERUN, RESUME_TRAIN, AikdError, RunInterrupted
+from aikd.errors import RESUME_RERUN, RESUME_TRAIN, AikdError, exit_code
 from aikd.fileio import check_output_file, check_output_folder
 from aikd.shipped import CONFIG_ROOT, resolve_config, shipped_configs
 
@@ -569,12 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _resolve_configs(args)
         return COMMANDS[args.command](args)
-    except RunInterrupted as err:
-        print(f"aikd: {err}", file=sys.stderr)
-        return err.exit_code
-    except AikdError as err:
-        print(f"aikd: error: {err}", file=sys.stderr)
-        return 2
+    except AikdError as err:  # a stopped run (exit 128 + N) or a message naming the problem (exit 2)
+        return exit_code(err)
     except BrokenPipeError:  # the reader left early (aikd configs | head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -57,3 +57,15 @@ def for_rerun(err: AikdError) -> AikdError:
     if isinstance(err, RunInterrupted):
         return RunInterrupted(text, err.exit_code - 128)
     return type(err)(text)
+
+
+def exit_code(err: AikdError) -> int:
+    """Print ``err`` as the one line a command ends with (stderr); the process's exit code: 128 + N for a run
+    stopped by signal N (it saved a checkpoint), else 2."""
+    import sys
+
+    if isinstance(err, RunInterrupted):
+        print(f"aikd: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"aikd: error: {err}", file=sys.stderr)
+    return 2

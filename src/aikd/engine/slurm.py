@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from aikd.engine.checkpoint import atomic_write_bytes
-from aikd.errors import AikdError, ConfigError, did_you_mean
+from aikd.errors import AikdError, ConfigError, did_you_mean, exit_code
 
 SLURM_FOLDER = "slurm"  # OUT/slurm: the job scripts, their run lists, logs and the submission record
 
@@ -408,17 +408,12 @@ def run_unit(listing: Path, index: int) -> int:
 
 
 def job_main(argv: Sequence[str]) -> int:
+    """A job's process: its rank from Slurm's variables, then its array task's run; the CLI's exit codes."""
     os.environ.update(ranks_from_slurm(os.environ))
-    from aikd.errors import RunInterrupted
-
     try:
         return run_unit(Path(argv[0]), int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
-    except RunInterrupted as err:
-        print(f"aikd: {err}", file=sys.stderr)
-        return err.exit_code
     except AikdError as err:
-        print(f"aikd: error: {err}", file=sys.stderr)
-        return 2
+        return exit_code(err)
 
 
 if __name__ == "__main__":
