@@ -1,7 +1,7 @@
 """A real single-node Slurm cluster for the tests: Debian's munged, slurmctld and slurmd, no accounting.
 
 Everything lives under one state folder (made with mkdtemp and opened to 0755: munged refuses a socket
-below a 0700 folder such as pytest's tmp_path). Private ports, no cgroups (proctrack/linuxproc,
+below a 0700 folder such as pytest's tmp_path). Free ports picked at start, no cgroups (proctrack/linuxproc,
 task/none), the node named localhost. :meth:`SlurmCluster.stop` ends every daemon it started, by pid.
 """
 
@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -60,7 +61,7 @@ class SlurmCluster:
         self.conf.write_text("\n".join([
             "ClusterName=aikdtest", "SlurmctldHost=localhost", "SlurmUser=root", "SlurmdUser=root",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={s}/munge/munge.sock",
-            "SlurmctldPort=16817", "SlurmdPort=16818",
+            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
             f"StateSaveLocation={s}/ctld", f"SlurmdSpoolDir={s}/spool",
             f"SlurmctldPidFile={s}/slurmctld.pid", f"SlurmdPidFile={s}/slurmd.pid",
             f"SlurmctldLogFile={s}/log/slurmctld.log", f"SlurmdLogFile={s}/log/slurmd.log",
@@ -123,6 +124,13 @@ class SlurmCluster:
         """Job ids in the queue (pending or running)."""
         out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], env=self.env, capture_output=True, text=True)
         return out.stdout.split()
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on now: two test sessions (or CI beside a developer) never share a cluster."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:

@@ -181,3 +181,15 @@ def test_status_of_a_folder_without_a_slurm_sweep_says_so(tmp_path):
     done = subprocess.run([*AIKD, "sweep", "--status", str(tmp_path)], capture_output=True, text=True,
                           env={**os.environ})
     assert done.returncode == 2 and "holds no Slurm sweep" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_run_finished_here_is_not_submitted_and_status_still_lists_it(cluster, tmp_path):
+    out = tmp_path / "sweep"
+    _aikd(cluster, "sweep", "-c", "fmnist_proxy/pskd", "--seeds", "0", "-o", str(out), "-q", *TINY)  # locally
+    done = _aikd(cluster, "sweep", "-c", "fmnist_proxy/pskd", "fmnist_proxy/cskd", "--seeds", "0", "-o", str(out),
+                 "-q", *TINY, "--launcher", "slurm", "--wait")
+    assert "1 of 2 runs finished, 0 queued, 1 submitted" in done.stderr
+    rows = {line.split("  ")[0]: line.split() for line in done.stdout.splitlines()[1:-1]}
+    assert rows["fmnist_proxy/pskd seed 0"][-3:] == ["finished", "-", "-"]  # state, no job, no log
+    assert rows["fmnist_proxy/cskd seed 0"][-3] == "finished"

@@ -38,6 +38,7 @@ from aikd.engine.checkpoint import atomic_write_bytes
 from aikd.errors import AikdError, ConfigError, did_you_mean, exit_code
 
 SLURM_FOLDER = "slurm"  # OUT/slurm: the job scripts, their run lists, logs and the submission record
+NO_JOB = "-"  # the record of a run that had finished before the sweep submitted anything for it
 
 
 @dataclass
@@ -253,6 +254,9 @@ def submit_sweep(tasks: Sequence[Any], out: Path, options: SlurmOptions, log=pri
     for n, (waits, group) in enumerate(groups.items()):
         array = _submit_array(folder, f"runs-{stamp}-{n}", group, options, waits)
         _remember(records, folder, array, group)
+    for unit in units:  # status lists every run, also those that finished without a job of this sweep
+        if unit.name not in records.records:
+            records.records[unit.name] = Record(NO_JOB, NO_JOB, unit.kind, unit.run_dir, time.time())
     records.save()
     if not todo and all(states[u.name] == "finished" for u in units):
         write_results(tasks, out)
@@ -278,7 +282,7 @@ def _state(unit: Unit, finished: dict[str, bool], records: Submissions, queue: d
     if finished[unit.run_dir]:
         return "finished"
     record = records.records.get(unit.name)
-    if record is None:
+    if record is None or record.job == NO_JOB:
         return "new"
     return queue.get(record.job) or "ended"
 
@@ -330,6 +334,8 @@ def sweep_status(out: Path) -> list[dict[str, str]]:
     for name, record in records.records.items():
         if (Path(record.run_dir) / "summary.json").is_file():
             state = "finished"
+        elif record.job == NO_JOB:
+            state = "not submitted"
         elif record.job in queue:
             state = queue[record.job].lower()
         else:
