@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from aikd.methods.aikd import AIKDLoss, ema_update
+from aikd.methods.aikd import AIKDLoss
+from aikd.methods.ema import ema_update
 
 
 def digits_with_indices(limit: int | None = None) -> TensorDataset:

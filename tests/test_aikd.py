@@ -24,12 +24,12 @@ from aikd.methods.aikd import (
     AIKDConfig,
     adversarial_loss,
     critic_schedule,
-    ema_update,
     guide_loss,
     progressive_loss,
 )
 from aikd.methods.base import Batch, MethodContext
 from aikd.methods.critic import Critic, critic_optimizer, train_critic
+from aikd.methods.ema import ema_update
 from aikd.models import build_model
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=2"]

@@ -9,7 +9,6 @@ under torchrun with two ranks, whose entry point is this file.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ from aikd.engine import Trainer
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.methods import METHODS, Batch, Method, MethodContext, StepOutput, register_method
 from aikd.methods.base import positive, weight
+from aikd.methods.ema import ema_update, frozen_copy
 from aikd.methods.functional import distillation_kl
 
 NAME = "ema_teacher_test"
@@ -50,7 +50,7 @@ class EMATeacher(Method):
 
     def __init__(self, hparams: EMATeacherConfig, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)
-        self.ema = copy.deepcopy(ctx.student).eval().requires_grad_(False)  # ordinary state: in state_dict()
+        self.ema = frozen_copy(ctx.student)  # ordinary state: in state_dict()
 
     @classmethod
     def loss_terms(cls, hparams: EMATeacherConfig) -> set[str]:
@@ -64,14 +64,8 @@ class EMATeacher(Method):
         return StepOutput(logits, {"ce": (1 - h.weight) * F.cross_entropy(logits, batch.targets),
                                    "ema": h.weight * distillation_kl(target, logits.float(), h.temperature)})
 
-    @torch.no_grad()
     def on_step_end(self, model: nn.Module, batch: Batch, output: StepOutput) -> None:
-        d = self.hparams.decay
-        for ema, live in zip(self.ema.state_dict().values(), model.state_dict().values(), strict=True):
-            if ema.is_floating_point():
-                ema.mul_(d).add_(live, alpha=1 - d)
-            else:
-                ema.copy_(live)
+        ema_update(self.ema, model, self.hparams.decay)  # the shared EMA part (aikd.methods.ema)
 
 
 def register() -> None:

@@ -19,7 +19,6 @@ in docs/methods/aikd.md.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,6 +32,7 @@ from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, MethodContext, StepOutput, non_negative, positive, register_method, require
 from aikd.methods.buffer import PredictionBuffer
 from aikd.methods.critic import Critic, critic_optimizer, train_critic
+from aikd.methods.ema import ema_update, frozen_copy
 from aikd.methods.functional import distillation_kl
 
 # --------------------------------------------------------------------------- the equations
@@ -46,17 +46,6 @@ def guide_loss(student_logits: Tensor, superior_logits: Tensor, temperature: flo
 def progressive_loss(student_logits: Tensor, previous_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """L_P (Eq. 5): the student stays close to its own prediction of the previous epoch."""
     return distillation_kl(previous_logits, student_logits, temperature)
-
-
-@torch.no_grad()
-def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
-    """average <- decay average + (1 - decay) model, for every floating-point parameter and buffer (BatchNorm's
-    running statistics included); integer buffers (BatchNorm's batch counter) are copied."""
-    for mean, live in zip(average.state_dict().values(), model.state_dict().values(), strict=True):
-        if mean.is_floating_point():
-            mean.mul_(decay).add_(live.to(mean.dtype), alpha=1 - decay)
-        else:
-            mean.copy_(live)
 
 
 PAPER_CRITIC_STEPS = 117_300  # the paper's CIFAR-100 run: 300 epochs x 391 steps of batch 128, one critic step each
@@ -198,7 +187,7 @@ class AIKD(Method):
     def _copy_of_student(self, what: str) -> nn.Module:
         if self.ctx.student is None:
             raise ConfigError(f"{what} copies the student: pass MethodContext(student=model) (the aikd trainer does).")
-        return copy.deepcopy(self.ctx.student).eval().requires_grad_(False)
+        return frozen_copy(self.ctx.student)
 
     @classmethod
     def needs_teacher(cls, hparams: AIKDConfig) -> bool:
