@@ -239,10 +239,11 @@ def submit_sweep(tasks: Sequence[Any], out: Path, options: SlurmOptions, log=pri
     records = Submissions(folder)
     queue = queued_jobs([r.job for r in records.records.values()])
     states = {u.name: _state(u, finished, records, queue) for u in units}
-    job_of = {u.run_dir: records.records[u.name].job for u in units if states[u.name] in ("PENDING", "RUNNING")}
-    todo = [u for u in units if states[u.name] not in ("finished", "PENDING", "RUNNING")]
+    queued = {u.name for u in units if states[u.name] not in ("finished", "new", "ended")}  # any state squeue lists
+    job_of = {u.run_dir: records.records[u.name].job for u in units if u.name in queued}
+    todo = [u for u in units if states[u.name] in ("new", "ended")]
     phase1 = [u for u in todo if u.kind == "phase1"]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # two submissions never share a run list
     if phase1:
         array = _submit_array(folder, f"phase1-{stamp}", phase1, options, None)
         job_of.update({u.run_dir: f"{array}_{i}" for i, u in enumerate(phase1)})
@@ -262,7 +263,7 @@ def submit_sweep(tasks: Sequence[Any], out: Path, options: SlurmOptions, log=pri
         write_results(tasks, out)
     submitted = len(todo)
     log(f"aikd sweep: {sum(s == 'finished' for s in states.values())} of {len(units)} runs finished, "
-        f"{len(units) - submitted - sum(s == 'finished' for s in states.values())} queued, {submitted} submitted "
+        f"{len(queued)} queued, {submitted} submitted "
         f"({len(phase1)} phase-1 models); aikd sweep --status {out}")
     return states
 
@@ -375,8 +376,8 @@ def wait_for(out: Path, poll_s: float = 5.0, log=print) -> list[dict[str, str]]:
     """Block until no job of the sweep is pending or running; the final status."""
     while True:
         rows = sweep_status(out)
-        if not any(r["state"] in ("pending", "running", "configuring", "completing") for r in rows):
-            return rows
+        if not queued_jobs([r["job"] for r in rows]):  # no job of the sweep in the queue, in any state
+            return sweep_status(out)
         time.sleep(poll_s)
 
 
