@@ -334,7 +334,7 @@ def demo_difference(baseline: dict, student: dict) -> str:
     if baseline.get("ece_ts") is not None and student.get("ece_ts") is not None:
         parts.append(f"ECE after temperature scaling {student['ece_ts'] - baseline['ece_ts']:+.2f} points")
     return (f"AI-KD - Baseline, seed {student['seed']}: {', '.join(parts)} (negative is better). One seed is one "
-            f"draw: the paired comparison over 10-14 seeds and 10 draws of the training images, with 95% "
+            f"draw: the paired comparison over 10-14 seeds and 6-10 draws of the training images, with 95% "
             f"intervals, is in docs/results/fmnist_proxy.md.")
 
 
