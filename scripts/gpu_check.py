@@ -165,10 +165,11 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _epochs(run_dir: Path) -> list[dict[str, Any]]:
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (metrics.jsonl, steps.jsonl); a missing file has none."""
     rows = []
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        lines = path.read_text().splitlines()
     except OSError:
         return rows
     for line in lines:
@@ -181,7 +182,7 @@ def _epochs(run_dir: Path) -> list[dict[str, Any]]:
 
 def _run_row(step: str, fit: dict[str, Any], label: str) -> dict[str, Any]:
     run_dir = Path(fit["out"])
-    epochs = _epochs(run_dir)
+    epochs = _jsonl(run_dir / "metrics.jsonl")
     summary = _read_json(run_dir / "summary.json") or {}
     n = fit.get("num_train") or summary.get("num_train")
     row: dict[str, Any] = {
@@ -254,18 +255,6 @@ def _bench_summary(path: Path) -> dict[str, Any] | None:
     }
 
 
-def _steps(work: Path) -> list[dict[str, Any]]:
-    out = []
-    try:
-        lines = (work / "steps.jsonl").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def _f(value: Any, fmt: str = "{:,.0f}", none: str = "-") -> str:
@@ -361,7 +350,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = dict(s.split("=", 1) for s in args.setting)
     result = {"env": _read_json(work / "env.json"), "settings": settings, "runs": _rows(work),
-              "bench": _bench_summary(out / "bench.json"), "steps": _steps(work)}
+              "bench": _bench_summary(out / "bench.json"), "steps": _jsonl(work / "steps.jsonl")}
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
     text = markdown(result)
     (out / "gpu_check.md").write_text(text)

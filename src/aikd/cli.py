@@ -478,9 +478,9 @@ def cmd_configs(args: argparse.Namespace) -> int:
         rows.append((name, str(data.get("method", default.method)),
                      str((data.get("model") or {}).get("name", default.model.name)),
                      str((data.get("data") or {}).get("name", default.data.name))))
-    widths = [max(len(r[i]) for r in [("name", "method", "model", "dataset"), *rows]) for i in range(4)]
-    for row in [("name", "method", "model", "dataset"), *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    from aikd.text import aligned
+
+    print("\n".join(aligned([("name", "method", "model", "dataset"), *rows])))
     return 0
 
 

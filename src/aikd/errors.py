@@ -8,6 +8,7 @@ exits non-zero without a traceback; library users can catch it.
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable
 
 
@@ -62,8 +63,6 @@ def for_rerun(err: AikdError) -> AikdError:
 def exit_code(err: AikdError) -> int:
     """Print ``err`` as the one line a command ends with (stderr); the process's exit code: 128 + N for a run
     stopped by signal N (it saved a checkpoint), else 2."""
-    import sys
-
     if isinstance(err, RunInterrupted):
         print(f"aikd: {err}", file=sys.stderr)
         return err.exit_code

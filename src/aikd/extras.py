@@ -11,9 +11,14 @@ from aikd.errors import ConfigError
 TRACKING = ("mlflow", "tracking", "tracking.backend=mlflow needs MLflow")
 
 
+def missing(extra: str, feature: str) -> str:
+    """The message for a missing optional dependency: what needs it, and the extra that installs it."""
+    return f"{feature}: pip install 'aikd[{extra}]'"
+
+
 def require(module: str, extra: str, feature: str) -> ModuleType:
     """``module``, imported; or a :class:`ConfigError` saying ``feature`` needs it and which extra installs it."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"{feature}: pip install 'aikd[{extra}]'") from None
+        raise ConfigError(missing(extra, feature)) from None

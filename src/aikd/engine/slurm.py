@@ -35,7 +35,9 @@ from typing import Any
 import yaml
 
 from aikd.engine.checkpoint import atomic_write_bytes
+from aikd.engine.pipeline import phase1_finished, student_finished
 from aikd.errors import AikdError, ConfigError, did_you_mean, exit_code
+from aikd.text import aligned
 
 SLURM_FOLDER = "slurm"  # OUT/slurm: the job scripts, their run lists, logs and the submission record
 NO_JOB = "-"  # the record of a run that had finished before the sweep submitted anything for it
@@ -130,8 +132,6 @@ def plan_units(tasks: Sequence[Any]) -> tuple[list[Unit], dict[str, bool]]:
     runs: list[Unit] = []
     finished: dict[str, bool] = {}
     plans = [(task, task.plan()) for task in tasks]
-    from aikd.engine.pipeline import phase1_finished, student_finished
-
     for task, plan in plans:  # a Baseline row that is a phase-1 model trains it as its own unit
         if plan.shared_entry is not None and str(plan.shared_entry) not in phase1:
             unit = _unit(task, "phase1", plan.shared_entry, f"{_label(task)} (phase-1 model)")
@@ -361,9 +361,8 @@ def _ended(record: Record) -> str:
 
 
 def format_status(rows: Sequence[dict[str, str]]) -> str:
-    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("run", "state", "job")} if rows else {}
-    lines = ["  ".join(k.ljust(widths[k]) for k in ("run", "state", "job")) + "  log"] if rows else []
-    lines += ["  ".join(r[k].ljust(widths[k]) for k in ("run", "state", "job")) + f"  {r['log']}" for r in rows]
+    columns = ("run", "state", "job", "log")
+    lines = aligned([columns, *([r[k] for k in columns] for r in rows)]) if rows else []
     counts: dict[str, int] = {}
     for row in rows:
         key = row["state"].split(":")[0]
@@ -372,7 +371,7 @@ def format_status(rows: Sequence[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def wait_for(out: Path, poll_s: float = 5.0, log=print) -> list[dict[str, str]]:
+def wait_for(out: Path, poll_s: float = 5.0) -> list[dict[str, str]]:
     """Block until no job of the sweep is pending or running; the final status."""
     while True:
         rows = sweep_status(out)

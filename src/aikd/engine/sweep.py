@@ -131,11 +131,10 @@ class SweepTask:
     def run(self, quiet: bool, log, phase1_only: bool = False) -> dict[str, Any]:
         result = run_pipeline(self.config, self.pipeline_overrides, self.run_dir, cache_dir=self.cache_dir,
                               quiet=quiet, log=log, variant=self.point.name or None, phase1_only=phase1_only)
-        if phase1_only and "student" not in result:
-            return {"config": self.config, "grid": dict(self.point), "seed": self.seed,
-                    "run_dir": result["superior"]["run_dir"], "top1_err": result["superior"]["top1_err"]}
-        return {"config": self.config, "grid": dict(self.point), "seed": self.seed,
-                "run_dir": str(self.run_dir / "student"), "top1_err": result["student"]["top1_err"]}
+        trained = result.get("student") or result["superior"]  # phase1_only: the phase-1 model alone
+        run_dir = result["superior"]["run_dir"] if "student" not in result else str(self.run_dir / "student")
+        return {"config": self.config, "grid": dict(self.point), "seed": self.seed, "run_dir": run_dir,
+                "top1_err": trained["top1_err"]}
 
 
 def sweep_tasks(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str | Path,

@@ -27,12 +27,12 @@ from typing import Any
 
 from aikd.config import RunConfig
 from aikd.errors import AikdError, RunInterrupted
-from aikd.extras import TRACKING, require
+from aikd.extras import TRACKING, missing, require
 from aikd.fileio import atomic_write_bytes
 
 TRACKING_FILE = "tracking.json"  # in the run folder: which MLflow run it reports to (resume continues it)
 LAST_EPOCH_TAG = "aikd.last_epoch"  # the last epoch the MLflow run holds metrics for
-MISSING = f"{TRACKING[2]}: pip install 'aikd[{TRACKING[1]}]'"
+MISSING = missing(*TRACKING[1:])
 FINAL_FILES = ("summary.json", "config.yaml", "metrics.jsonl", "reliability.json", "reliability.png")
 
 
