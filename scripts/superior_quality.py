@@ -26,7 +26,7 @@ from aikd.engine.checkpoint import load_checkpoint
 from aikd.evaluation import LoadedModel, load_model
 from aikd.metrics import topk_error
 
-PREFIX = "superior_model."
+PREFIX = "superior.model."  # the in-run superior model (aikd.methods.superior) in the method's state
 
 
 def _quality(loaded: LoadedModel, temp_g: float) -> dict[str, float]:

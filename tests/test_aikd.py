@@ -125,7 +125,7 @@ def test_buffer_holds_last_epochs_logits_and_survives_resume(tmp_path):
 
     def step(model, batch):
         if batch.epoch == 1:
-            logits, filled = method.buffer.read(batch.indices)
+            logits, filled = method.previous.buffer.read(batch.indices)
             read.update({i: (row.clone(), bool(f)) for i, row, f in zip(batch.indices.tolist(), logits, filled,
                                                                        strict=True)})
         return original_step(model, batch)
@@ -139,11 +139,11 @@ def test_buffer_holds_last_epochs_logits_and_survives_resume(tmp_path):
     trainer.fit(stop_after=1)
     assert len(written) >= len(trainer.data.train) - 1  # all but a dropped single-sample batch
     saved = load_checkpoint(tmp_path / "checkpoints/last.safetensors").state["method"]
-    assert torch.equal(saved["buffer.logits"], method.buffer.logits.cpu())
+    assert torch.equal(saved["previous.buffer.logits"], method.previous.buffer.logits.cpu())
     resumed = Trainer(cfg, tmp_path, quiet=True)
     resumed.resume()
-    assert torch.equal(resumed.method.buffer.logits, method.buffer.logits)
-    assert torch.equal(resumed.method.buffer.filled, method.buffer.filled)
+    assert torch.equal(resumed.method.previous.buffer.logits, method.previous.buffer.logits)
+    assert torch.equal(resumed.method.previous.buffer.filled, method.previous.buffer.filled)
     trainer.fit(resume=True)
     assert read, "epoch 1 never ran"
     for index, (logits, filled) in read.items():
@@ -157,11 +157,12 @@ def test_discriminator_and_its_optimizer_are_restored(tmp_path, superior):
     first.fit(stop_after=1)
     again = Trainer(cfg, tmp_path, quiet=True)
     again.resume()
-    for (key, a), b in zip(first.method.disc.state_dict().items(), again.method.disc.state_dict().values(),
+    for (key, a), b in zip(first.method.adversary.disc.state_dict().items(),
+                           again.method.adversary.disc.state_dict().values(),
                            strict=True):
         assert torch.equal(a, b), key
-    exp_avg = [s["exp_avg"] for s in first.method.disc_opt.state_dict()["state"].values()]
-    got = [s["exp_avg"] for s in again.method.disc_opt.state_dict()["state"].values()]
+    exp_avg = [s["exp_avg"] for s in first.method.adversary.optimizer.state_dict()["state"].values()]
+    got = [s["exp_avg"] for s in again.method.adversary.optimizer.state_dict()["state"].values()]
     assert exp_avg and all(torch.equal(a, b) for a, b in zip(exp_avg, got, strict=True))
 
 
@@ -193,7 +194,7 @@ def test_run_length_schedule_sets_the_critic_optimizer():
     scaled = AIKD(AIKDConfig(critic_schedule="run_length", critic_reference_steps=400, critic_max_lr=4e-4), ctx)
     # 40 student steps, 10x shorter than the reference: lr 4e-4 (cap), then ceil(10 / 4) = 3 steps.
     assert scaled.critic_lr == pytest.approx(4e-4) and scaled.critic_steps == 3
-    assert scaled.disc_opt.param_groups[0]["lr"] == pytest.approx(4e-4)
+    assert scaled.adversary.optimizer.param_groups[0]["lr"] == pytest.approx(4e-4)
     assert scaled.run_facts() == {"critic_lr": pytest.approx(4e-4), "critic_steps": 3}
     with pytest.raises(ConfigError, match="steps_per_epoch"):
         AIKD(AIKDConfig(critic_schedule="run_length"), MethodContext(num_classes=3, num_train=100, epochs=4))
@@ -205,7 +206,7 @@ def test_run_length_critic_takes_that_many_steps(tmp_path, superior):
     trainer = Trainer(cfg, tmp_path, quiet=True)
     assert trainer.method.critic_steps == 3
     trainer.fit()
-    steps = [s["step"] for s in trainer.method.disc_opt.state_dict()["state"].values()]
+    steps = [s["step"] for s in trainer.method.adversary.optimizer.state_dict()["state"].values()]
     assert steps and all(int(s) == 3 * trainer.step for s in steps)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["critic_steps"] == 3 and summary["critic_lr"] == pytest.approx(1e-4)
@@ -313,17 +314,17 @@ def test_online_superior_switches_on_at_its_epoch(tmp_path, source):
     def end(model, batch, out):
         if "first step" not in seen:
             seen["first step"] = ({k: v.clone() for k, v in model.state_dict().items()},
-                                  {k: v.clone() for k, v in method.superior_model.state_dict().items()})
+                                  {k: v.clone() for k, v in method.superior.model.state_dict().items()})
         original_end(model, batch, out)
         if "after first step" not in seen:
-            seen["after first step"] = {k: v.clone() for k, v in method.superior_model.state_dict().items()}
+            seen["after first step"] = {k: v.clone() for k, v in method.superior.model.state_dict().items()}
 
     method.on_epoch_start, method.on_step_end = start, end
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / source / "metrics.jsonl").read_text().splitlines()]
     assert {k for k in records[0] if k.startswith("loss.")} == {"loss.ce", "loss.prev"}  # epoch 1: not yet
     assert {k for k in records[1] if k.startswith("loss.")} == {"loss.ce", "loss.prev", "loss.guide", "loss.adv"}
-    final = method.superior_model.state_dict()
+    final = method.superior.model.state_dict()
     if source == "milestone":  # a frozen copy of the student as it began epoch 2
         for key, value in seen["student at start of 1"].items():
             assert torch.equal(final[key], value), key
@@ -380,7 +381,7 @@ def test_online_ema_trains_under_torchrun(tmp_path):
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["world_size"] == 2 and summary["teacher"] is None
     state = load_checkpoint(tmp_path / "run/checkpoints/last.safetensors").state["method"]
-    assert any(k.startswith("superior_model.") for k in state) and bool(state["superior_ready"])
+    assert any(k.startswith("superior.model.") for k in state)
 
 
 def write_cifar100(root, n_train_per_class=2, n_test_per_class=1):
@@ -426,9 +427,9 @@ def test_frozen_copies_stay_in_eval_mode_when_the_method_trains():
     ctx = MethodContext(num_classes=3, num_train=4, epochs=4, student=student)
     for config in (AIKDConfig(superior="ema"), AIKDConfig(prev="snapshot")):
         method = AIKD(config, ctx).train()
-        frozen = method.superior_model if config.superior == "ema" else method.snapshot
+        frozen = method.superior.model if config.superior == "ema" else method.previous.model
         assert not frozen.training and not any(m.training for m in frozen.modules())
-        assert method.disc.training  # the critic does train
+        assert method.adversary.disc.training  # the critic does train
 
 
 def _superior_quality_script():

@@ -118,7 +118,63 @@ def test_to_dict_round_trips_through_from_dict(cfg_file, tmp_path):
 
 def test_method_config_is_the_selected_methods_section():
     cfg = from_dict({"method": "ce"})
-    assert cfg.method_config() is cfg.methods["ce"]
+    assert cfg.method_config() is cfg.hparams
+    kd = from_dict({"method": "kd", "kd": {"alpha": 0.3}})
+    assert kd.method_config().alpha == 0.3 and kd.to_dict()["kd"]["alpha"] == 0.3
+    assert from_dict({"method": "kd"}).method_config() == type(kd.hparams)()  # no section: the defaults
+
+
+def test_another_methods_section_is_checked_and_dropped():
+    """A sweep applies its overrides to every config, so a ce config may carry an aikd section: checked, not kept."""
+    cfg = from_dict({"method": "ce", "kd": {"alpha": 0.3}})
+    assert "kd" not in cfg.to_dict() and cfg.to_dict() == from_dict({"method": "ce"}).to_dict()
+    with pytest.raises(ConfigError, match=r"Unknown config key 'kd\.alpah'\. Did you mean 'alpha'\?"):
+        from_dict({"method": "ce", "kd": {"alpah": 0.3}})
+    with pytest.raises(ConfigError, match=r"Config key 'kd\.alpha' is a weight in \[0, 1\], got 3"):
+        from_dict({"method": "ce", "kd": {"alpha": 3}})
+
+
+def test_config_does_not_import_the_methods():
+    """The method schemas come from aikd.registry.METHOD_CONFIGS, which importing aikd fills."""
+    import ast
+    import importlib.util
+
+    from aikd.registry import METHOD_CONFIGS
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("import_graph", root / "scripts" / "import_graph.py")
+    graph = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph)
+    imports = graph.imported(ast.parse((root / "src" / "aikd" / "config.py").read_text()), "aikd.config", False)
+    assert not [m for m in imports if m.startswith("aikd.methods") or m == "aikd.catalog.methods"], imports
+    assert {"ce", "kd", "aikd", "pskd"} <= set(METHOD_CONFIGS.names())
+
+
+def test_a_method_registered_for_a_while_takes_its_schema_with_it():
+    from aikd.methods import METHODS, Method, register_method
+    from aikd.registry import METHOD_CONFIGS
+
+    @dataclasses.dataclass
+    class Settings:
+        strength: float = 1.0
+
+    for _ in range(2):  # registered again after its removal, as a test fixture does
+        register_method("plugin_for_a_while", Settings)(type("Plugin", (Method,), {}))
+        assert from_dict({"method": "plugin_for_a_while", "plugin_for_a_while": {"strength": 2}}).hparams.strength == 2
+        METHODS.remove("plugin_for_a_while")
+        assert "plugin_for_a_while" not in METHOD_CONFIGS
+    with pytest.raises(ConfigError, match="Unknown method 'plugin_for_a_while'"):
+        from_dict({"method": "plugin_for_a_while"})
+
+
+def test_sections_check_their_ranges_when_built_in_code_too():
+    RunConfig(), DataConfig(), TrainConfig()  # the defaults pass
+    with pytest.raises(ConfigError, match=r"Config key 'data\.holdout' is a fraction .* got 1\.0\."):
+        DataConfig(holdout=1.0)
+    with pytest.raises(ConfigError, match=r"Config key 'train\.epochs' must be positive, got 0\."):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match=r"Config key 'device' must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"):
+        RunConfig(device="gpu")
 
 
 # ---------------------------------------------------------------- errors
@@ -208,6 +264,11 @@ def test_milestone_one_is_allowed(cfg_file):
     ("train.lr=.nan", "train.lr", "nan"),
     ("train.lr=.inf", "train.lr", "inf"),
     ("device=gpu", "device", "'gpu'"),
+    ("data.holdout=1", "data.holdout", "1"),
+    ("data.mix_prob=1.5", "data.mix_prob", "1.5"),
+    ("data.num_workers=-1", "data.num_workers", "-1"),
+    ("data.crop_padding=-2", "data.crop_padding", "-2"),
+    ("train.keep_last=0", "train.keep_last", "0"),
 ])
 def test_out_of_range_values(cfg_file, override, key, value):
     msg = _error(cfg_file, [override])
@@ -223,6 +284,8 @@ def test_huge_integer_for_float_key_is_a_config_error():
 def test_methods_is_not_a_settable_key():
     with pytest.raises(ConfigError, match="methods"):
         from_dict({"methods": {}})
+    with pytest.raises(ConfigError, match="Config key 'hparams' cannot be set"):
+        from_dict({"hparams": {}})
 
 
 def test_malformed_overrides(cfg_file):
@@ -275,7 +338,7 @@ def test_section_that_is_not_a_mapping(tmp_path):
 # ---------------------------------------------------------------- property: ConfigError or a RunConfig
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "teacher": TeacherConfig}
-_TOP_KEYS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS]  # includes 'methods'
+_TOP_KEYS = [f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS]  # includes 'hparams'
 
 _scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
             | st.sampled_from([0, 1, 2, 0.5, 1e-4, "1e-4", "standard", "none", "auto", "cpu", "ce",
@@ -316,6 +379,7 @@ def _config_dicts(draw):
 @given(_config_dicts())
 @example({"train": {"lr": 10 ** 400}})
 @example({"methods": {"ce": {}}})
+@example({"hparams": {}})
 @example({1: 2, "data": {None: 1}})
 @example({"train": {"epochs": 5, "milestones": [0.2, 1.0]}, "data": {"augment": "none"}})
 def test_from_dict_returns_config_or_config_error(data):

@@ -116,7 +116,7 @@ def test_buffer_holds_every_training_sample_after_one_distributed_epoch_and_resu
     first = torchrun(*train_args("aikd", out, teacher), "--stop-after", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = load_checkpoint(out / "checkpoints" / "last.safetensors")
-    logits = ckpt.state["method"]["buffer.logits"]
+    logits = ckpt.state["method"]["previous.buffer.logits"]
     assert logits.shape == (DIGITS_TRAIN, 10)
     assert bool(logits.isfinite().all())  # an entry in every row: unseen rows would hold NaN
     assert bool((logits.float().abs().sum(dim=1) > 0).all())

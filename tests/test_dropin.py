@@ -44,7 +44,7 @@ def test_aikd_loss_equals_the_aikd_method_with_a_pretrained_superior():
     method = AIKD(AIKDConfig(), ctx)
     torch.manual_seed(5)
     criterion = AIKDLoss(c, n)
-    criterion.critic.load_state_dict(method.disc.state_dict())  # same critic start
+    criterion.adversary.disc.load_state_dict(method.adversary.disc.state_dict())  # same critic start
     for epoch in range(2):
         for idx in (torch.arange(0, 5), torch.arange(5, 10)):
             batch = Batch(x[idx], y[idx], idx, epoch, 0)
@@ -57,7 +57,8 @@ def test_aikd_loss_equals_the_aikd_method_with_a_pretrained_superior():
             assert {k: round(v.item(), 5) for k, v in criterion.last_terms.items()} == \
                 {k: round(v.item(), 5) for k, v in out.losses.items()}
             method.on_step_end(student, batch, out)
-    for (key, a), b in zip(method.disc.state_dict().items(), criterion.critic.state_dict().values(), strict=True):
+    for (key, a), b in zip(method.adversary.disc.state_dict().items(),
+                            criterion.adversary.disc.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=key)
 
 
@@ -69,9 +70,9 @@ def test_aikd_loss_state_dict_carries_buffer_critic_and_its_optimizer(tmp_path):
     restored = AIKDLoss(3, 8)
     restored.load_state_dict(torch.load(tmp_path / "loss.pt", weights_only=False))
     assert torch.equal(restored.buffer.logits, criterion.buffer.logits)
-    moments = [s["exp_avg"] for s in restored.critic_opt.state_dict()["state"].values()]
+    moments = [s["exp_avg"] for s in restored.adversary.optimizer.state_dict()["state"].values()]
     assert moments and all(torch.equal(a, s["exp_avg"]) for a, s in
-                           zip(moments, criterion.critic_opt.state_dict()["state"].values(), strict=True))
+                           zip(moments, criterion.adversary.optimizer.state_dict()["state"].values(), strict=True))
 
 
 def test_lightning_example_trains_an_epoch_and_checkpoints(tmp_path, one_thread):
@@ -89,7 +90,7 @@ def test_lightning_example_trains_an_epoch_and_checkpoints(tmp_path, one_thread)
     for key, value in module.state_dict().items():
         if isinstance(value, torch.Tensor):  # the buffer's unseen (validation) samples are NaN rows
             torch.testing.assert_close(again.state_dict()[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
-    steps = {int(s["step"]) for s in again.criterion.critic_opt.state_dict()["state"].values()}
+    steps = {int(s["step"]) for s in again.criterion.adversary.optimizer.state_dict()["state"].values()}
     assert steps == {5}  # the critic's Adam state came back: one step per batch of 320 / 64
 
 

@@ -25,7 +25,7 @@ from aikd.engine import Trainer
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.methods import METHODS, Batch, Method, MethodContext, StepOutput, register_method
 from aikd.methods.base import positive, weight
-from aikd.methods.ema import ema_update, frozen_copy
+from aikd.methods.ema import EMAModel
 from aikd.methods.functional import distillation_kl
 
 NAME = "ema_teacher_test"
@@ -50,7 +50,7 @@ class EMATeacher(Method):
 
     def __init__(self, hparams: EMATeacherConfig, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)
-        self.ema = frozen_copy(ctx.student)  # ordinary state: in state_dict()
+        self.ema = EMAModel(ctx.student, hparams.decay)  # the shared EMA part: ordinary state, in state_dict()
 
     @classmethod
     def loss_terms(cls, hparams: EMATeacherConfig) -> set[str]:
@@ -59,13 +59,12 @@ class EMATeacher(Method):
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         h = self.hparams
         logits = model(batch.images)
-        with torch.no_grad():
-            target = self.ema(batch.images).float()
+        target = self.ema.logits(batch.images)
         return StepOutput(logits, {"ce": (1 - h.weight) * F.cross_entropy(logits, batch.targets),
                                    "ema": h.weight * distillation_kl(target, logits.float(), h.temperature)})
 
     def on_step_end(self, model: nn.Module, batch: Batch, output: StepOutput) -> None:
-        ema_update(self.ema, model, self.hparams.decay)  # the shared EMA part (aikd.methods.ema)
+        self.ema.update(model)
 
 
 def register() -> None:
@@ -87,10 +86,10 @@ def test_ema_teacher_follows_the_student_after_every_step(tmp_path, ema_method, 
     original = trainer.method.on_step_end
 
     def watch(model, batch, output):
-        before = {k: v.clone() for k, v in trainer.method.ema.state_dict().items()}
+        before = {k: v.clone() for k, v in trainer.method.ema.model.state_dict().items()}
         original(model, batch, output)
         seen.append((before, {k: v.clone() for k, v in model.state_dict().items()},
-                     {k: v.clone() for k, v in trainer.method.ema.state_dict().items()}))
+                     {k: v.clone() for k, v in trainer.method.ema.model.state_dict().items()}))
 
     trainer.method.on_step_end = watch
     trainer.fit()
@@ -113,7 +112,7 @@ def test_ema_teacher_is_saved_and_resumes_exactly(tmp_path, ema_method, one_thre
     split = Trainer(cfg, tmp_path / "split", quiet=True)
     split.fit(stop_after=1)
     saved = load_checkpoint(tmp_path / "split/checkpoints/last.safetensors").state["method"]
-    assert any(k.startswith("ema.") for k in saved)  # the EMA copy travels in the method's state_dict()
+    assert any(k.startswith("ema.model.") for k in saved)  # the EMA copy travels in the method's state_dict()
     resumed = Trainer(cfg, tmp_path / "split", quiet=True).fit(resume=True)
     timing = {"time_per_epoch_s", "train_time_s"}
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in expected.items()
@@ -133,7 +132,7 @@ def test_ema_teacher_trains_under_torchrun_with_two_ranks(tmp_path):
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["world_size"] == 2 and summary["method"] == NAME and summary["top1_err"] < 50
     state = load_checkpoint(tmp_path / "run/checkpoints/last.safetensors").state["method"]
-    ema = {k.removeprefix("ema."): v for k, v in state.items() if k.startswith("ema.")}
+    ema = {k.removeprefix("ema.model."): v for k, v in state.items() if k.startswith("ema.model.")}
     model = load_checkpoint(tmp_path / "run/checkpoints/last.safetensors").model
     assert ema.keys() == model.keys() and any(not torch.equal(ema[k], model[k]) for k in ema)
 

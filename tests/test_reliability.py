@@ -209,14 +209,14 @@ def test_skip_policy_skips_counts_and_keeps_the_model_finite(tmp_path, one_threa
     assert summary["skipped_steps"] == 2
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [1, 1]
-    buffer = trainer.method.state_dict()["buffer.logits"]
+    buffer = trainer.method.state_dict()["previous.buffer.logits"]
     assert bool((buffer.isfinite().all(1) | buffer.isnan().all(1)).all())  # whole rows: written, or unseen (NaN)
     for key, tensor in [*trainer.model.state_dict().items(), *trainer.method.state_dict().items()]:
-        if tensor.is_floating_point() and key != "buffer.logits":
+        if tensor.is_floating_point() and key != "previous.buffer.logits":
             assert torch.isfinite(tensor).all(), key  # weights, BatchNorm statistics, critic
     assert trainer.step == 8  # the schedule moved on through the skipped steps
     # The critic learns only from steps that stand: 6 Adam steps for the 6 applied student steps.
-    critic_steps = [int(s["step"]) for s in trainer.method.disc_opt.state_dict()["state"].values()]
+    critic_steps = [int(s["step"]) for s in trainer.method.adversary.optimizer.state_dict()["state"].values()]
     assert critic_steps and set(critic_steps) == {6}
 
 

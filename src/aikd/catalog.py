@@ -1,10 +1,11 @@
 """The built-in registries, for code that must look names up without importing their modules at load time.
 
 Methods, models and datasets register themselves next to their definitions
-(``@register_method``, ``MODELS.register``, ``DATASETS.register``). Config
-validation needs all three, yet the config module must not import the methods
-(they are built from configs). These accessors import the defining packages on
-first use, which runs every registration, and return the filled registries.
+(``@register_method``, ``MODELS.register``, ``DATASETS.register``). These accessors
+import the defining packages on first use, which runs every registration, and return
+the filled registries. Config validation looks models and datasets up here; it finds
+the methods' hyper-parameter schemas in :data:`aikd.registry.METHOD_CONFIGS` instead
+(importing :mod:`aikd` registers the shipped methods), so it never imports a method.
 """
 
 from __future__ import annotations

@@ -6,7 +6,12 @@ value a user writes passes through :func:`build`, which rejects unknown keys
 (with a suggestion) and wrong types before anything is trained.
 
 Method hyper-parameters live in a top-level section named after the method
-(``aikd.alpha_g``, ``pskd.alpha_t``); each method registers its own dataclass.
+(``aikd.alpha_g``, ``pskd.alpha_t``); each method registers its own dataclass in
+:data:`aikd.registry.METHOD_CONFIGS`, so this module imports no method.
+
+Value ranges are checked by each section's own ``__post_init__`` (with the helpers of
+:mod:`aikd.checks`), the run's sections and the methods' alike, so a dataclass built in
+code is checked as one read from a file.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from aikd.checks import non_negative, positive, require
 from aikd.data.settings import DataConfig
 from aikd.errors import ConfigError, did_you_mean
+from aikd.registry import METHOD_CONFIGS
 
 __all__ = ["DataConfig", "ModelConfig", "RunConfig", "TeacherConfig", "TrainConfig", "apply_overrides", "from_dict",
            "load_config", "read_yaml", "save_config"]
@@ -69,6 +76,15 @@ class TrainConfig:
     # statistics are averaged over the ranks at every epoch's end.
     sync_bn: bool = False
 
+    def __post_init__(self) -> None:
+        for key in ("epochs", "lr", "eval_every", "keep_last", "max_skipped_steps"):
+            positive(f"train.{key}", getattr(self, key))
+        for key in ("momentum", "weight_decay", "gamma"):
+            non_negative(f"train.{key}", getattr(self, key))
+        for m in self.milestones:
+            require(0 < m <= 1, "train.milestones", m, "holds fractions of the run in (0, 1] "
+                    "(the paper's 150 and 225 of 300 epochs are 0.5 and 0.75)")
+
 
 @dataclass
 class TeacherConfig:
@@ -97,8 +113,11 @@ class TrackingConfig:
     log_checkpoint: bool = True  # upload the final checkpoint (checkpoints/last.safetensors) as an artifact
 
 
-# RunConfig fields that to_dict() leaves out: they do not shape the run (see TrackingConfig).
-NOT_SAVED = ("methods", "tracking")
+# RunConfig fields that to_dict() leaves out: the method's hyper-parameters, saved under the method's name
+# instead, and what does not shape the run (see TrackingConfig).
+NOT_SAVED = ("hparams", "tracking")
+# The metadata of a field that no config sets by its name (RunConfig.hparams: filled from the method's section).
+NOT_A_KEY = {"config_key": False}
 
 
 @dataclass
@@ -113,24 +132,30 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    # Hyper-parameters of methods, by method name: {"aikd": AIKDConfig(...)}.
-    methods: dict[str, Any] = field(default_factory=dict)
+    # The selected method's hyper-parameters (its registered dataclass, from the config's section named after
+    # the method); None in a RunConfig built in code without from_dict.
+    hparams: Any = field(default=None, metadata=NOT_A_KEY)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        dev = self.device
+        require(dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:"), "device", dev,
+                "must be auto, cpu, cuda, cuda:N or mps")
 
     def method_config(self) -> Any:
         """The hyper-parameters of the selected method (its dataclass instance)."""
-        return self.methods[self.method]
+        return self.hparams
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-ready form, with the selected method's section as a top-level key.
 
-        Other methods' sections are left out: they do not shape the run, and a new
-        default in one method must not make another method's saved runs look changed.
-        The tracking section is left out too (:class:`TrackingConfig`).
+        Only the selected method has a section: other methods' settings do not shape the
+        run, and a new default in one method must not make another method's saved runs look
+        changed. The tracking section is left out too (:class:`TrackingConfig`).
         """
         out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in NOT_SAVED}
-        if self.method in self.methods:
-            out[self.method] = _plain(self.methods[self.method])
+        if self.hparams is not None:
+            out[self.method] = _plain(self.hparams)
         return out
 
 
@@ -147,13 +172,15 @@ def _plain(value: Any) -> Any:
 def method_schemas() -> dict[str, type]:
     """Each registered method's hyper-parameter dataclass (``Method.Config``), by method name.
 
-    The schemas come from the method registry (:mod:`aikd.catalog`), so this module imports
-    no method and no method imports it.
+    The schemas come from :data:`aikd.registry.METHOD_CONFIGS`, which ``register_method`` fills
+    (importing :mod:`aikd` registers the shipped methods), so this module imports no method.
     """
-    from aikd.catalog import methods
+    return {name: METHOD_CONFIGS.get(name) for name in METHOD_CONFIGS.names()}
 
-    registry = methods()
-    return {name: registry.get(name).Config for name in registry.names()}
+
+def _keys(cls: type) -> dict[str, dataclasses.Field]:
+    """The fields of a section that a config sets, by name."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("config_key", True)}
 
 
 # ---------------------------------------------------------------------------
@@ -174,7 +201,7 @@ def build(cls: type, data: Any, where: str) -> Any:
             f"Config section '{where}' must be a mapping of keys to values, got {data!r}."
         )
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = _keys(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
@@ -182,12 +209,12 @@ def build(cls: type, data: Any, where: str) -> Any:
             hint = did_you_mean(str(key), fields) or _key_elsewhere(str(key), where)
             raise ConfigError(f"Unknown config key '{path}'.{hint} Valid keys here: {', '.join(fields)}.")
         kwargs[key] = _check(hints[key], value, path)
-    return cls(**kwargs)
+    return cls(**kwargs)  # its __post_init__ checks the ranges (a ConfigError naming the key)
 
 
 def _key_elsewhere(key: str, where: str) -> str:
     """' Did you mean 'data.batch_size'?' for a key that belongs to another section (or to the top level)."""
-    sections = {f.name: f.type for f in dataclasses.fields(RunConfig) if f.name != "methods"}
+    sections = _keys(RunConfig)
     hints = typing.get_type_hints(RunConfig)
     candidates = []
     for name in sections:
@@ -239,68 +266,101 @@ def _value(value: Any, hint: Any) -> Any:
 
 
 def _check(hint: Any, value: Any, path: str) -> Any:
-    value = _value(value, hint)
-    origin = typing.get_origin(hint)
+    """``value`` checked against the schema type ``hint`` (and converted: an int for a float key becomes a float)."""
+    check = _checker(hint)
+    if check is None:
+        raise TypeError(f"unsupported schema type {hint!r} at {path}")  # a bug in a schema
+    return check(hint, _value(value, hint), path)
+
+
+def _checker(hint: Any) -> Any:
+    """The function that checks values of type ``hint``, called as ``check(hint, value, path)``; None for a type
+    no schema may use."""
     if dataclasses.is_dataclass(hint):
-        return build(hint, value, path)
+        return build
+    origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check(option, value, path)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else _type_error(path, hint, value))
+        return _check_union
     if origin is Literal:
-        allowed = typing.get_args(hint)
-        if isinstance(value, bool) and {"on", "off"} <= set(allowed):  # YAML 1.1 reads on/off as booleans
-            value = "on" if value else "off"
-        if value not in allowed:
-            raise ConfigError(
-                f"Config key '{path}' must be one of {', '.join(map(repr, allowed))}, "
-                f"got {value!r}.{did_you_mean(str(value), map(str, allowed))}"
-            )
-        return value
+        return _check_literal
     if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise _type_error(path, hint, value)
-        return [_check(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if hint is Any:
+        return _check_list
+    return _SCALARS.get(hint)
+
+
+def _check_union(hint: Any, value: Any, path: str) -> Any:
+    options = typing.get_args(hint)
+    if value is None and type(None) in options:
+        return None
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return _check(option, value, path)
+        except ConfigError as err:
+            errors.append(str(err))
+    raise ConfigError(errors[0]) if len(errors) == 1 else _type_error(path, hint, value)
+
+
+def _check_literal(hint: Any, value: Any, path: str) -> Any:
+    allowed = typing.get_args(hint)
+    if isinstance(value, bool) and {"on", "off"} <= set(allowed):  # YAML 1.1 reads on/off as booleans
+        value = "on" if value else "off"
+    if value not in allowed:
+        raise ConfigError(
+            f"Config key '{path}' must be one of {', '.join(map(repr, allowed))}, "
+            f"got {value!r}.{did_you_mean(str(value), map(str, allowed))}"
+        )
+    return value
+
+
+def _check_list(hint: Any, value: Any, path: str) -> list[Any]:
+    (item,) = typing.get_args(hint)
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise _type_error(path, hint, value)
+    return [_check(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+def _check_any(hint: Any, value: Any, path: str) -> Any:
+    return value
+
+
+def _check_bool(hint: Any, value: Any, path: str) -> bool:
+    if isinstance(value, bool):
         return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
+    raise _type_error(path, hint, value)
+
+
+def _check_int(hint: Any, value: Any, path: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _type_error(path, hint, value)
+
+
+def _check_float(hint: Any, value: Any, path: str) -> float:
+    if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise _type_error(path, hint, value) from None
+    if not isinstance(value, int | float) or isinstance(value, bool):
         raise _type_error(path, hint, value)
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(path, hint, value)
-    if hint is float:
-        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise _type_error(path, hint, value) from None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:  # an int beyond the float range
-                number = math.inf
-            if not math.isfinite(number):
-                raise ConfigError(f"Config key '{path}' must be a finite number, got {number!r}.")
-            return number
-        raise _type_error(path, hint, value)
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(path, hint, value)
-    raise TypeError(f"unsupported schema type {hint!r} at {path}")  # a bug in a schema
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        number = math.inf
+    require(math.isfinite(number), path, number, "must be a finite number")
+    return number
+
+
+def _check_str(hint: Any, value: Any, path: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise _type_error(path, hint, value)
+
+
+_SCALARS = {Any: _check_any, bool: _check_bool, int: _check_int, float: _check_float, str: _check_str}
 
 
 def _type_name(hint: Any) -> str:
@@ -320,88 +380,41 @@ def _type_error(path: str, hint: Any, value: Any) -> ConfigError:
     )
 
 
-def _check_values(cfg: RunConfig) -> None:
-    """Range checks that types alone cannot express."""
-    positive = {
-        "train.epochs": cfg.train.epochs,
-        "data.batch_size": cfg.data.batch_size,
-        "data.eval_batch_size": cfg.data.eval_batch_size,
-        "train.eval_every": cfg.train.eval_every,
-        "train.keep_last": cfg.train.keep_last,
-        "train.max_skipped_steps": cfg.train.max_skipped_steps,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"Config key '{key}' must be positive, got {value}.")
-    for key in ("data.train_limit", "data.test_limit", "data.image_size"):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"Config key '{key}' must be positive or null, got {value}.")
-    if cfg.data.crop_padding is not None and cfg.data.crop_padding < 0:
-        raise ConfigError(f"Config key 'data.crop_padding' is the random crop's padding in pixels (0: no crop, "
-                          f"null: the dataset's), got {cfg.data.crop_padding}.")
-    if cfg.data.val_size < 0:
-        raise ConfigError(f"Config key 'data.val_size' is a number of training images (0: off), "
-                          f"got {cfg.data.val_size}.")
-    if not 0 <= cfg.data.holdout < 1:
-        raise ConfigError(f"Config key 'data.holdout' is a fraction of the training split in [0, 1), "
-                          f"got {cfg.data.holdout}.")
-    if cfg.data.cutout < 0:
-        raise ConfigError(f"Config key 'data.cutout' is a patch side in pixels (0: off), got {cfg.data.cutout}.")
-    if cfg.data.mix_alpha <= 0:
-        raise ConfigError(f"Config key 'data.mix_alpha' must be positive (Beta distribution), "
-                          f"got {cfg.data.mix_alpha}.")
-    if not 0 <= cfg.data.mix_prob <= 1:
-        raise ConfigError(f"Config key 'data.mix_prob' is a probability in [0, 1], got {cfg.data.mix_prob}.")
-    if cfg.data.num_workers is not None and cfg.data.num_workers < 0:
-        raise ConfigError(f"Config key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}.")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"Config key 'train.lr' must be positive, got {cfg.train.lr}.")
-    for key in ("train.momentum", "train.weight_decay", "train.gamma"):
-        value = getattr(cfg.train, key.split(".")[1])
-        if value < 0:
-            raise ConfigError(f"Config key '{key}' must be >= 0, got {value}.")
-    for m in cfg.train.milestones:
-        if not 0 < m <= 1:
-            raise ConfigError(
-                f"Config key 'train.milestones' holds fractions of the run in (0, 1] "
-                f"(the paper's 150 and 225 of 300 epochs are 0.5 and 0.75), got {m}."
-            )
-    dev = cfg.device
-    if not (dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:")):
-        raise ConfigError(f"Config key 'device' must be auto, cpu, cuda, cuda:N or mps, got {dev!r}.")
-
-
 def from_dict(data: Mapping[str, Any], source: str = "config") -> RunConfig:
     """Validate a plain mapping (a parsed YAML file plus overrides) into a RunConfig.
 
     Everything a run will use is checked here, before any data is read or any model built:
-    keys, types, value ranges (each method's in its own config dataclass), and the names of
-    the method, model, teacher model and dataset against their registries.
+    keys, types, value ranges (each section's, a method's too, in its dataclass's ``__post_init__``),
+    and the names of the method, model, teacher model and dataset against their registries.
+
+    Only the selected method's section is kept (its defaults where the mapping has none). A section
+    named after another registered method is checked with that method's schema, so a typo there is
+    caught, and then dropped: a sweep applies its overrides and ``--grid`` to every config it runs,
+    whichever method each one trains.
     """
-    schemas = method_schemas()
     data = dict(data)
     method = _value(data.get("method", "ce"), str)
     if not isinstance(method, str):
         raise ConfigError(f"Config key 'method' must be a method name, got {method!r}.")
-    if method not in schemas:
+    names = METHOD_CONFIGS.names()
+    if method not in METHOD_CONFIGS:
         raise ConfigError(
             f"Unknown method '{method}' (config key 'method' in {source})."
-            f"{did_you_mean(method, schemas)} Available: {', '.join(sorted(schemas))}."
+            f"{did_you_mean(method, names)} Available: {', '.join(names)}."
         )
     data["method"] = method
-    if "methods" in data:  # filled from the method sections below, not settable itself
-        raise ConfigError(
-            f"Config key 'methods' cannot be set (in {source}): method hyper-parameters go in a "
-            f"top-level section named after the method, for example '{method}:'."
-        )
-    methods = {}
-    for name, schema in schemas.items():
-        methods[name] = build(schema, data.pop(name, None), name)
+    for key in ("methods", "hparams"):  # filled from the method's section below, not settable themselves
+        if key in data:
+            raise ConfigError(
+                f"Config key '{key}' cannot be set (in {source}): method hyper-parameters go in a "
+                f"top-level section named after the method, for example '{method}:'."
+            )
+    hparams = build(METHOD_CONFIGS.get(method), data.pop(method, None), method)
+    for name in names:
+        if name in data:  # another method's section: checked, not kept
+            build(METHOD_CONFIGS.get(name), data.pop(name), name)
     cfg = build(RunConfig, data, "")
-    cfg.methods = methods
-    _check_values(cfg)
+    cfg.hparams = hparams
     _check_names(cfg)
     _check_tracking(cfg)
     return cfg

@@ -12,10 +12,10 @@ from torch import Tensor, nn
 from aikd.config import RunConfig, apply_overrides, from_dict
 from aikd.data import DataBundle, load_data
 from aikd.engine.checkpoint import load_checkpoint
+from aikd.engine.evaluator import Evaluator
 from aikd.engine.model_io import check_fits, model_from_checkpoint
 from aikd.engine.runtime import autocast_dtype, pick_device
 from aikd.errors import AikdError, CheckpointError
-from aikd.metrics import classification_metrics, predict
 
 
 @dataclass
@@ -30,16 +30,13 @@ class LoadedModel:
     name: str  # the architecture
     epoch: int | None
 
+    def evaluator(self, quiet: bool = True) -> Evaluator:
+        """The evaluator a training run uses, for this model as saved (it keeps its answers: hold on to it)."""
+        return Evaluator(self.model, self.data, self.device, autocast_dtype(self.cfg.train, self.device), quiet=quiet)
+
     def predict(self, split=None, quiet: bool = True, description: str = "eval") -> tuple[Tensor, Tensor]:
         """Logits and labels on ``split`` (default: the test split)."""
-        from aikd.engine.logger import progress_bar
-
-        loader = self.data.loader(train=False, split=split)
-        bar = progress_bar(len(loader), description, quiet)
-        out = predict(self.model, loader, lambda x: self.data.to_device(x, False, None), self.device,
-                      autocast_dtype(self.cfg.train, self.device), bar)
-        bar.close()
-        return out
+        return self.evaluator(quiet).predict(split, description)
 
 
 def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedModel:
@@ -83,28 +80,26 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] | tuple[str, ...]
     ``plot`` writes the reliability diagram before and after scaling there.
     """
     loaded = load_model(path, overrides)
-    logits, labels = loaded.predict(quiet=quiet)
-    result = {**classification_metrics(logits, labels), "checkpoint": str(path), "method": loaded.cfg.method,
+    evaluator = loaded.evaluator(quiet)
+    result = {**evaluator.metrics(loaded.epoch), "checkpoint": str(path), "method": loaded.cfg.method,
               "model": loaded.name, "dataset": loaded.cfg.data.name, "epoch": loaded.epoch}
     if calibrate:
-        result.update(_calibrate(loaded, logits, labels, quiet, plot))
+        result.update(_calibrate(loaded, evaluator, plot))
     return result
 
 
-def _calibrate(loaded: LoadedModel, logits: Tensor, labels: Tensor, quiet: bool,
-               plot: str | Path | None) -> dict[str, float]:
-    from aikd.metrics.calibration import calibrate
+def _calibrate(loaded: LoadedModel, evaluator: Evaluator, plot: str | Path | None) -> dict[str, float]:
     from aikd.metrics.reliability import write_reliability
 
-    if loaded.data.holdout is None:
+    calibration = evaluator.calibration(loaded.epoch)
+    if calibration is None:
         raise AikdError(
             f"'{loaded.path}' was trained on the whole training split (data.holdout=0), so no held-out "
             f"images are left to fit the temperature on, and the test set must not be used. Retrain with "
             f"data.holdout=0.1, or pass data.holdout=0.1 here to fit on 10% of the training split (images "
             f"the model has seen, so the fitted temperature will be too low)."
         )
-    held = loaded.predict(loaded.data.holdout, quiet, "holdout")
-    metrics, bins = calibrate(*held, logits, labels)
+    metrics, bins = calibration
     if plot is not None:
         write_reliability(bins, metrics["temperature"], f"{loaded.cfg.method} - {loaded.cfg.data.name}", plot)
     return metrics

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aikd.errors import ConfigError, did_you_mean
 
@@ -17,12 +17,18 @@ class Registry(Generic[T]):
         self.kind = kind
         self.config_key = config_key
         self._items: dict[str, T] = {}
+        self._on_remove: dict[str, Callable[[], None]] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, on_remove: Callable[[], None] | None = None) -> Callable[[T], T]:
+        """Decorator registering its object as ``name``; ``on_remove`` runs when :meth:`remove` forgets it
+        (to forget what was registered beside it elsewhere, such as a method's config schema)."""
+
         def decorator(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
             self._items[name] = obj
+            if on_remove is not None:
+                self._on_remove[name] = on_remove
             return obj
 
         return decorator
@@ -40,9 +46,19 @@ class Registry(Generic[T]):
     def remove(self, name: str) -> None:
         """Forget ``name`` (a plugin registered for a while, such as a test's method)."""
         del self._items[name]
+        hook = self._on_remove.pop(name, None)
+        if hook is not None:
+            hook()
 
     def names(self) -> list[str]:
         return sorted(self._items)
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+# The hyper-parameter dataclass of every registered method, by method name: the schema of the config section
+# named after the method. Filled by aikd.methods.base.register_method beside the method registry itself, so
+# that aikd.config validates method sections without importing any method (importing aikd registers the
+# shipped ones).
+METHOD_CONFIGS: Registry[type[Any]] = Registry("method", "method")

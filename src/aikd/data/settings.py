@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from aikd.checks import positive, positive_or_null, require
+
 
 @dataclass
 class DataConfig:
@@ -44,3 +46,18 @@ class DataConfig:
     # Image-file datasets: decode every file the run uses before it starts, leave out those that fail and list
     # them (in the log and in the run's summary). Off: a bad file stops the run when its batch comes up.
     skip_bad_files: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "eval_batch_size"):
+            positive(f"data.{key}", getattr(self, key))
+        for key in ("train_limit", "test_limit", "image_size"):
+            positive_or_null(f"data.{key}", getattr(self, key))
+        require(self.crop_padding is None or self.crop_padding >= 0, "data.crop_padding", self.crop_padding,
+                "is the random crop's padding in pixels (0: no crop, null: the dataset's)")
+        require(self.val_size >= 0, "data.val_size", self.val_size, "is a number of training images (0: off)")
+        require(0 <= self.holdout < 1, "data.holdout", self.holdout, "is a fraction of the training split in [0, 1)")
+        require(self.cutout >= 0, "data.cutout", self.cutout, "is a patch side in pixels (0: off)")
+        require(self.mix_alpha > 0, "data.mix_alpha", self.mix_alpha, "must be positive (Beta distribution)")
+        require(0 <= self.mix_prob <= 1, "data.mix_prob", self.mix_prob, "is a probability in [0, 1]")
+        require(self.num_workers is None or self.num_workers >= 0, "data.num_workers", self.num_workers,
+                "must be >= 0")

@@ -52,14 +52,14 @@ def train_epoch(run: Epoch, epoch: int) -> dict[str, Any]:
     p, state = run.parts, run.state
     start = time.perf_counter()
     p.train_model.train()
-    generator = epoch_generator(p.cfg.seed, epoch, p.device, p.strategy.rank)
+    generator = epoch_generator(p.seed, epoch, p.device, p.strategy.rank)
     sums, first, earlier = EpochSums.resume(state.position, epoch, p, generator)
     state.position = None
     p.train_loader.set_epoch(epoch, first)
     p.method.on_epoch_start(epoch, p.model)
     skipped_before = state.skipped_steps
     run.guard.begin_epoch(epoch, state.step - first, len(p.train_loader))
-    bar = progress_bar(len(p.train_loader), f"epoch {epoch + 1}/{p.cfg.train.epochs}", run.quiet)
+    bar = progress_bar(len(p.train_loader), f"epoch {epoch + 1}/{p.epochs}", run.quiet)
     bar.update(first)
     for number, (images, labels, indices) in enumerate(p.train_loader, start=first + 1):
         batch = p.to_batch(images, labels, indices, epoch, state.step, generator)
@@ -179,7 +179,7 @@ def end_epoch(run: Epoch, epoch: int, sums: EpochSums, elapsed: float, skipped: 
     sums.over_ranks(p)
     state.train_times.append(elapsed)
     state.train_acc = float(sums.values["train.acc"]) / max(sums.seen, 1)
-    record = {"epoch": epoch + 1, "epochs": p.cfg.train.epochs, "lr": p.optimizer.param_groups[0]["lr"],
+    record = {"epoch": epoch + 1, "epochs": p.epochs, "lr": p.optimizer.param_groups[0]["lr"],
               "time_s": elapsed, "skipped_steps": skipped}
     record.update({k: float(v) / max(sums.seen, 1) for k, v in sums.values.items()})
     bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]

@@ -5,8 +5,8 @@ which random numbers each part draws, so it is part of the recipe): the
 process group and strategy, seeds, device, data, student, frozen teacher,
 method, batch mixing, loaders, the student as the step calls it (DDP,
 compile), optimizer, schedule and gradient scaler. :class:`RunParts` holds
-them, plus the two small conversions the loop needs (a raw batch to a
-:class:`~aikd.methods.Batch`, test images to model inputs).
+them, plus the conversion the loop needs (a raw batch to a
+:class:`~aikd.methods.Batch`); evaluation is :mod:`.evaluator`'s.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from torch import Tensor, nn
 from aikd import distributed
 from aikd.config import RunConfig
 from aikd.data import DataBundle, load_data
-from aikd.data.loaders import EpochBatchSampler, rank_eval_sampler, rank_train_sampler
+from aikd.data.loaders import EpochBatchSampler, rank_train_sampler
 from aikd.data.mixing import BatchMixer
-from aikd.engine.model_io import load_frozen_model
+from aikd.engine.model_io import load_frozen_model, model_meta
 from aikd.engine.optim import build_optimizer, build_scheduler
 from aikd.engine.runtime import CompiledOrEager, autocast_dtype, pick_device, seed_everything, use_channels_last
+from aikd.engine.state import Trained
 from aikd.errors import ConfigError
 from aikd.methods import METHODS, Batch, Method, MethodContext
 from aikd.models import build_model, resolve_stem
@@ -38,22 +39,26 @@ from aikd.strategy import Strategy
 class RunParts:
     """The built parts of one run; the loop and the trainer read them, nothing rebuilds them."""
 
-    cfg: RunConfig
+    seed: int  # the run's seed: each epoch's augmentation stream derives from it
+    epochs: int
     strategy: Strategy  # SingleProcess or DataParallel (aikd.distributed)
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
     data: DataBundle
     model: nn.Module  # the bare student: what is saved, evaluated and handed to the method's hooks
-    stem: str
     method: Method
     mixer: BatchMixer
     train_loader: Any
-    test_loader: Any
     train_model: nn.Module  # the student as the training step calls it (DDP, torch.compile)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    describe: dict[str, Any]  # the model's description saved with its weights (architecture, classes)
+
+    def trained(self) -> Trained:
+        """What a full checkpoint saves besides the run state."""
+        return Trained(self.model, self.optimizer, self.scheduler, self.scaler, self.method)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -70,16 +75,6 @@ class RunParts:
         if self.mixer.active:
             images, labels = self.mixer(images, labels, generator)
         return Batch(images, labels, indices.to(self.device, non_blocking=True), epoch, step)
-
-    def prepare_eval(self, images: Tensor) -> Tensor:
-        images = self.data.to_device(images, train=False, generator=None)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-
-    def eval_loader(self, split):
-        """Sequential batches over ``split`` (this rank's block of it in a distributed run)."""
-        sampler = rank_eval_sampler(len(split), self.cfg.data.eval_batch_size, self.strategy.rank,
-                                    self.strategy.world_size)
-        return self.data.loader(False, sampler, pin_memory=self.device.type == "cuda", split=split)
 
 
 def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
@@ -107,20 +102,20 @@ def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
                                  cfg.data.batch_size, cfg.seed, method.paired_batches, strategy.rank,
                                  strategy.world_size)
     train_loader = data.loader(True, sampler, seed=cfg.seed, pin_memory=pin)
-    test_loader = data.loader(False, rank_eval_sampler(len(data.test), cfg.data.eval_batch_size, strategy.rank,
-                                                       strategy.world_size), pin_memory=pin, split=data.test)
     train_model = strategy.wrap(model, device)
     if cfg.train.compile:
         train_model = CompiledOrEager(train_model)
     optimizer = build_optimizer(model, cfg.train, method.student_parameters(), method.student_parameters_lr_scale())
     amp_dtype = autocast_dtype(cfg.train, device)
     return RunParts(
-        cfg=cfg, strategy=strategy, device=device, amp_dtype=amp_dtype, channels_last=channels_last, data=data,
-        model=model, stem=resolve_stem(cfg.model.stem, data.image_size), method=method,
+        seed=cfg.seed, epochs=cfg.train.epochs, strategy=strategy, device=device, amp_dtype=amp_dtype,
+        channels_last=channels_last, data=data, model=model, method=method,
         mixer=BatchMixer(cfg.data, data.num_classes, paired=method.paired_batches),
-        train_loader=train_loader, test_loader=test_loader, train_model=train_model, optimizer=optimizer,
+        train_loader=train_loader, train_model=train_model, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.train, len(train_loader)),
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+        describe=model_meta(cfg.model.name, resolve_stem(cfg.model.stem, data.image_size), data.num_classes,
+                            data.in_channels, data.image_size, data.train.classes, cfg.model.kwargs),
     )
 
 

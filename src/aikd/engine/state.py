@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from aikd.config import normalized
 from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from aikd.engine.model_io import model_meta
-from aikd.engine.setup import RunParts
 from aikd.errors import RESUME_TRAIN, CheckpointError, ConfigError, DiskFullError
+from aikd.methods.base import Method
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -50,12 +52,29 @@ class RunState:
         self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
 
 
-class RunCheckpoints:
-    """The checkpoints of one run folder: OUT/checkpoints/{last,best,epoch-NNNN}.safetensors."""
+@dataclass
+class Trained:
+    """What a full checkpoint saves besides the run state: the student and everything that trains it."""
 
-    def __init__(self, out: Path, parts: RunParts, state: RunState) -> None:
+    model: nn.Module  # the bare student
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    method: Method  # its state_dict() and extra_state()
+
+
+class RunCheckpoints:
+    """The checkpoints of one run folder: OUT/checkpoints/{last,best,epoch-NNNN}.safetensors.
+
+    ``describe`` is the model's description (architecture, classes: what loading the weights alone needs) and
+    ``config`` the run's config as saved, which a resumed run must match; only rank 0 (``is_main``) writes.
+    """
+
+    def __init__(self, out: Path, trained: Trained, state: RunState, describe: dict[str, Any],
+                 config: dict[str, Any], keep_last: int = 1, is_main: bool = True) -> None:
         self.folder = out / "checkpoints"
-        self.parts, self.state = parts, state
+        self.trained, self.state = trained, state
+        self.describe, self.config, self.keep_last, self.is_main = describe, config, keep_last, is_main
         self.last_epoch_end: int | None = None  # epoch of last.safetensors when it was saved at an epoch's end
 
     @property
@@ -63,39 +82,32 @@ class RunCheckpoints:
         return self.folder / LAST
 
     def meta(self) -> dict[str, Any]:
-        p, d = self.parts, self.parts.data
-        return {
-            **model_meta(p.cfg.model.name, p.stem, d.num_classes, d.in_channels, d.image_size, d.train.classes,
-                         p.cfg.model.kwargs),
-            "config": p.cfg.to_dict(),
-            "epoch": self.state.epoch,
-            "step": self.state.step,
-        }
+        return {**self.describe, "config": self.config, "epoch": self.state.epoch, "step": self.state.step}
 
     def save(self, name: str, full: bool = True, position: dict[str, Any] | None = None) -> Path:
         """Write a checkpoint (rank 0 only; the other ranks hold the same state); ``position`` marks a
         mid-epoch one (where in the epoch it stopped)."""
-        p = self.parts
+        t = self.trained
         state = None
         if full:
             state = {
-                "optimizer": p.optimizer.state_dict(),
-                "scheduler": p.scheduler.state_dict(),
-                "scaler": p.scaler.state_dict(),
-                "method": p.method.state_dict(),
-                "method_extra": p.method.extra_state(),
+                "optimizer": t.optimizer.state_dict(),
+                "scheduler": t.scheduler.state_dict(),
+                "scaler": t.scaler.state_dict(),
+                "method": t.method.state_dict(),
+                "method_extra": t.method.extra_state(),
                 "rng": rng_state(),
                 **self.state.to_checkpoint(),
             }
             if position is not None:
                 state["position"] = position
         path = self.folder / name
-        if not p.strategy.is_main:
+        if not self.is_main:
             return path
         if name == LAST:
             self._keep_previous_last()
         try:
-            save_checkpoint(path, p.model.state_dict(), self.meta(), state)
+            save_checkpoint(path, t.model.state_dict(), self.meta(), state)
         except DiskFullError as err:
             kept = (f"The last checkpoint '{self.last}' is intact: free space, then continue by running {RESUME_TRAIN}."
                     if self.last.is_file() else "No checkpoint was written yet: free space, then run the command "
@@ -111,7 +123,7 @@ class RunCheckpoints:
         A hard link (a copy where links are not supported) made before the atomic
         replace, so at every moment last.safetensors is whole.
         """
-        keep, last = self.parts.cfg.train.keep_last, self.last
+        keep, last = self.keep_last, self.last
         if keep <= 1 or not last.is_file() or not self.last_epoch_end:
             return  # nothing to keep, or a mid-epoch checkpoint (it only matters until the epoch ends)
         kept = self.folder / f"epoch-{self.last_epoch_end:04d}.safetensors"
@@ -132,21 +144,21 @@ class RunCheckpoints:
         if not ckpt.state:
             raise CheckpointError(f"'{path}' holds only weights; resume needs a full checkpoint "
                                   f"such as checkpoints/{LAST}.")
-        p = self.parts
+        t = self.trained
         saved = ckpt.meta.get("config", {})
-        differ = config_diff(normalized(saved) or saved, p.cfg.to_dict())
+        differ = config_diff(normalized(saved) or saved, self.config)
         if differ:
             raise ConfigError(
                 f"Cannot resume from '{path}': the config differs from the checkpoint's in "
                 f"{', '.join(differ)}. Resume with the original config, or start a new output folder."
             )
         try:
-            p.model.load_state_dict(ckpt.model)
-            p.optimizer.load_state_dict(ckpt.state["optimizer"])
-            p.scheduler.load_state_dict(ckpt.state["scheduler"])
-            p.scaler.load_state_dict(ckpt.state["scaler"])
-            p.method.load_state_dict(ckpt.state["method"])
-            p.method.load_extra_state(ckpt.state["method_extra"])
+            t.model.load_state_dict(ckpt.model)
+            t.optimizer.load_state_dict(ckpt.state["optimizer"])
+            t.scheduler.load_state_dict(ckpt.state["scheduler"])
+            t.scaler.load_state_dict(ckpt.state["scaler"])
+            t.method.load_state_dict(ckpt.state["method"])
+            t.method.load_extra_state(ckpt.state["method_extra"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"Checkpoint '{path}' does not fit this run: {err}") from None
         set_rng_state(ckpt.state["rng"])

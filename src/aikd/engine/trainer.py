@@ -20,22 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from aikd.config import RunConfig, save_config
 from aikd.data import DataBundle
 from aikd.engine.checkpoint import atomic_write_bytes
+from aikd.engine.evaluator import Evaluator
 from aikd.engine.guards import NonFiniteGuard, StopSignals
 from aikd.engine.locks import run_folder_lock
-from aikd.engine.logger import RunLogger, progress_bar
+from aikd.engine.logger import RunLogger
 from aikd.engine.loop import Epoch, train_epoch
 from aikd.engine.setup import RunParts, build_parts
 from aikd.engine.state import BEST, LAST, RunCheckpoints, RunState, find_resume_checkpoint
 from aikd.engine.tracking import NO_TRACKER, TRACKING_FILE, Tracker, open_tracker
 from aikd.errors import AikdError
 from aikd.fileio import check_output_folder
-from aikd.metrics import classification_metrics, predict
-from aikd.metrics.calibration import ReliabilityBins, calibrate
+from aikd.metrics.calibration import ReliabilityBins
 from aikd.metrics.reliability import write_reliability
 
 __all__ = ["BEST", "LAST", "Trainer", "find_resume_checkpoint", "train"]
@@ -54,11 +53,11 @@ class Trainer:
         p = self.parts
         self.quiet = quiet or not p.strategy.is_main  # one voice (progress bars, epoch lines) per run
         self.state = RunState()
-        self.checkpoints = RunCheckpoints(self.out, p, self.state)
+        self.checkpoints = RunCheckpoints(self.out, p.trained(), self.state, p.describe, cfg.to_dict(),
+                                          cfg.train.keep_last, p.strategy.is_main)
         self.guard = NonFiniteGuard(cfg.train, p.strategy, p.device, p.model, self.state, self.checkpoints.last)
-        self.last_eval: tuple[int, dict[str, float]] = (-1, {})
-        self.test_predictions: tuple[int, Tensor, Tensor] | None = None  # (epoch, logits, labels)
-        self._calibrated: tuple[int, Any] | None = None  # (epoch, (metrics, bins)) of temperature scaling
+        # Test metrics and temperature scaling, each computed once per epoch of the model (shared with aikd eval).
+        self.evaluator = Evaluator(p.model, p.data, p.device, p.amp_dtype, p.channels_last, p.strategy, self.quiet)
 
     # The parts and counters tests, benchmarks and users reach for.
     data = property(lambda self: self.parts.data)
@@ -150,51 +149,19 @@ class Trainer:
     def _evaluate_now(self) -> dict[str, float]:
         """Test metrics after this epoch; a new best error also writes best.safetensors (weights only)."""
         state = self.state
-        self.last_eval = (state.epoch, self.evaluate())
-        metrics = self.last_eval[1]
+        metrics = self.evaluate()
         if metrics["top1_err"] < state.best["top1_err"]:
             state.best = {"top1_err": metrics["top1_err"], "epoch": state.epoch}
             self.checkpoints.save(BEST, full=False)
         return metrics
 
-    # ------------------------------------------------------------------ evaluation
-
     def evaluate(self) -> dict[str, float]:
         """Metrics of the current model on the whole test split (the validation images with data.val_size)."""
-        logits, labels = self._predict(self.parts.test_loader, "eval")
-        self.test_predictions = (self.state.epoch, logits, labels)
-        return classification_metrics(logits, labels)
-
-    def _predict(self, loader, description: str) -> tuple[Tensor, Tensor]:
-        """(logits, labels) of a whole split; in a distributed run each rank predicts its block and
-        the blocks are gathered in rank order, so every sample counts exactly once."""
-        p = self.parts
-        bar = progress_bar(len(loader), description, self.quiet)
-        logits, labels = predict(p.model, loader, p.prepare_eval, p.device, p.amp_dtype, bar)
-        bar.close()
-        # Gathered on the device: NCCL moves GPU tensors only.
-        return (p.strategy.gather_rows(logits.to(p.device)).cpu(), p.strategy.gather_rows(labels.to(p.device)).cpu())
-
-    def _final_predictions(self) -> tuple[Tensor, Tensor]:
-        if self.test_predictions is None or self.test_predictions[0] != self.state.epoch:
-            self.evaluate()
-        return self.test_predictions[1], self.test_predictions[2]
-
-    def _calibration(self) -> tuple[dict[str, float], dict[str, ReliabilityBins]] | None:
-        """Temperature scaling fitted on the held-out training images, and the test set's bins; None without
-        a holdout. Computed once per final model."""
-        if self.parts.data.holdout is None:
-            return None
-        if self._calibrated is not None and self._calibrated[0] == self.state.epoch:
-            return self._calibrated[1]
-        test_logits, test_labels = self._final_predictions()
-        held = self._predict(self.parts.eval_loader(self.parts.data.holdout), "holdout")
-        self._calibrated = (self.state.epoch, calibrate(*held, test_logits, test_labels))
-        return self._calibrated[1]
+        return self.evaluator.metrics(self.state.epoch)
 
     def reliability(self) -> dict[str, ReliabilityBins] | None:
         """The test set's reliability bins before and after temperature scaling (None without a holdout)."""
-        calibration = self._calibration()
+        calibration = self.evaluator.calibration(self.state.epoch)
         return None if calibration is None else calibration[1]
 
     # ------------------------------------------------------------------ bookkeeping
@@ -202,10 +169,9 @@ class Trainer:
     def summary(self) -> dict[str, Any]:
         """The final model's test metrics plus what identifies the run (computed; fit() writes it)."""
         p, state = self.parts, self.state
-        final = self.last_eval[1] if self.last_eval[0] == state.epoch else self.evaluate()
-        calibration = self._calibration()
+        calibration = self.evaluator.calibration(state.epoch)
         return {
-            **final,
+            **self.evaluate(),
             **(calibration[0] if calibration else {}),
             "recipe": self.recipe,
             "method": self.cfg.method,

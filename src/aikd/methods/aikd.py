@@ -12,8 +12,10 @@ while a WGAN-GP critic D on logits minimises
     L_D  = E[D(z_t)] - E[D(z_sup)] + lambda E[(||grad D(x_hat)||_2 - 1)^2],
     x_hat = e z_sup + (1 - e) z_t,  e ~ U(0, 1) per sample       (Eq. 6)
 
-The pure functions below are the equations; :class:`AIKD` wires them into
-the training loop. Choices the paper leaves open are config keys, explained
+The pure functions below are the equations, and :func:`aikd_terms` plus
+:func:`adversarial_term` the objective (Eq. 8) that both :class:`AIKD` (the
+method, composed of its sources and critic) and :class:`AIKDLoss` (the
+drop-in loss) minimise. Choices the paper leaves open are config keys, explained
 in docs/methods/aikd.md.
 """
 
@@ -27,13 +29,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.compiling import compiled_or_eager
 from aikd.errors import ConfigError
-from aikd.methods.base import Batch, Method, MethodContext, StepOutput, non_negative, positive, register_method, require
+from aikd.methods.base import (
+    Batch,
+    Method,
+    MethodContext,
+    Part,
+    StepOutput,
+    non_negative,
+    positive,
+    register_method,
+    require,
+)
 from aikd.methods.buffer import PredictionBuffer
-from aikd.methods.critic import Critic, critic_optimizer, train_critic
-from aikd.methods.ema import ema_update, frozen_copy
+from aikd.methods.critic import Adversary, Critic
 from aikd.methods.functional import distillation_kl
+from aikd.methods.previous import BufferPrevious, SnapshotPrevious
+from aikd.methods.superior import EMASuperior, MilestoneSuperior, PretrainedSuperior
 
 # --------------------------------------------------------------------------- the equations
 
@@ -72,6 +84,63 @@ def critic_schedule(student_steps: int, base_lr: float = 1e-4, base_steps: int =
 def adversarial_loss(critic: nn.Module, student_logits: Tensor) -> Tensor:
     """L_A (Eq. 7): the student raises the critic's score of its logits."""
     return -critic(student_logits.float()).mean()
+
+
+def progressive_term(logits: Tensor, targets: Tensor, previous: Tensor | None, filled: Tensor | None,
+                     temperature: float, first_epoch: str = "label") -> Tensor:
+    """L_P over a batch where some samples (``filled`` False, or all with ``previous`` None) have no previous
+    prediction yet: with ``first_epoch="label"`` their target is the label itself (PS-KD's epoch-0 rule:
+    T^2 KL(q || p_t) is T^2 CE at T = 1); with ``"skip"`` they add nothing and the mean is over the batch."""
+    if first_epoch == "label":
+        one_hot = targets if targets.ndim == 2 else F.one_hot(targets, logits.shape[1])
+        label_logits = torch.log(one_hot.float().clamp_min(1e-12)) * temperature
+        if previous is None:
+            previous = label_logits
+        elif filled is not None:
+            previous = torch.where(filled.unsqueeze(1), previous, label_logits)
+        return progressive_loss(logits, previous, temperature)
+    if previous is None:
+        return logits.new_zeros(())
+    if filled is None:
+        return progressive_loss(logits, previous, temperature)
+    n = int(filled.sum())
+    if n == 0:
+        return logits.new_zeros(())
+    return progressive_loss(logits[filled], previous[filled], temperature) * (n / len(filled))
+
+
+def aikd_terms(h: AIKDConfig, logits: Tensor, targets: Tensor, superior: Tensor | None,
+               previous: Tensor | None, filled: Tensor | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Eq. 8 but L_A: the weighted terms (1 - a_P - a_G) CE, a_G L_G, a_P L_P, and the unweighted L_G, L_P to log.
+
+    Without superior logits (an in-run superior model not switched on yet) the guide's weight goes to CE, as
+    in Only Progressive. L_A needs the critic updated on this batch first, so :func:`adversarial_term` adds it.
+    """
+    ce_weight = 1 - h.alpha_p - (h.alpha_g if superior is not None else 0.0)
+    losses = {"ce": ce_weight * F.cross_entropy(logits, targets)}
+    stats: dict[str, Tensor] = {}
+    if h.alpha_g > 0 and superior is not None:
+        l_g = guide_loss(logits.float(), superior, h.temp_g)
+        losses["guide"] = h.alpha_g * l_g
+        stats["L_G"] = l_g.detach()
+    if h.alpha_p > 0:
+        l_p = progressive_term(logits.float(), targets, previous, filled, h.temp_p, h.first_epoch)
+        losses["prev"] = h.alpha_p * l_p
+        stats["L_P"] = l_p.detach()
+    return losses, stats
+
+
+def adversarial_term(adversary: Adversary, weight: float, superior: Tensor, logits: Tensor,
+                     learn: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """w L_A after the critic learned on this batch's detached logits (Eq. 6): as in WGAN-GP, the freshest
+    critic scores the generator. The critic's weights are constants in L_A: it moves the student only."""
+    stats: dict[str, Tensor] = {}
+    if learn:
+        critic = adversary.learn(superior, logits)
+        stats.update(L_D=critic.loss, critic_gap=critic.gap, gp=critic.gp)
+    l_a = adversarial_loss(adversary.disc, logits)
+    stats["L_A"] = l_a.detach()
+    return weight * l_a, stats
 
 
 # --------------------------------------------------------------------------- the method
@@ -143,7 +212,12 @@ class AIKDConfig:
 
 @register_method("aikd", AIKDConfig)
 class AIKD(Method):
-    """AI-KD and its ablations (No Adv: w=0; Only Guide: a_P=0, w=0; Only Progressive: a_G=0, w=0)."""
+    """AI-KD and its ablations (No Adv: w=0; Only Guide: a_P=0, w=0; Only Progressive: a_G=0, w=0).
+
+    Composed of three parts, each present only when its term is on: ``adversary`` (the critic and its
+    optimizer), ``previous`` (z_{t-1}: :mod:`aikd.methods.previous`) and ``superior`` (z_sup:
+    :mod:`aikd.methods.superior`). The method's hooks forward to them.
+    """
 
     requires_teacher = True
     teacher_same_architecture = True
@@ -151,43 +225,36 @@ class AIKD(Method):
     def __init__(self, hparams: AIKDConfig, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)
         h = hparams
-        self.use_adv = h.adv_weight > 0
-        self.use_prev = h.alpha_p > 0
         self.critic_lr, self.critic_steps = self._critic_budget()
-        if self.use_adv:
-            self.disc = Critic(ctx.num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce, h.disc_norm)
-            self.disc.to(ctx.device)
-            betas = tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999)
-            self.disc_opt = critic_optimizer(self.disc, self.critic_lr, betas)
-            # With train.compile the critic's closed-form step is compiled too (it has no double backward).
-            self.critic_grad = compiled_or_eager(self.disc.loss_and_grad, "train.compile (critic)") if ctx.compile \
-                else self.disc.loss_and_grad
-        if self.use_prev and h.prev == "buffer":
-            self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes, gather_rows=ctx.strategy.gather_rows)
-        if self.use_prev and h.prev == "snapshot":
-            # The student's weights at the end of the previous epoch: an ordinary frozen sub-module (saved
-            # and restored with state_dict()), holding a copy of the student until the first epoch ends.
-            self.snapshot = self._copy_of_student("aikd.prev=snapshot")
-            self.register_buffer("snapshot_ready", torch.zeros((), dtype=torch.bool))
-        self.online = h.superior != "pretrained" and h.uses_superior
-        if self.online:  # the in-run superior model: ordinary state, like the snapshot
-            self.superior_model = self._copy_of_student(f"aikd.superior={h.superior}")
-            self.start_epoch = round(h.superior_start * ctx.epochs)
-            self.register_buffer("superior_ready", torch.tensor(h.superior == "ema"))
+        # The critic first: its initial weights are the first numbers the method draws.
+        self.adversary = Adversary(
+            Critic(ctx.num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce, h.disc_norm).to(ctx.device),
+            self.critic_lr, tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999), self.critic_steps, h.gp_weight,
+            ctx.strategy, ctx.compile) if h.adv_weight > 0 else None
+        self.previous = self._previous_source() if h.alpha_p > 0 else None
+        self.superior = self._superior_source() if h.uses_superior else None
 
-    def train(self, mode: bool = True) -> AIKD:
-        """Train mode for the critic only: the frozen copies of the student (snapshot, in-run superior
-        model) always answer in eval mode (BatchNorm's running statistics, no dropout)."""
-        super().train(mode)
-        for frozen in ("snapshot", "superior_model"):
-            if hasattr(self, frozen):
-                getattr(self, frozen).eval()
-        return self
+    def _parts(self) -> list[Part]:
+        return [part for part in (self.adversary, self.previous, self.superior) if part is not None]
 
-    def _copy_of_student(self, what: str) -> nn.Module:
+    def _previous_source(self) -> BufferPrevious | SnapshotPrevious:
+        if self.hparams.prev == "buffer":
+            return BufferPrevious(self.ctx.num_train, self.ctx.num_classes, self.ctx.strategy.gather_rows)
+        return SnapshotPrevious(self._student("aikd.prev=snapshot"))
+
+    def _superior_source(self) -> PretrainedSuperior | EMASuperior | MilestoneSuperior:
+        h = self.hparams
+        if h.superior == "pretrained":
+            return PretrainedSuperior(self.teacher_logits)
+        start_epoch = round(h.superior_start * self.ctx.epochs)
+        student = self._student(f"aikd.superior={h.superior}")
+        return EMASuperior(student, h.ema_decay, start_epoch) if h.superior == "ema" else \
+            MilestoneSuperior(student, start_epoch)
+
+    def _student(self, what: str) -> nn.Module:
         if self.ctx.student is None:
             raise ConfigError(f"{what} copies the student: pass MethodContext(student=model) (the aikd trainer does).")
-        return frozen_copy(self.ctx.student)
+        return self.ctx.student
 
     @classmethod
     def needs_teacher(cls, hparams: AIKDConfig) -> bool:
@@ -210,107 +277,42 @@ class AIKD(Method):
         return {"ce", *(name for name, on in named.items() if on)}
 
     def run_facts(self) -> dict[str, Any]:
-        return {"critic_lr": self.critic_lr, "critic_steps": self.critic_steps} if self.use_adv else {}
-
-    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
-        # A run resumed inside the start epoch already holds its copy: it is not taken again from a later student.
-        milestone = self.online and self.hparams.superior == "milestone"
-        if milestone and epoch == self.start_epoch and not self.superior_ready:
-            self.superior_model.load_state_dict(model.state_dict())
-            self.superior_ready.fill_(True)
-
-    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
-        if self.use_prev and self.hparams.prev == "snapshot":
-            self.snapshot.load_state_dict(model.state_dict())
-            self.snapshot_ready.fill_(True)
-
-    def _superior_logits(self, batch: Batch) -> Tensor | None:
-        """The superior model's logits on the batch: the pretrained teacher's, the in-run model's once it is
-        switched on, or None (no superior term this step)."""
-        if not self.hparams.uses_superior:
-            return None
-        if not self.online:
-            return self.teacher_logits(batch.images)
-        if batch.epoch < self.start_epoch or not self.superior_ready:
-            return None
-        with torch.inference_mode():
-            logits = self.superior_model(batch.images)
-        return logits.to(torch.float32, copy=True)
-
-    def _previous_logits(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
-        """z_{t-1} for the batch and the mask of samples that have one."""
-        if self.hparams.prev == "buffer":
-            return self.buffer.read(batch.indices)
-        if not self.snapshot_ready:
-            return None, None
-        with torch.no_grad():
-            return self.snapshot(batch.images).float(), None
-
-    def _progressive_term(self, logits: Tensor, batch: Batch) -> Tensor:
-        h = self.hparams
-        previous, filled = self._previous_logits(batch)
-        if h.first_epoch == "label":
-            one_hot = batch.targets if batch.targets.ndim == 2 else F.one_hot(batch.targets, logits.shape[1])
-            # A target of exactly the label: T^2 KL(q || p_t) = T^2 CE at T = 1 (PS-KD's epoch-0 rule).
-            label_logits = torch.log(one_hot.float().clamp_min(1e-12)) * h.temp_p
-            if previous is None:
-                previous = label_logits
-            elif filled is not None:
-                previous = torch.where(filled.unsqueeze(1), previous, label_logits)
-            return progressive_loss(logits, previous, h.temp_p)
-        if previous is None:
-            return logits.new_zeros(())
-        if filled is None:
-            return progressive_loss(logits, previous, h.temp_p)
-        n = int(filled.sum())
-        if n == 0:
-            return logits.new_zeros(())
-        return progressive_loss(logits[filled], previous[filled], h.temp_p) * (n / len(filled))
+        return {"critic_lr": self.critic_lr, "critic_steps": self.critic_steps} if self.adversary else {}
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
-        h = self.hparams
         logits = model(batch.images)
-        sup = self._superior_logits(batch)
-        # Before an in-run superior model switches on, its weight goes to CE (as in Only Progressive).
-        ce_weight = 1 - h.alpha_p - (h.alpha_g if sup is not None else 0.0)
-        losses = {"ce": ce_weight * F.cross_entropy(logits, batch.targets)}
-        stats: dict[str, Tensor] = {}
-        if h.alpha_g > 0 and sup is not None:
-            l_g = guide_loss(logits.float(), sup, h.temp_g)
-            losses["guide"] = h.alpha_g * l_g
-            stats["L_G"] = l_g.detach()
-        if self.use_prev:
-            l_p = self._progressive_term(logits.float(), batch)
-            losses["prev"] = h.alpha_p * l_p
-            stats["L_P"] = l_p.detach()
-        saved = {"superior_logits": sup} if self.use_adv and sup is not None else {}
+        superior = self.superior.for_batch(batch) if self.superior else None
+        previous, filled = self.previous.for_batch(batch) if self.previous else (None, None)
+        losses, stats = aikd_terms(self.hparams, logits, batch.targets, superior, previous, filled)
+        saved = {"superior_logits": superior} if self.adversary and superior is not None else {}
         return StepOutput(logits, losses, stats, saved)
 
     def update_auxiliary(self, batch: Batch, output: StepOutput) -> None:
-        """For a step that stands: the critic learns on this batch's detached logits (Eq. 6), then the student's
-        L_A (Eq. 7) is scored by the updated critic, as in WGAN-GP, where the freshest critic scores the generator."""
+        """For a step that stands: the critic learns on this batch, then L_A joins the loss (Eq. 7)."""
         if "superior_logits" not in output.saved:  # no adversarial term, or no superior model yet
             return
-        h, logits = self.hparams, output.logits
-        critic = train_critic(self.disc, self.disc_opt, output.saved["superior_logits"], logits, self.critic_steps,
-                              h.gp_weight, self.ctx.strategy, self.critic_grad)
-        output.stats.update(L_D=critic.loss, critic_gap=critic.gap, gp=critic.gp)
-        l_a = adversarial_loss(self.disc, logits)  # the critic's weights are constants here: L_A moves the student
-        output.losses["adv"] = h.adv_weight * l_a
-        output.stats["L_A"] = l_a.detach()
+        output.losses["adv"], stats = adversarial_term(self.adversary, self.hparams.adv_weight,
+                                                       output.saved["superior_logits"], output.logits)
+        output.stats.update(stats)
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        for part in self._parts():
+            part.on_epoch_start(epoch, model)
 
     def on_step_end(self, model: nn.Module, batch: Batch, output: StepOutput) -> None:
-        if self.use_prev and self.hparams.prev == "buffer":
-            self.buffer.write(batch.indices, output.logits)
-        if self.online and self.hparams.superior == "ema":
-            ema_update(self.superior_model, model, self.hparams.ema_decay)
+        for part in self._parts():
+            part.on_step_end(model, batch, output.logits)
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        for part in self._parts():
+            part.on_epoch_end(epoch, model)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"disc_opt": self.disc_opt.state_dict()} if self.use_adv else {}
+        return {"disc_opt": self.adversary.optimizer_state()} if self.adversary else {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        if self.use_adv:
-            self.disc_opt.load_state_dict(state["disc_opt"])
+        if self.adversary:
+            self.adversary.load_optimizer_state(state["disc_opt"])
 
 
 # --------------------------------------------------------------------------- a drop-in loss for your own loop
@@ -322,10 +324,11 @@ class AIKDLoss(nn.Module):
     It holds what AI-KD keeps across steps: the previous-epoch buffer (z_{t-1} by dataset index)
     and the critic with its optimizer; ``state_dict()`` saves them all. Call it on every training
     batch with the student's logits, the labels, the samples' dataset indices and the superior
-    model's logits (a frozen pre-trained model's, an EMA copy's, or None while there is none yet):
-    in training mode it steps the critic once per call (``critic_steps`` times) and returns
-    L_AI, to which you add nothing before ``backward()``. The terms of the last call are in
-    ``last_terms``. Defaults are the paper's.
+    model's logits (a frozen pre-trained model's, an :class:`~aikd.methods.ema.EMAModel`'s, or None
+    while there is none yet): in training mode it steps the critic once per call (``critic_steps``
+    times) and returns L_AI, to which you add nothing before ``backward()``. The terms of the last
+    call are in ``last_terms``. Defaults are the paper's; the terms are those of :class:`AIKD`
+    (:func:`aikd_terms`, :func:`adversarial_term`).
 
         criterion = AIKDLoss(num_classes, len(train_set))
         loss = criterion(student(images), labels, indices, superior(images))
@@ -335,39 +338,29 @@ class AIKDLoss(nn.Module):
                  temp_g: float = 3.0, temp_p: float = 1.0, adv_weight: float = 0.1, critic_lr: float = 1e-4,
                  critic_steps: int = 1, gp_weight: float = 10.0) -> None:
         super().__init__()
-        AIKDConfig(alpha_g=alpha_g, alpha_p=alpha_p, temp_g=temp_g, temp_p=temp_p, adv_weight=adv_weight,
-                   disc_lr=critic_lr, critic_steps=critic_steps, gp_weight=gp_weight)  # checks the ranges
-        self.alpha_g, self.alpha_p, self.temp_g, self.temp_p = alpha_g, alpha_p, temp_g, temp_p
-        self.adv_weight, self.critic_steps, self.gp_weight = adv_weight, critic_steps, gp_weight
+        self.hparams = AIKDConfig(alpha_g=alpha_g, alpha_p=alpha_p, temp_g=temp_g, temp_p=temp_p,
+                                  adv_weight=adv_weight, disc_lr=critic_lr, critic_steps=critic_steps,
+                                  gp_weight=gp_weight)  # checks the ranges
         self.buffer = PredictionBuffer(num_train, num_classes)
-        self.critic = Critic(num_classes)
-        self.critic_opt = critic_optimizer(self.critic, critic_lr)
+        self.adversary = Adversary(Critic(num_classes), critic_lr, steps=critic_steps, gp_weight=gp_weight) \
+            if adv_weight > 0 else None
         self.last_terms: dict[str, Tensor] = {}  # the weighted terms of the last call, detached
 
     def forward(self, logits: Tensor, labels: Tensor, indices: Tensor, superior_logits: Tensor | None) -> Tensor:
-        logits32 = logits.float()
-        previous, seen = self.buffer.read(indices)
-        label_logits = torch.log((labels if labels.ndim == 2 else F.one_hot(labels, logits.shape[1])).float()
-                                 .clamp_min(1e-12)) * self.temp_p  # before a previous prediction: the label
-        l_p = progressive_loss(logits32, torch.where(seen.unsqueeze(1), previous, label_logits), self.temp_p)
-        terms = {"prev": self.alpha_p * l_p}
-        ce_weight = 1 - self.alpha_p
-        if superior_logits is not None:
-            sup = superior_logits.detach().float()
-            ce_weight -= self.alpha_g
-            terms["guide"] = self.alpha_g * guide_loss(logits32, sup, self.temp_g)
-            if self.adv_weight > 0:
-                if self.training:
-                    train_critic(self.critic, self.critic_opt, sup, logits32, self.critic_steps, self.gp_weight)
-                terms["adv"] = self.adv_weight * adversarial_loss(self.critic, logits32)
-        terms["ce"] = ce_weight * F.cross_entropy(logits32, labels)
+        superior = None if superior_logits is None else superior_logits.detach().float()
+        previous, filled = self.buffer.read(indices)
+        terms, _ = aikd_terms(self.hparams, logits, labels, superior, previous, filled)
+        if superior is not None and self.adversary is not None:
+            terms["adv"], _ = adversarial_term(self.adversary, self.hparams.adv_weight, superior, logits,
+                                               learn=self.training)
         if self.training:
             self.buffer.write(indices, logits)
         self.last_terms = {k: v.detach() for k, v in terms.items()}
         return sum(terms.values())
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"critic_opt": self.critic_opt.state_dict()}
+        return {"critic_opt": self.adversary.optimizer_state()} if self.adversary else {}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        if self.adversary:
+            self.adversary.load_optimizer_state(state["critic_opt"])

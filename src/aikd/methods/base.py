@@ -46,8 +46,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from aikd.errors import ConfigError
-from aikd.registry import Registry
+from aikd.checks import non_negative, positive, require, weight  # noqa: F401 (re-exported: methods import them here)
+from aikd.registry import METHOD_CONFIGS, Registry
 from aikd.strategy import SingleProcess, Strategy
 
 
@@ -173,23 +173,21 @@ class Method(nn.Module):
         """Restore what :meth:`extra_state` returned."""
 
 
-def require(ok: bool, key: str, value: Any, rule: str) -> None:
-    """Refuse a hyper-parameter out of its range, naming the config key (called from a Config's __post_init__,
-    so a bad value stops the run when the config is read, before any data is loaded)."""
-    if not ok:
-        raise ConfigError(f"Config key '{key}' {rule}, got {value!r}.")
+class Part(nn.Module):
+    """A piece of a method's state with the loop's hooks (a source of target logits, a critic, a buffer).
 
+    A method built of parts forwards its hooks to them; each part keeps what it needs
+    as sub-modules and buffers, so the method's ``state_dict()`` checkpoints it.
+    """
 
-def positive(key: str, value: float) -> None:
-    require(value > 0, key, value, "must be positive")
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        """Before the first batch of ``epoch``, with the bare student."""
 
+    def on_step_end(self, model: nn.Module, batch: Batch, logits: Tensor) -> None:
+        """After the student's optimizer step of a step that stood (``logits``: the student's, for ``batch``)."""
 
-def non_negative(key: str, value: float) -> None:
-    require(value >= 0, key, value, "must be >= 0")
-
-
-def weight(key: str, value: float) -> None:
-    require(0 <= value <= 1, key, value, "is a weight in [0, 1]")
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        """After the last batch of ``epoch``, with the bare student."""
 
 
 def hard_labels(targets: Tensor) -> Tensor:
@@ -207,12 +205,16 @@ class NoHparams:
 
 def register_method(name: str, hparams: type = NoHparams):
     """Class decorator: make a method available as ``method: name`` in configs, with ``hparams`` (a
-    dataclass whose ``__post_init__`` checks its ranges) as the schema of the config's ``name:`` section."""
+    dataclass whose ``__post_init__`` checks its ranges) as the schema of the config's ``name:`` section.
+
+    The schema also goes into :data:`aikd.registry.METHOD_CONFIGS`, where the config module finds it without
+    importing any method; ``METHODS.remove(name)`` drops it there too."""
 
     def decorator(cls: type[Method]) -> type[Method]:
         cls.name = name
         cls.Config = hparams
-        METHODS.register(name)(cls)
+        METHODS.register(name, on_remove=lambda: METHOD_CONFIGS.remove(name))(cls)
+        METHOD_CONFIGS.register(name)(hparams)  # what aikd.config validates the section with
         return cls
 
     return decorator

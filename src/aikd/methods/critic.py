@@ -31,6 +31,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from aikd.compiling import compiled_or_eager
+from aikd.methods.base import Part
 from aikd.strategy import SINGLE_PROCESS, Strategy
 
 Norm = Literal["batch", "layer", "none"]
@@ -241,6 +243,32 @@ def train_critic(critic: Critic, optimizer: torch.optim.Optimizer, superior_logi
             elif not bool(skip):
                 optimizer.step()
     return stats
+
+
+class Adversary(Part):
+    """The critic together with what trains it: its Adam, its steps per student step, the penalty's weight and
+    the run's processes. :meth:`learn` is one student step's worth of Eq. 6; the student's L_A (Eq. 7) reads
+    ``disc``. The optimizer's state is not in ``state_dict()``: save :meth:`optimizer_state`."""
+
+    def __init__(self, critic: Critic, lr: float, betas: tuple[float, float] = (0.9, 0.999), steps: int = 1,
+                 gp_weight: float = 10.0, strategy: Strategy = SINGLE_PROCESS, compile: bool = False) -> None:
+        super().__init__()
+        self.disc = critic
+        self.optimizer = critic_optimizer(critic, lr, betas)
+        self.steps, self.gp_weight, self.strategy = steps, gp_weight, strategy
+        # With train.compile the critic's closed-form step is compiled too (it has no double backward).
+        self.loss_and_grad = compiled_or_eager(critic.loss_and_grad, "train.compile (critic)") if compile \
+            else critic.loss_and_grad
+
+    def learn(self, superior_logits: Tensor, student_logits: Tensor) -> CriticStats:
+        return train_critic(self.disc, self.optimizer, superior_logits, student_logits, self.steps, self.gp_weight,
+                            self.strategy, self.loss_and_grad)
+
+    def optimizer_state(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
 
 
 def _fused_adam_step(optimizer: torch.optim.Adam, theta: Tensor, skip: Tensor) -> None:

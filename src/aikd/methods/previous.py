@@ -1,0 +1,49 @@
+"""Where AI-KD's previous-epoch logits z_{t-1} (the target of the progressive loss) come from.
+
+* :class:`BufferPrevious`: the student's own logits for each sample the last time it trained on it
+  (a :class:`~aikd.methods.buffer.PredictionBuffer`; no extra forward pass);
+* :class:`SnapshotPrevious`: a frozen copy of the student as it was at the end of the previous epoch.
+
+Each answers :meth:`for_batch` with (logits or None, mask of the samples that have one or None for all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from aikd.methods.base import Batch, Part
+from aikd.methods.buffer import PredictionBuffer
+from aikd.methods.ema import FrozenCopy
+
+
+class BufferPrevious(Part):
+    """The last logits of every training sample, written after each step that stands."""
+
+    def __init__(self, num_train: int, num_classes: int,
+                 gather_rows: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__()
+        self.buffer = PredictionBuffer(num_train, num_classes, gather_rows=gather_rows)
+
+    def for_batch(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
+        return self.buffer.read(batch.indices)
+
+    def on_step_end(self, model: nn.Module, batch: Batch, logits: Tensor) -> None:
+        self.buffer.write(batch.indices, logits)
+
+
+class SnapshotPrevious(FrozenCopy):
+    """The student's weights at the end of the previous epoch (a copy of the student until the first one ends)."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__(student)
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        self.copy_from(model)
+        self.ready.fill_(True)
+
+    def for_batch(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
+        return (self.logits(batch.images), None) if self.ready else (None, None)

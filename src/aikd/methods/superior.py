@@ -1,0 +1,59 @@
+"""Where AI-KD's superior logits come from: the z_sup of the guide loss and of the critic's "real" side.
+
+* :class:`PretrainedSuperior`: a frozen model from a separate phase 1 (the paper's);
+* :class:`EMASuperior`: an exponential moving average of the student's weights, from epoch ``start_epoch``;
+* :class:`MilestoneSuperior`: a frozen copy of the student taken at the start of epoch ``start_epoch``.
+
+Each answers :meth:`for_batch` with the batch's superior logits, or None while it has none (an in-run model
+before its start epoch); the in-run ones are ordinary state of their owner (its ``state_dict()``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from aikd.methods.base import Batch, Part
+from aikd.methods.ema import EMAModel, FrozenCopy
+
+
+class PretrainedSuperior(Part):
+    """A frozen pre-trained model's logits (``teacher_logits``: the method's, which runs it in inference mode)."""
+
+    def __init__(self, teacher_logits: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.teacher_logits = teacher_logits
+
+    def for_batch(self, batch: Batch) -> Tensor | None:
+        return self.teacher_logits(batch.images)
+
+
+class EMASuperior(EMAModel):
+    """The student's EMA (updated after every optimizer step from the start), answering from ``start_epoch`` on."""
+
+    def __init__(self, student: nn.Module, decay: float, start_epoch: int) -> None:
+        super().__init__(student, decay)
+        self.start_epoch = start_epoch
+
+    def for_batch(self, batch: Batch) -> Tensor | None:
+        return None if batch.epoch < self.start_epoch else self.logits(batch.images)
+
+
+class MilestoneSuperior(FrozenCopy):
+    """A frozen copy of the student taken when epoch ``start_epoch`` starts, answering from then on."""
+
+    def __init__(self, student: nn.Module, start_epoch: int) -> None:
+        super().__init__(student)
+        self.start_epoch = start_epoch
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        # A run resumed inside the start epoch already holds its copy: it is not taken again from a later student.
+        if epoch == self.start_epoch and not self.ready:
+            self.copy_from(model)
+            self.ready.fill_(True)
+
+    def for_batch(self, batch: Batch) -> Tensor | None:
+        return self.logits(batch.images) if batch.epoch >= self.start_epoch and self.ready else None
