@@ -13,6 +13,8 @@ applies to one only.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,15 +25,26 @@ from typing import Any
 
 import yaml
 
-from aikd.config import RunConfig, apply_overrides, from_dict, normalized, read_yaml, recipe_name
+from aikd.config import (
+    ModelConfig,
+    RunConfig,
+    TeacherConfig,
+    apply_overrides,
+    from_dict,
+    normalized,
+    read_yaml,
+    recipe_name,
+)
 from aikd.distributed import current
 from aikd.engine.locks import cache_entry_lock
 from aikd.engine.trainer import LAST, train
 from aikd.errors import AikdError, ConfigError, DiskFullError, RunInterrupted, for_rerun
 from aikd.fileio import check_output_folder
 from aikd.methods import METHODS
+from aikd.registry import METHOD_CONFIGS
 
 PHASES = ("phase1", "phase2")
+PHASE1_METHOD = "ce"  # phase 1 trains with plain cross-entropy
 PHASE1_RECIPE = "ce"  # the recipe a phase-1 model is labelled with: the Baseline row of every report
 
 
@@ -48,17 +61,14 @@ def split_phase_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str
     return common, per_phase
 
 
-def superior_config(student: dict[str, Any], teacher_model: str | None) -> dict[str, Any]:
-    """Phase 1's config: the student's data and recipe with plain CE and no teacher.
+def superior_config(student: RunConfig, teacher_model: str | None = None) -> RunConfig:
+    """Phase 1's config, derived from the student's: its data and recipe with plain CE and no teacher.
 
-    The model is the student's, or ``teacher.model`` for teacher-student KD.
+    The model is the student's, or ``teacher_model`` (``teacher.model``) for teacher-student KD.
     """
-    phase1 = {k: v for k, v in student.items()
-              if k in ("seed", "deterministic", "device", "data", "model", "train", "tracking")}
-    phase1["method"] = "ce"
-    if teacher_model is not None:
-        phase1["model"] = {"name": teacher_model}
-    return phase1
+    model = student.model if teacher_model is None else ModelConfig(name=teacher_model)
+    return dataclasses.replace(copy.deepcopy(student), method=PHASE1_METHOD, teacher=TeacherConfig(), model=model,
+                               hparams=METHOD_CONFIGS.get(PHASE1_METHOD)())
 
 
 SHAPING = ("seed", "deterministic", "data", "model", "train")  # what determines a phase-1 model
@@ -142,13 +152,9 @@ def _as_phase1_model(cfg: RunConfig, recipe: str, out: Path, cache_dir: str | Pa
     layout holds the run already, so a sweep's CE row and the superior model of the same seed are one run.
     """
     student = out / "student"
-    if cache_dir is None or recipe != PHASE1_RECIPE or cfg.method != "ce" or (student.exists() and
-                                                                               not student.is_symlink()):
+    if cache_dir is None or recipe != PHASE1_RECIPE or (student.exists() and not student.is_symlink()):
         return None
-    as_phase1 = from_dict(superior_config(cfg.to_dict(), None), source="the Baseline as a phase-1 model")
-    if as_phase1.to_dict() != cfg.to_dict():
-        return None
-    return cached_superior(Path(cache_dir), cfg)
+    return cached_superior(Path(cache_dir), cfg) if superior_config(cfg) == cfg else None
 
 
 def _train_phase1_model(entry: Path, cfg: RunConfig, student: Path, quiet: bool, log) -> dict[str, Any]:
@@ -195,8 +201,10 @@ def plan_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | P
     recipe = recipe_name(config, student_cfg.model.name, student_cfg.method)
     plan = PipelinePlan(student_cfg, f"{recipe}[{variant}]" if variant else recipe)
     if method_cls.needs_teacher(student_cfg.method_config()) and student_cfg.teacher.checkpoint is None:
-        sup_data = apply_overrides(superior_config(base, teacher_model), per_phase["phase1"])
-        plan.superior = from_dict(sup_data, source=f"{config} (phase 1)")
+        # The common settings with the phase-1 overrides, before any phase-2 override: the model other methods share.
+        phase1 = student_cfg if not (per_phase["phase1"] or per_phase["phase2"]) else \
+            from_dict(apply_overrides(base, per_phase["phase1"]), source=f"{config} (phase 1)")
+        plan.superior = superior_config(phase1, teacher_model)
         plan.superior_dir = cached_superior(Path(cache_dir or out / "superior"), plan.superior)
         student_cfg.teacher.checkpoint = str(plan.superior_dir / "checkpoints" / LAST)
     elif per_phase["phase1"]:
