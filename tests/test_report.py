@@ -36,6 +36,7 @@ def write_run(root: Path, folder: str, recipe: str | None, method: str, seed: in
 
 
 FULL = {"alpha_g": 0.1, "alpha_p": 0.3, "adv_weight": 0.1}
+ONLINE = {**FULL, "superior": "ema"}  # an in-run superior model: no phase 1
 
 
 @pytest.fixture
@@ -92,13 +93,28 @@ def test_table4_switches_come_from_the_saved_configs(sweep):
 
 def test_online_and_grid_recipes_are_methods_not_ablations(tmp_path):
     write_run(tmp_path, "ce/seed0", "ce", "ce", 0, 10, 0.8)
-    write_run(tmp_path, "online/seed0", "aikd_online_ema", "aikd", 0, 9, 0.8, aikd=FULL)
+    write_run(tmp_path, "online/seed0", "aikd_online_ema", "aikd", 0, 9, 0.8, aikd=ONLINE)
     write_run(tmp_path, "grid/seed0", "aikd[aikd.alpha_p=0.5]", "aikd", 0, 9.5, 0.8, aikd={**FULL, "alpha_p": 0.5})
     write_run(tmp_path, "noadv/seed0", "aikd_no_adv", "aikd", 0, 9.7, 0.8, aikd={**FULL, "adv_weight": 0})
     text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
     table2 = text.split("### Table 3")[0]
     assert "| AI-KD online (EMA) |" in table2 and "| AI-KD [aikd.alpha_p=0.5] |" in table2
     assert "| No Adv |" not in table2 and "| No Adv |" in text.split("### Table 4")[1]
+
+
+def test_rows_are_named_and_placed_by_the_methods_from_the_runs_settings(tmp_path):
+    """A recipe of any name is shown as its method names its settings; two recipes that would share a name are
+    told apart by their recipe names, and ablations go to Table 4 whatever their recipe is called."""
+    write_run(tmp_path, "ce/seed0", "ce", "ce", 0, 10, 0.8)
+    write_run(tmp_path, "mine/seed0", "my_ablation", "aikd", 0, 9.7, 0.8, aikd={**FULL, "adv_weight": 0})
+    write_run(tmp_path, "full/seed0", "aikd", "aikd", 0, 9, 0.8, aikd=FULL)
+    write_run(tmp_path, "twin/seed0", "aikd_again", "aikd", 0, 9.1, 0.8, aikd=FULL)
+    write_run(tmp_path, "kd/seed0", "kd", "kd", 0, 9.9, 0.8)
+    text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
+    table2, table4 = text.split("### Table 3")[0], text.split("### Table 4")[1].split("### Table 4 steps")[0]
+    names = [line.split(" | ")[0].removeprefix("| ") for line in table2.splitlines()[4:] if line.startswith("|")]
+    assert names == ["Baseline", "KD", "AI-KD", "AI-KD (aikd_again)"]  # the methods' table_row, then by recipe
+    assert "| No Adv |" in table4 and "No Adv" not in table2
 
 
 def test_table4_order_that_differs_from_the_papers_is_said(tmp_path):
@@ -373,7 +389,7 @@ def test_cost_table_adds_phase_one_to_two_phase_runs_and_divides_by_the_baseline
                   train_time_s=[130.0, 250.0][seed], teacher=f"/elsewhere/entry{seed}/checkpoints/last.safetensors")
         (tmp_path / f"aikd/seed{seed}/pipeline.json").write_text(json.dumps({"superior": {"train_time_s": base}}))
         # No phase 1: its own time only, (140, 300) / base.
-        write_run(tmp_path, f"online/seed{seed}", "aikd_online_ema", "aikd", seed, 9.5, 0.8, aikd=FULL,
+        write_run(tmp_path, f"online/seed{seed}", "aikd_online_ema", "aikd", seed, 9.5, 0.8, aikd=ONLINE,
                   train_time_s=[140.0, 300.0][seed])
     # Phase 1 found through the teacher checkpoint's entry (no pipeline.json): (50 + 100) / 100.
     write_run(tmp_path, "kd/seed0/student", "kd", "kd", 0, 9.0, 0.8, train_time_s=50.0,

@@ -106,6 +106,8 @@ class AEKTConfig:
 
 @register_method("aekt", AEKTConfig)
 class AEKT(Method):
+    label, table_row = "AEKT", 8
+
     requires_teacher = True
 
     @classmethod

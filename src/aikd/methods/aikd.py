@@ -219,6 +219,8 @@ class AIKD(Method):
     :mod:`aikd.methods.superior`). The method's hooks forward to them.
     """
 
+    label, table_row = "AI-KD", 11
+
     requires_teacher = True
     teacher_same_architecture = True
 
@@ -275,6 +277,25 @@ class AIKD(Method):
     def loss_terms(cls, hparams: AIKDConfig) -> set[str]:
         named = {"guide": hparams.alpha_g > 0, "prev": hparams.alpha_p > 0, "adv": hparams.adv_weight > 0}
         return {"ce", *(name for name, on in named.items() if on)}
+
+    @classmethod
+    def report_row(cls, hparams: AIKDConfig) -> tuple[int, str]:
+        """The paper's Table 4 names for the terms a run trains with (Only Guide, Only Progressive, No Adv, AI-KD),
+        and "AI-KD online (EMA|milestone)" for an in-run superior model; in the paper's order."""
+        terms = cls.loss_terms(hparams) - {"ce"}
+        ablations = {frozenset({"guide"}): "Only Guide", frozenset({"prev"}): "Only Progressive",
+                     frozenset({"guide", "prev"}): "No Adv", frozenset({"guide", "prev", "adv"}): "AI-KD"}
+        name = ablations.get(frozenset(terms), "AI-KD (" + ", ".join(sorted(terms)) + ")")
+        place = list(ablations.values()).index(name) if name in ablations.values() else len(ablations)
+        if hparams.superior == "pretrained" or not hparams.uses_superior:
+            return place, name
+        online = f"AI-KD online ({'EMA' if hparams.superior == 'ema' else 'milestone'})"
+        full = name == "AI-KD"
+        return 5 + 2 * (hparams.superior != "ema") + (not full), online if full else f"{online}, {name}"
+
+    @classmethod
+    def is_ablation(cls, hparams: AIKDConfig) -> bool:
+        return hparams.superior == "pretrained" and cls.loss_terms(hparams) != {"ce", "guide", "prev", "adv"}
 
     def run_facts(self) -> dict[str, Any]:
         return {"critic_lr": self.critic_lr, "critic_steps": self.critic_steps} if self.adversary else {}

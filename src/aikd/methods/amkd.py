@@ -69,6 +69,8 @@ class AMKDConfig(BSSConfig):
 class AMKD(BSS):
     """BSS plus a triplet loss on the boundary samples."""
 
+    label, table_row = "AMKD", 10
+
     @classmethod
     def loss_terms(cls, hparams: AMKDConfig) -> set[str]:
         return {"ce", "kd", "kd_adv", "triplet"}

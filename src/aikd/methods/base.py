@@ -98,6 +98,11 @@ class Method(nn.Module):
     teacher_same_architecture: ClassVar[bool] = False
     # Batches are [anchors | partners] with partner i tied to anchor i (CS-KD): mixing keeps the pairs.
     paired_batches: ClassVar[bool] = False
+    # How reports (aikd report) show the method: its name in the paper's tables, and its place among their rows
+    # (methods without a place follow, by name). A method with named settings (AI-KD's ablations) overrides
+    # report_row().
+    label: ClassVar[str] = ""
+    table_row: ClassVar[int] = 1000
 
     def __init__(self, hparams: Any, ctx: MethodContext) -> None:
         super().__init__()
@@ -113,6 +118,17 @@ class Method(nn.Module):
     def loss_terms(cls, hparams: Any) -> set[str]:
         """The names of the loss terms a step with these settings returns (logged as loss.<name>)."""
         return {"ce"}
+
+    @classmethod
+    def report_row(cls, hparams: Any) -> tuple[int, str]:
+        """(place among this method's rows, row name) of a run with these settings in the report's tables."""
+        return 0, cls.label or cls.name
+
+    @classmethod
+    def is_ablation(cls, hparams: Any) -> bool:
+        """Whether these settings switch parts of the method off: such runs appear in its ablation table only
+        (AI-KD's Table 4), not among the methods."""
+        return False
 
     def batch_sampler(self, batch_size: int, seed: int) -> Any | None:
         """Return a custom epoch batch sampler, or ``None`` for shuffled batches."""

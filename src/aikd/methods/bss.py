@@ -127,6 +127,8 @@ class BSSConfig:
 
 @register_method("bss", BSSConfig)
 class BSS(Method):
+    label, table_row = "BSS", 9
+
     requires_teacher = True
 
     @classmethod

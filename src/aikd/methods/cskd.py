@@ -78,6 +78,8 @@ class CSKDConfig:
 
 @register_method("cskd", CSKDConfig)
 class CSKD(Method):
+    label, table_row = "CS-KD", 5
+
     paired_batches = True
 
     @classmethod

@@ -63,6 +63,8 @@ class DKDConfig:
 
 @register_method("dkd", DKDConfig)
 class DKD(Method):
+    label, table_row = "DKD", 7
+
     requires_teacher = True
 
     @classmethod

@@ -39,6 +39,8 @@ class KDConfig:
 class KD(Method):
     """Teacher-student KD; the teacher is frozen and runs under no_grad."""
 
+    label, table_row = "KD", 2
+
     requires_teacher = True
 
     @classmethod

@@ -46,6 +46,8 @@ class PSKDConfig:
 
 @register_method("pskd", PSKDConfig)
 class PSKD(Method):
+    label, table_row = "PS-KD", 6
+
     def __init__(self, hparams: PSKDConfig, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)
         self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes, gather_rows=ctx.strategy.gather_rows)

@@ -57,6 +57,8 @@ def tf_self_kd(teacher_logits: Tensor, student_logits: Tensor, temperature: floa
 class TFKDSelf(Method):
     """Distillation from a pre-trained copy of the same architecture."""
 
+    label, table_row = "TF-KD (self)", 3
+
     requires_teacher = True
     teacher_same_architecture = True
 
@@ -103,6 +105,8 @@ class TFKDRegConfig:
 @register_method("tfkd_reg", TFKDRegConfig)
 class TFKDReg(Method):
     """Label-smoothing-like regularization with a virtual teacher: no pre-trained model."""
+
+    label, table_row = "TF-KD (reg)", 4
 
     @classmethod
     def loss_terms(cls, hparams: TFKDRegConfig) -> set[str]:

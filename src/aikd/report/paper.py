@@ -11,7 +11,8 @@ Each cell is the mean ± sample standard deviation over seeds; in every column
 the best mean is bold and the second best underlined (lower is better, except
 macro F1), compared at the printed precision so equal-looking cells get equal
 marks. Rows are recipes: a config file's name without the model suffix
-(``aikd_no_adv_preact_resnet18.yaml`` -> ``aikd_no_adv``).
+(``aikd_no_adv_preact_resnet18.yaml`` -> ``aikd_no_adv``), named and ordered as their methods say
+(``Method.label``, ``table_row``, ``report_row``).
 """
 
 from __future__ import annotations
@@ -35,18 +36,8 @@ from aikd.report.stats import paired_difference
 from aikd.report.summaries import mean_std
 from aikd.report.tables import pipe_table
 
-LABELS = {"ce": "Baseline", "ce_equal_compute": "CE, equal compute", "kd": "KD", "tfkd_self": "TF-KD (self)",
-          "tfkd_reg": "TF-KD (reg)", "cskd": "CS-KD", "pskd": "PS-KD", "dkd": "DKD", "aekt": "AEKT", "bss": "BSS",
-          "amkd": "AMKD",
-          "aikd_only_guide": "Only Guide", "aikd_only_progressive": "Only Progressive",
-          "aikd_no_adv": "No Adv", "aikd": "AI-KD", "aikd_online_ema": "AI-KD online (EMA)",
-          "aikd_online_ema_no_adv": "AI-KD online (EMA), No Adv", "aikd_online_milestone": "AI-KD online (milestone)"}
-
-
-def label(recipe: str) -> str:
-    """A recipe's row name: the method's name in the paper, plus a grid point's settings in brackets."""
-    base, bracket, variant = recipe.partition("[")
-    return LABELS.get(base, base) + (f" [{variant}" if bracket else "")
+# Recipes that are not a setting of their method but a length of training: (place after the method's rows, name).
+RECIPE_ROWS = {"ce_equal_compute": (1, "CE, equal compute")}
 
 
 DATASET_ORDER = ("cifar100", "tiny-imagenet", "cub200", "stanford-dogs", "mit67", "fgvc-aircraft", "fashion-mnist")
@@ -66,6 +57,8 @@ class Run:
     losses: tuple[bool, bool, bool] | None  # AI-KD's (L_G, L_P, L_A) switches; None for other methods
     folder: Path
     subset: int = 0  # data.subset_seed: which draw of the training images
+    row: tuple[int, int, str] = (1000, 0, "")  # (method's table_row, place among its rows, row name): from the method
+    ablation: bool = False  # a setting that switches parts of its method off (AI-KD's Table 4 rows)
 
     @property
     def draw(self) -> tuple[int, int]:
@@ -174,8 +167,9 @@ def _read_run(path: Path, root: Path) -> Run:
     summary["total_time_s"] = _total_time(summary, path.parent)
     config = _saved_config(path.parent / "config.yaml")
     subset = int((config.get("data") or {}).get("subset_seed") or 0)
-    return Run(summary.get("recipe") or method, method, dataset, model, seed, summary,
-               _loss_switches(config, method), path.parent, subset)
+    recipe = summary.get("recipe") or method
+    switches, row, ablation = _method_facts(config, method, recipe)
+    return Run(recipe, method, dataset, model, seed, summary, switches, path.parent, subset, row, ablation)
 
 
 METRIC_KEYS = ("top1_err", "top5_err", "macro_f1", "ece", "ece_ts", "nll", "nll_ts", "train_acc", "train_time_s")
@@ -230,21 +224,26 @@ def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
 TABLE4_TERMS = ("guide", "prev", "adv")  # the paper's Table 4 columns: L_G, L_P, L_A
 
 
-def _loss_switches(config: dict[str, Any], method: str) -> tuple[bool, bool, bool] | None:
-    """Which of Table 4's loss terms the run trained with, as its method names them (``Method.loss_terms``) for
-    its saved settings; None for a method whose terms are not Table 4's, or a config that no longer validates."""
+def _method_facts(config: dict[str, Any], method: str, recipe: str
+                  ) -> tuple[tuple[bool, bool, bool] | None, tuple[int, int, str], bool]:
+    """What the run's method says about its saved settings: which of Table 4's loss terms it trained with (as
+    ``Method.loss_terms`` names them; None for a method whose terms are not Table 4's), its row in the tables
+    (``Method.report_row``, and a grid point's settings in brackets) and whether it is an ablation."""
     from aikd.catalog import methods
     from aikd.config import from_dict
     from aikd.errors import ConfigError
 
+    base, bracket, variant = recipe.partition("[")
+    grid = f" [{variant}" if bracket else ""
     try:  # a run without its config.yaml trained with the defaults
-        cfg = from_dict({**(config or {}), "method": method}, source="saved config")
-    except ConfigError:
-        return None
-    terms = methods().get(method).loss_terms(cfg.method_config())
-    if not terms <= {"ce", *TABLE4_TERMS}:
-        return None
-    return tuple(term in terms for term in TABLE4_TERMS)
+        method_cls = methods().get(method)
+        hparams = from_dict({**(config or {}), "method": method}, source="saved config").method_config()
+    except ConfigError:  # a method no longer known, or a config that no longer validates: named by its recipe
+        return None, (1000, 0, recipe), False
+    place, name = RECIPE_ROWS.get(base) or method_cls.report_row(hparams)
+    terms = method_cls.loss_terms(hparams)
+    switches = tuple(term in terms for term in TABLE4_TERMS) if terms <= {"ce", *TABLE4_TERMS} else None
+    return switches, (method_cls.table_row, place, name + grid), method_cls.is_ablation(hparams)
 
 
 # ---------------------------------------------------------------------------- building tables
@@ -260,33 +259,43 @@ def _group_order(runs: Sequence[Run]) -> list[tuple[str, str]]:
     return sorted(pairs, key=lambda p: (rank.get(p[0], len(rank)), p[0], p[1]))
 
 
-def _recipe_order(recipes: set[str]) -> list[str]:
-    known = [r for r in LABELS if r in recipes]
-    grid = sorted((r for r in recipes - set(known) if r.partition("[")[0] in LABELS),
-                  key=lambda r: (list(LABELS).index(r.partition("[")[0]), r))
-    return known + grid + sorted(recipes - set(known) - set(grid))
+class Rows:
+    """The row names and order of a report's recipes, as their runs' methods name and place them.
 
+    Grid points follow every plain recipe; a name that several recipes would share gets the recipe's own
+    name in parentheses on all but the first.
+    """
 
-ABLATIONS = ("aikd_no_adv", "aikd_only_guide", "aikd_only_progressive")
+    def __init__(self, runs: Sequence[Run]) -> None:
+        facts = {}
+        for run in runs:
+            facts.setdefault(run.recipe, run.row)
+        self._order = sorted(facts, key=lambda recipe: ("[" in recipe, *facts[recipe][:2], recipe))
+        self._names: dict[str, str] = {}
+        for recipe in self._order:
+            name = facts[recipe][2]
+            self._names[recipe] = f"{name} ({recipe})" if name in self._names.values() else name
 
+    def label(self, recipe: str) -> str:
+        return self._names.get(recipe, recipe)
 
-def _is_ablation(run: Run) -> bool:
-    """The paper's Table 4 rows (shown there only); other AI-KD recipes (online, grid points) are methods."""
-    return run.method == "aikd" and run.recipe.partition("[")[0] in ABLATIONS
+    def order(self, recipes: set[str]) -> list[str]:
+        return [r for r in self._order if r in recipes] + sorted(recipes - set(self._order))
 
 
 def build_table(title: str, runs: Sequence[Run], metrics: Sequence[Metric],
                 keep: Callable[[Run], bool]) -> Table:
     """Rows = recipes of the kept runs, columns = (dataset, model) x metrics, with ranks marked."""
+    rows = Rows(runs)
     runs = [r for r in runs if keep(r)]
     groups = _group_order(runs)
     by_cell: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         by_cell[(r.recipe, r.dataset, r.model)].append(r)
     table = Table(title, [_group_name(*g) for g in groups], list(metrics))
-    recipes = _recipe_order({r.recipe for r in runs})
+    recipes = rows.order({r.recipe for r in runs})
     for recipe in recipes:
-        table.row_names.append(label(recipe))
+        table.row_names.append(rows.label(recipe))
         row = []
         for dataset, model in groups:
             members = by_cell.get((recipe, dataset, model), [])
@@ -339,6 +348,7 @@ def cost_table(runs: Sequence[Run]) -> Table:
     A two-phase method pays for its superior model or teacher; judging it at equal cost
     means comparing it with plain training of that total length (the equal-compute row).
     """
+    rows = Rows(runs)
     groups = _group_order(runs)
     totals: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in runs:
@@ -346,7 +356,7 @@ def cost_table(runs: Sequence[Run]) -> Table:
             totals[(r.recipe, r.dataset, r.model)][r.draw] = r.metrics["total_time_s"]
     table = Table("Training cost: wall time from nothing to the final model (phase 1 included) over the "
                   "Baseline's, same seed", [_group_name(*g) for g in groups], [COST])
-    for recipe in _recipe_order({r.recipe for r in runs}):
+    for recipe in rows.order({r.recipe for r in runs}):
         row = []
         for dataset, model in groups:
             mine, base = totals.get((recipe, dataset, model), {}), totals.get((BASELINE, dataset, model), {})
@@ -356,7 +366,7 @@ def cost_table(runs: Sequence[Run]) -> Table:
                 row.append(Cell(f"{mean:.2f}x" if n == 1 else f"{mean:.2f}x ± {std:.2f}", mean=mean, std=std, n=n))
             else:
                 row.append(Cell("–"))
-        table.row_names.append(label(recipe))
+        table.row_names.append(rows.label(recipe))
         table.cells.append(row)
     _note_seed_counts(table)
     table.notes = ["Wall times are as measured, on whatever else the machine ran at the time: compare them "
@@ -370,19 +380,20 @@ def paired_table(runs: Sequence[Run], metrics: Sequence[Metric] = (TOP1, ECE, NL
     A recipe's runs are paired with the Baseline's (``ce``: a CE run or a pipeline's phase-1
     model) of the same seed, dataset and model; seeds without a Baseline run are left out.
     """
+    rows = Rows(runs)
     groups = _group_order(runs)
     values: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in runs:
         values[(r.recipe, r.dataset, r.model)][r.draw] = r.metrics
     title = "Paired difference to Baseline (method - Baseline over the same seeds): mean [95 % CI], * excludes 0"
     table = Table(title, [_group_name(*g) for g in groups], list(metrics))
-    for recipe in _recipe_order({r.recipe for r in runs} - {BASELINE}):
+    for recipe in rows.order({r.recipe for r in runs} - {BASELINE}):
         row = []
         for dataset, model in groups:
             mine, base = values.get((recipe, dataset, model), {}), values.get((BASELINE, dataset, model), {})
             for metric in metrics:
                 row.append(_paired_cell(_by_seed(mine, metric.key), _by_seed(base, metric.key), metric))
-        table.row_names.append(label(recipe))
+        table.row_names.append(rows.label(recipe))
         table.cells.append(row)
     return table
 
@@ -444,6 +455,7 @@ def steps_table(runs: Sequence[Run], metric: Metric = TOP1) -> Table:
     """The paper's Table 4 steps as paired differences (method - reference over the same seed and subset), and
     for each a verdict on the paper's sign from the interval over every draw: confirmed, contradicted, or
     unresolved with the interval's half-width."""
+    rows = Rows(runs)
     values: dict[tuple, dict[tuple[int, int], float]] = defaultdict(dict)
     for r in runs:
         if r.metrics.get(metric.key) is not None:
@@ -466,7 +478,7 @@ def steps_table(runs: Sequence[Run], metric: Metric = TOP1) -> Table:
                 verdicts.append(f"{_group_name(dataset, model)}: {_verdict(diff, paper)}")
         if all(c.text == "–" for c in row):
             continue
-        name = f"{label(method)} - {label(reference)}"
+        name = f"{rows.label(method)} - {rows.label(reference)}"
         table.row_names.append(name)
         table.cells.append(row)
         paper_text = f"paper {paper:+.2f}" if paper is not None else "not in the paper; AI-KD's claim: < 0"
@@ -487,16 +499,17 @@ def _verdict(diff, paper: float | None) -> str:
 
 def paper_tables(runs: Sequence[Run]) -> list[Table]:
     """Tables 2, 3 and 4 of the paper for whatever runs there are (empty tables are left out)."""
+    rows = Rows(runs)
     tables = [
-        build_table("Table 2: Top-1 error (%) and macro F1", runs, [TOP1, MACRO_F1], lambda r: not _is_ablation(r)),
+        build_table("Table 2: Top-1 error (%) and macro F1", runs, [TOP1, MACRO_F1], lambda r: not r.ablation),
         build_table("Table 3: Top-5 error (%), ECE (%), ECE after temperature scaling, NLL, and the final epoch's "
                     "training accuracy (%, not ranked)", runs, [TOP5, ECE, ECE_TS, NLL, TRAIN_ACC],
-                    lambda r: not _is_ablation(r)),
+                    lambda r: not r.ablation),
     ]
     ablation = build_table("Table 4: AI-KD ablation, Top-1 error (%)", runs, [TOP1],
                            lambda r: r.losses is not None)  # CE and AI-KD runs carry switches
     if any(r.method == "aikd" for r in runs):
-        switches = {label(r.recipe): r.losses for r in runs if r.losses is not None}
+        switches = {rows.label(r.recipe): r.losses for r in runs if r.losses is not None}
         ablation.lead = ["L_G", "L_P", "L_A"]
         ablation.lead_cells = [["✓" if on else "" for on in switches[name]] for name in ablation.row_names]
         ablation.notes = ablation_order_notes(ablation)
@@ -588,6 +601,7 @@ def reliability_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     from aikd.metrics.calibration import ReliabilityBins
     from aikd.report.plots import reliability_diagram
 
+    rows = Rows(runs)
     pooled: dict[tuple[str, str], dict[str, ReliabilityBins]] = defaultdict(dict)
     for run in runs:
         path = run.folder / "reliability.json"
@@ -595,13 +609,13 @@ def reliability_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
             continue
         data = json.loads(path.read_text())
         curves = pooled[(run.dataset, run.model)]
-        row = label(run.recipe)
+        row = rows.label(run.recipe)
         entries = [(row, data["raw"])] + ([(f"{row} + TS", data["ts"])] if run.recipe == "aikd" else [])
         for name, bins in entries:
             bins = ReliabilityBins.from_dict(bins)
             curves[name] = curves[name] + bins if name in curves else bins
     written = []
-    order = [label(r) for r in _recipe_order({r.recipe for r in runs})]
+    order = [rows.label(r) for r in rows.order({r.recipe for r in runs})]
     for (dataset, model), curves in sorted(pooled.items()):
         ordered = dict(sorted(curves.items(), key=lambda kv: _curve_rank(kv[0], order)))
         path = Path(out_dir) / f"reliability_{dataset}_{model}.png"
@@ -628,6 +642,7 @@ def learning_curve_data(runs: Sequence[Run]) -> dict[tuple[str, str], Curves]:
     """
     import numpy as np
 
+    rows = Rows(runs)
     by_group: dict[tuple[str, str], dict[str, list[dict[int, dict[str, Any]]]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         history = _history(run.folder / "metrics.jsonl")
@@ -636,14 +651,14 @@ def learning_curve_data(runs: Sequence[Run]) -> dict[tuple[str, str], Curves]:
     data = {}
     for group, recipes in sorted(by_group.items()):
         curves: Curves = {title: {} for _, title in CURVE_METRICS}
-        for recipe in _recipe_order(set(recipes)):
+        for recipe in rows.order(set(recipes)):
             histories = recipes[recipe]
             epochs = sorted(set.intersection(*(set(h) for h in histories)))
             for key, title in CURVE_METRICS:
                 points = [e for e in epochs if all(key in h[e] for h in histories)]
                 if points:
                     values = np.array([[h[e][key] for e in points] for h in histories])
-                    curves[title][label(recipe)] = (np.array(points), values.mean(0), values.std(0))
+                    curves[title][rows.label(recipe)] = (np.array(points), values.mean(0), values.std(0))
         curves = {title: lines for title, lines in curves.items() if lines}
         if curves:
             data[group] = curves
