@@ -1,7 +1,14 @@
 """aikd: self-knowledge distillation for image classifiers (AI-KD and the methods it is compared with)."""
 
+from aikd.registry import METHOD_CONFIGS
+
 __version__ = "0.1.0"
 
-# Importing aikd registers the shipped methods (as `import timm` registers timm's models), so that
-# aikd.config finds each one's hyper-parameter schema in aikd.registry.METHOD_CONFIGS without importing them.
-from aikd import methods  # noqa: F401
+
+def _register_shipped_methods() -> None:
+    from aikd import methods  # noqa: F401  (each method registers itself and its config schema)
+
+
+# The first lookup of a method's config schema (aikd.config, when it reads a config) imports the shipped methods,
+# as `import timm` registers timm's models, but lazily: a command that reads no config starts without torch.
+METHOD_CONFIGS.fill_with(_register_shipped_methods)

@@ -16,12 +16,6 @@ if TYPE_CHECKING:
     from aikd.registry import Registry
 
 
-def methods() -> Registry[Any]:
-    from aikd.methods import METHODS
-
-    return METHODS
-
-
 def models() -> Registry[Any]:
     from aikd.models import MODELS
 

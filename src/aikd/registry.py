@@ -18,6 +18,18 @@ class Registry(Generic[T]):
         self.config_key = config_key
         self._items: dict[str, T] = {}
         self._on_remove: dict[str, Callable[[], None]] = {}
+        self._fill: Callable[[], None] | None = None  # registers the shipped entries, on the first lookup
+
+    def fill_with(self, fill: Callable[[], None]) -> None:
+        """Run ``fill`` (an import that registers the shipped entries) before the first lookup, not before: a
+        command that looks nothing up (``aikd --help``) never pays for importing them."""
+        self._fill = fill
+
+    def _filled(self) -> dict[str, T]:
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill()
+        return self._items
 
     def register(self, name: str, on_remove: Callable[[], None] | None = None) -> Callable[[T], T]:
         """Decorator registering its object as ``name``; ``on_remove`` runs when :meth:`remove` forgets it
@@ -36,12 +48,13 @@ class Registry(Generic[T]):
     def get(self, name: str, key: str | None = None) -> T:
         """The object registered as ``name``; a ConfigError naming the config key (default
         ``config_key``), a close match and the choices when there is none."""
-        if name not in self._items:
+        items = self._filled()
+        if name not in items:
             raise ConfigError(
                 f"Unknown {self.kind} '{name}' (config key '{key or self.config_key}')."
-                f"{did_you_mean(name, self._items)} Available: {', '.join(self.names())}."
+                f"{did_you_mean(name, items)} Available: {', '.join(self.names())}."
             )
-        return self._items[name]
+        return items[name]
 
     def remove(self, name: str) -> None:
         """Forget ``name`` (a plugin registered for a while, such as a test's method)."""
@@ -51,14 +64,14 @@ class Registry(Generic[T]):
             hook()
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(self._filled())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._filled()
 
 
 # The hyper-parameter dataclass of every registered method, by method name: the schema of the config section
 # named after the method. Filled by aikd.methods.base.register_method beside the method registry itself, so
-# that aikd.config validates method sections without importing any method (importing aikd registers the
-# shipped ones).
+# that aikd.config validates method sections without importing any method (the aikd package has it import
+# the shipped ones at its first lookup).
 METHOD_CONFIGS: Registry[type[Any]] = Registry("method", "method")

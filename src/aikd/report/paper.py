@@ -229,14 +229,14 @@ def _method_facts(config: dict[str, Any], method: str, recipe: str
     """What the run's method says about its saved settings: which of Table 4's loss terms it trained with (as
     ``Method.loss_terms`` names them; None for a method whose terms are not Table 4's), its row in the tables
     (``Method.report_row``, and a grid point's settings in brackets) and whether it is an ablation."""
-    from aikd.catalog import methods
     from aikd.config import from_dict
     from aikd.errors import ConfigError
+    from aikd.methods import METHODS
 
     base, bracket, variant = recipe.partition("[")
     grid = f" [{variant}" if bracket else ""
     try:  # a run without its config.yaml trained with the defaults
-        method_cls = methods().get(method)
+        method_cls = METHODS.get(method)
         hparams = from_dict({**(config or {}), "method": method}, source="saved config").method_config()
     except ConfigError:  # a method no longer known, or a config that no longer validates: named by its recipe
         return None, (1000, 0, recipe), False
