@@ -456,3 +456,25 @@ def test_superior_quality_reads_the_in_run_superior_model_from_the_checkpoint(tm
     # The milestone copy is the student after epoch 1 of 2: a different model with different numbers.
     milestone = script.summarize(tmp_path / "milestone")
     assert milestone["superior"] != pytest.approx(milestone["student"], abs=1e-6)
+
+
+def test_phase_one_is_derived_from_the_common_settings_and_its_own_overrides_only(tmp_path):
+    """phase2.* overrides shape the student only, phase1.* the superior model only; phase 1 is plain CE without a
+    teacher on the student's data, model and recipe, and the student points at phase 1's cache entry."""
+    from aikd.engine.pipeline import plan_pipeline
+
+    config = "configs/fashion_mnist/aikd.yaml"
+    plain = plan_pipeline(config, DIGITS, tmp_path)
+    sup = plain.superior
+    assert (sup.method, sup.teacher.checkpoint, sup.model, sup.data, sup.train, sup.seed) == \
+        ("ce", None, plain.student.model, plain.student.data, plain.student.train, plain.student.seed)
+    assert plain.student.teacher.checkpoint == str(plain.superior_dir / "checkpoints/last.safetensors")
+    split = plan_pipeline(config, [*DIGITS, "phase2.train.lr=0.05", "phase1.train.epochs=3", "seed=4"], tmp_path)
+    assert (split.student.train.lr, split.student.train.epochs, split.student.seed) == (0.05, 2, 4)
+    assert (split.superior.train.lr, split.superior.train.epochs, split.superior.seed) == (0.1, 3, 4)
+    assert split.superior_dir != plain.superior_dir
+    # A phase-2-only change leaves phase 1 (and so its cache entry) as it was.
+    only_student = plan_pipeline(config, [*DIGITS, "phase2.aikd.alpha_p=0.2", "phase2.train.lr=0.05"], tmp_path)
+    assert only_student.superior_dir == plain.superior_dir and only_student.superior == plain.superior
+    kd = plan_pipeline("configs/fashion_mnist/kd.yaml", [*DIGITS, "teacher.model=preact_resnet18"], tmp_path)
+    assert kd.superior.model.name == "preact_resnet18" and kd.student.model.name == "small_cnn"
