@@ -15,7 +15,8 @@ from aikd.fileio import atomic_write_bytes
 from aikd.metrics.calibration import ReliabilityBins
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on its file-only Agg backend (every figure of aikd is drawn through it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +31,7 @@ def reliability_diagram(curves: Mapping[str, ReliabilityBins], path: str | Path,
     A curve under the diagonal is over-confident. Empty bins are skipped, and
     the legend carries each curve's ECE so the figure reads on its own.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
     ax.plot([0, 1], [0, 1], linestyle=":", color="black", linewidth=1, label="identity")
     for name, bins in curves.items():
@@ -40,7 +41,7 @@ def reliability_diagram(curves: Mapping[str, ReliabilityBins], path: str | Path,
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_reliability(bins: Mapping[str, ReliabilityBins], temperature: float, title: str, png: str | Path,
@@ -53,7 +54,8 @@ def write_reliability(bins: Mapping[str, ReliabilityBins], temperature: float, t
     return reliability_diagram({"before TS": bins["raw"], f"after TS (T={temperature:.2f})": bins["ts"]}, png, title)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (its folder made) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -599,7 +599,7 @@ def reliability_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     seeds); AI-KD also gets its line after temperature scaling.
     """
     from aikd.metrics.calibration import ReliabilityBins
-    from aikd.report.plots import reliability_diagram
+    from aikd.metrics.reliability import reliability_diagram
 
     rows = Rows(runs)
     pooled: dict[tuple[str, str], dict[str, ReliabilityBins]] = defaultdict(dict)

@@ -12,10 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aikd.metrics.reliability import _pyplot, _save, reliability_diagram, write_reliability
-
-__all__ = ["forest_figure", "forest_plot", "learning_curves", "reliability_diagram", "tsne_figure",
-           "write_reliability"]
+from aikd.metrics.reliability import pyplot, save_figure
 
 
 def learning_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]],
@@ -24,7 +21,7 @@ def learning_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarr
 
     ``curves[metric title][method] = (epochs, mean, std)``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.2), dpi=120, squeeze=False)
     names = list(dict.fromkeys(name for per_method in curves.values() for name in per_method))
     colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
@@ -36,7 +33,7 @@ def learning_curves(curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarr
         ax.set(xlabel="epoch", ylabel=metric, title=f"{title}: {metric}" if title else metric)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 ForestRow = tuple[str, float, tuple[float, float] | None]  # (row label, mean difference, 95 % interval or None)
@@ -46,7 +43,7 @@ def forest_figure(panels: Mapping[str, Sequence[ForestRow]], title: str = ""):
     """One panel per metric, one row per method (the first at the top): each paired difference to the Baseline
     as a dot on its 95 % interval, and a line at zero. A row without an interval (one seed) is a dot alone;
     a row whose interval excludes zero is drawn in a strong colour. Returns the matplotlib figure."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = max((len(r) for r in panels.values()), default=1)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.6, 0.32 * rows + 1.2), dpi=120,
                              squeeze=False, sharey=True)
@@ -68,13 +65,13 @@ def forest_figure(panels: Mapping[str, Sequence[ForestRow]], title: str = ""):
 
 def forest_plot(panels: Mapping[str, Sequence[ForestRow]], path: str | Path, title: str = "") -> Path:
     """:func:`forest_figure`, saved as a PNG."""
-    return _save(forest_figure(panels, title), path)
+    return save_figure(forest_figure(panels, title), path)
 
 
 def tsne_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str],
                 path: str | Path) -> Path:
     """Side-by-side 2-D embeddings, one panel per model: (title, points (N, 2), labels (N,))."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), dpi=120, squeeze=False)
     colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
     for ax, (title, points, labels) in zip(axes[0], panels, strict=True):
@@ -83,4 +80,4 @@ def tsne_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_name
             ax.scatter(points[pick, 0], points[pick, 1], s=4, color=colours(k % colours.N), label=name)
         ax.set(title=title, xticks=[], yticks=[])
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=3)
-    return _save(fig, path)
+    return save_figure(fig, path)
