@@ -5,7 +5,7 @@ Methods, models and datasets register themselves next to their definitions
 import the defining packages on first use, which runs every registration, and return
 the filled registries. Config validation looks models and datasets up here; it finds
 the methods' hyper-parameter schemas in :data:`aikd.registry.METHOD_CONFIGS` instead
-(importing :mod:`aikd` registers the shipped methods), so it never imports a method.
+(its first lookup imports the shipped methods, see :mod:`aikd`), so it never imports a method.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def method_schemas() -> dict[str, type]:
     """Each registered method's hyper-parameter dataclass (``Method.Config``), by method name.
 
     The schemas come from :data:`aikd.registry.METHOD_CONFIGS`, which ``register_method`` fills
-    (importing :mod:`aikd` registers the shipped methods), so this module imports no method.
+    (its first lookup imports the shipped methods, see :mod:`aikd`), so this module imports no method.
     """
     return {name: METHOD_CONFIGS.get(name) for name in METHOD_CONFIGS.names()}
 

@@ -41,7 +41,6 @@ RECIPE_ROWS = {"ce_equal_compute": (1, "CE, equal compute")}
 
 
 DATASET_ORDER = ("cifar100", "tiny-imagenet", "cub200", "stanford-dogs", "mit67", "fgvc-aircraft", "fashion-mnist")
-SEED_DIR = re.compile(r"seed\d+$")
 
 
 @dataclass
