@@ -105,3 +105,18 @@ def test_evaluation_is_float32_when_training_runs_under_bf16_autocast(tmp_path, 
         reference = torch.cat([model(evaluator.prepare(images))
                                for images, _, _ in evaluator.loader(trainer.data.test)])
     assert logits.dtype == torch.float32 and torch.equal(logits, reference)
+
+
+class UnpoolRoundTrip(nn.Module):
+    """Max-pool with indices and unpool back: MaxUnpool2d has no deterministic kernel, on the CPU either."""
+
+    def forward(self, x):
+        pooled, where = F.max_pool2d(x, 2, return_indices=True)
+        return F.max_unpool2d(pooled, where, 2, output_size=x.shape[-2:])
+
+
+def test_a_deterministic_run_whose_model_has_such_an_op_stops_with_that_line(tmp_path, restore_determinism, one_thread):
+    trainer = Trainer(load_config(None, [*DIGITS, "deterministic=true"]), tmp_path, quiet=True)
+    trainer.model.features = nn.Sequential(UnpoolRoundTrip(), trainer.model.features)  # a user's model
+    with pytest.raises(ConfigError, match=r"max_unpooling2d\S* .*deterministic=false"):
+        trainer.fit()

@@ -98,9 +98,9 @@ def nondeterministic_ops_explained() -> Iterator[None]:
         found = _NO_DETERMINISTIC_KERNEL.match(str(err))
         if found is None:
             raise
-        raise ConfigError(f"deterministic=true forbids nondeterministic kernels, and this model runs "
-                          f"{found.group(1)}, which has none that is deterministic here. Set deterministic=false "
-                          f"(the run then is not bit-repeatable), or replace that op in the model.") from err
+        raise ConfigError(f"deterministic=true, but the run uses {found.group(1)}, which has no deterministic "
+                          f"kernel on this device: set deterministic=false (the run is then not bit-repeatable) "
+                          f"or replace that op in the model.") from err
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device, rank: int = 0) -> torch.Generator:
