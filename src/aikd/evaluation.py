@@ -14,7 +14,7 @@ from aikd.data import DataBundle, load_data
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.engine.evaluator import Evaluator
 from aikd.engine.model_io import check_fits, model_from_checkpoint
-from aikd.engine.runtime import autocast_dtype, pick_device
+from aikd.engine.runtime import pick_device
 from aikd.errors import AikdError, CheckpointError
 
 
@@ -32,7 +32,7 @@ class LoadedModel:
 
     def evaluator(self, quiet: bool = True) -> Evaluator:
         """The evaluator a training run uses, for this model as saved (it keeps its answers: hold on to it)."""
-        return Evaluator(self.model, self.data, self.device, autocast_dtype(self.cfg.train, self.device), quiet=quiet)
+        return Evaluator(self.model, self.data, self.device, quiet=quiet)
 
     def predict(self, split=None, quiet: bool = True, description: str = "eval") -> tuple[Tensor, Tensor]:
         """Logits and labels on ``split`` (default: the test split)."""
@@ -57,8 +57,9 @@ def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return LoadedModel(Path(path), cfg, data, model, device, info["name"], ckpt.meta.get("epoch"))
 
 
-# What a saved model is evaluated with; every other key describes its training, which is over.
-EVAL_KEYS = ("data.", "device", "deterministic", "train.amp", "train.channels_last")
+# What a saved model is evaluated with; every other key describes its training, which is over (train.amp too:
+# evaluation is float32, aikd.metrics.predict).
+EVAL_KEYS = ("data.", "device", "deterministic", "train.channels_last")
 
 
 def _refuse_overrides_it_cannot_apply(path: str | Path, overrides: list[str] | tuple[str, ...]) -> None:

@@ -27,11 +27,12 @@ Calibration = tuple[dict[str, float], dict[str, ReliabilityBins]]  # (temperatur
 
 
 class Evaluator:
-    """Evaluates ``model`` on the splits of ``data`` (test: the test split, or the validation images)."""
+    """Evaluates ``model`` on the splits of ``data`` (test: the test split, or the validation images), in float32
+    whatever precision it trained in (:func:`aikd.metrics.predict` says why)."""
 
-    def __init__(self, model: nn.Module, data: DataBundle, device: torch.device, amp_dtype: torch.dtype | None = None,
-                 channels_last: bool = False, strategy: Strategy = SINGLE_PROCESS, quiet: bool = True) -> None:
-        self.model, self.data, self.device, self.amp_dtype = model, data, device, amp_dtype
+    def __init__(self, model: nn.Module, data: DataBundle, device: torch.device, channels_last: bool = False,
+                 strategy: Strategy = SINGLE_PROCESS, quiet: bool = True) -> None:
+        self.model, self.data, self.device = model, data, device
         self.channels_last, self.strategy, self.quiet = channels_last, strategy, quiet
         self._loaders: dict[str, Any] = {}  # kept: an image-file loader's workers persist between epochs
         self._answers: dict[str, tuple[int | None, Any]] = {}  # question -> (epoch of the model, answer)
@@ -57,7 +58,7 @@ class Evaluator:
         else:
             loader = self._loaders[name] = self._loaders.get(name) or self.loader(split)
         bar = progress_bar(len(loader), description, self.quiet)
-        logits, labels = predict(self.model, loader, self.prepare, self.device, self.amp_dtype, bar)
+        logits, labels = predict(self.model, loader, self.prepare, self.device, bar)
         bar.close()
         gather = self.strategy.gather_rows  # on the device: NCCL moves GPU tensors only
         return gather(logits.to(self.device)).cpu(), gather(labels.to(self.device)).cpu()

@@ -29,6 +29,7 @@ from aikd.engine.guards import NonFiniteGuard, StopSignals
 from aikd.engine.locks import run_folder_lock
 from aikd.engine.logger import RunLogger
 from aikd.engine.loop import Epoch, train_epoch
+from aikd.engine.runtime import nondeterministic_ops_explained
 from aikd.engine.setup import RunParts, build_parts
 from aikd.engine.state import BEST, LAST, RunCheckpoints, RunState, find_resume_checkpoint
 from aikd.engine.tracking import NO_TRACKER, TRACKING_FILE, Tracker, open_tracker
@@ -57,7 +58,7 @@ class Trainer:
                                           cfg.train.keep_last, p.strategy.is_main)
         self.guard = NonFiniteGuard(cfg.train, p.strategy, p.device, p.model, self.state, self.checkpoints.last)
         # Test metrics and temperature scaling, each computed once per epoch of the model (shared with aikd eval).
-        self.evaluator = Evaluator(p.model, p.data, p.device, p.amp_dtype, p.channels_last, p.strategy, self.quiet)
+        self.evaluator = Evaluator(p.model, p.data, p.device, p.channels_last, p.strategy, self.quiet)
 
     # The parts and counters tests, benchmarks and users reach for.
     data = property(lambda self: self.parts.data)
@@ -116,7 +117,7 @@ class Trainer:
             logger.info(f"aikd: resuming from '{source}' (epoch {state.epoch}"
                         f"{', batch ' + str(state.position['batch']) if state.position else ''})")
         try:
-            with StopSignals(p.strategy, p.device) as signals:
+            with StopSignals(p.strategy, p.device) as signals, nondeterministic_ops_explained():
                 run = Epoch(p, state, self.guard, signals, self.checkpoints, self.quiet)
                 while state.epoch < min(epochs, stop_after or epochs):
                     record = train_epoch(run, state.epoch)

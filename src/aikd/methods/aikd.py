@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aikd.distributed import current, strategy_for
 from aikd.errors import ConfigError
 from aikd.methods.base import (
     Batch,
@@ -46,6 +47,7 @@ from aikd.methods.critic import Adversary, Critic
 from aikd.methods.functional import distillation_kl
 from aikd.methods.previous import BufferPrevious, SnapshotPrevious
 from aikd.methods.superior import EMASuperior, MilestoneSuperior, PretrainedSuperior
+from aikd.strategy import Strategy
 
 # --------------------------------------------------------------------------- the equations
 
@@ -82,7 +84,7 @@ def critic_schedule(student_steps: int, base_lr: float = 1e-4, base_steps: int =
 
 
 def adversarial_loss(critic: nn.Module, student_logits: Tensor) -> Tensor:
-    """L_A (Eq. 7): the student raises the critic's score of its logits."""
+    """L_A (Eq. 7): the student raises the critic's score of its logits (scored in float32: Critic.forward)."""
     return -critic(student_logits.float()).mean()
 
 
@@ -353,27 +355,49 @@ class AIKDLoss(nn.Module):
 
         criterion = AIKDLoss(num_classes, len(train_set))
         loss = criterion(student(images), labels, indices, superior(images))
+
+    Under data parallelism (DDP, Lightning's ``strategy="ddp"``) it works as ``aikd train`` does: each
+    buffer write gathers every rank's rows, so every rank can read every sample's previous logits after
+    a reshuffle; the critic's gradients are averaged over the ranks, and every rank starts from rank 0's
+    critic. ``strategy`` (an :mod:`aikd.strategy` Strategy) says how this process relates to the others;
+    by default it is that of the process group this process has joined (``aikd.distributed.current()``),
+    looked up at each call, since Lightning joins the group after the module is built.
     """
 
     def __init__(self, num_classes: int, num_train: int, alpha_g: float = 0.1, alpha_p: float = 0.3,
                  temp_g: float = 3.0, temp_p: float = 1.0, adv_weight: float = 0.1, critic_lr: float = 1e-4,
-                 critic_steps: int = 1, gp_weight: float = 10.0) -> None:
+                 critic_steps: int = 1, gp_weight: float = 10.0, strategy: Strategy | None = None) -> None:
         super().__init__()
         self.hparams = AIKDConfig(alpha_g=alpha_g, alpha_p=alpha_p, temp_g=temp_g, temp_p=temp_p,
                                   adv_weight=adv_weight, disc_lr=critic_lr, critic_steps=critic_steps,
                                   gp_weight=gp_weight)  # checks the ranges
+        self.given_strategy = strategy
         self.buffer = PredictionBuffer(num_train, num_classes)
         self.adversary = Adversary(Critic(num_classes), critic_lr, steps=critic_steps, gp_weight=gp_weight) \
             if adv_weight > 0 else None
+        self.critic_shared = False  # set once every rank holds rank 0's critic
         self.last_terms: dict[str, Tensor] = {}  # the weighted terms of the last call, detached
 
+    @property
+    def strategy(self) -> Strategy:
+        """The strategy given, else that of the process group joined by now (a single process without one)."""
+        return self.given_strategy if self.given_strategy is not None else strategy_for(current())
+
     def forward(self, logits: Tensor, labels: Tensor, indices: Tensor, superior_logits: Tensor | None) -> Tensor:
+        strategy = self.strategy
+        self.buffer.gather_rows = strategy.gather_rows  # a write stores every rank's rows
         superior = None if superior_logits is None else superior_logits.detach().float()
         previous, filled = self.buffer.read(indices)
         terms, _ = aikd_terms(self.hparams, logits, labels, superior, previous, filled)
-        if superior is not None and self.adversary is not None:
-            terms["adv"], _ = adversarial_term(self.adversary, self.hparams.adv_weight, superior, logits,
-                                               learn=self.training)
+        if self.adversary is not None:
+            self.adversary.strategy = strategy  # the critic's gradients are averaged over the ranks
+            if self.training and strategy.distributed and not self.critic_shared:
+                theta = self.adversary.disc.theta.data
+                theta.copy_(strategy.gather_rows(theta.unsqueeze(0))[0])  # rank 0's weights, as DDP does
+                self.critic_shared = True
+            if superior is not None:
+                terms["adv"], _ = adversarial_term(self.adversary, self.hparams.adv_weight, superior, logits,
+                                                   learn=self.training)
         if self.training:
             self.buffer.write(indices, logits)
         self.last_terms = {k: v.detach() for k, v in terms.items()}

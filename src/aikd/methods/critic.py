@@ -132,9 +132,16 @@ class Critic(nn.Module):
         return normed, scale, torch.addcmul(self.beta, normed, self.gamma)
 
     def forward(self, logits: Tensor) -> Tensor:
-        """D(logits): one score per row (differentiable in the logits; the critic's own weights are constants)."""
-        _, _, y = self._hidden(logits)
-        return nn.functional.leaky_relu(y, self.negative_slope) @ self._head() + self.bias2.sum() * self._out_scale
+        """D(logits): one score per row (differentiable in the logits; the critic's own weights are constants).
+
+        In the critic's own precision (float32), with autocast off, whatever the caller runs under: the critic
+        trains in float32 (:func:`train_critic`), so L_A must score with the same function, not a bf16 or fp16
+        rounding of it. The gradient reaches low-precision logits through the cast.
+        """
+        with torch.autocast(logits.device.type, enabled=False):
+            _, _, y = self._hidden(logits.to(self.theta.dtype))
+            return nn.functional.leaky_relu(y, self.negative_slope) @ self._head() + \
+                self.bias2.sum() * self._out_scale
 
     def loss_and_grad(self, real: Tensor, fake: Tensor, eps: Tensor, gp_weight: float) -> tuple[Tensor, CriticStats]:
         """L_D's gradient in ``theta``'s layout, and L_D with its parts, for interpolation weights ``eps`` (N, 1).

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aikd.distributed import current, strategy_for
 from aikd.methods.base import Batch, Method, MethodContext, StepOutput, register_method, weight
 from aikd.methods.buffer import PredictionBuffer
 from aikd.methods.functional import soft_cross_entropy
+from aikd.strategy import Strategy
 
 
 def pskd_alpha(epoch: int, epochs: int, alpha_T: float = 0.8) -> float:
@@ -76,18 +78,29 @@ class PSKDLoss(nn.Module):
 
         criterion = PSKDLoss(num_classes, len(train_set), epochs)
         loss = criterion(student(images), labels, indices, epoch)
+
+    Under data parallelism each write gathers every rank's rows, as in ``aikd train``, so a sample's
+    previous prediction is found on whichever rank the next reshuffle sends it to. ``strategy`` defaults
+    to that of the process group joined by the time of the call (:class:`~aikd.methods.aikd.AIKDLoss`).
     """
 
-    def __init__(self, num_classes: int, num_train: int, epochs: int, alpha_T: float = 0.8) -> None:
+    def __init__(self, num_classes: int, num_train: int, epochs: int, alpha_T: float = 0.8,
+                 strategy: Strategy | None = None) -> None:
         super().__init__()
         PSKDConfig(alpha_T=alpha_T)  # checks the range
-        self.epochs, self.alpha_T = epochs, alpha_T
+        self.epochs, self.alpha_T, self.given_strategy = epochs, alpha_T, strategy
         self.buffer = PredictionBuffer(num_train, num_classes)
+
+    @property
+    def strategy(self) -> Strategy:
+        """The strategy given, else that of the process group joined by now (a single process without one)."""
+        return self.given_strategy if self.given_strategy is not None else strategy_for(current())
 
     def forward(self, logits: Tensor, labels: Tensor, indices: Tensor, epoch: int) -> Tensor:
         previous, has_previous = self.buffer.read(indices)
         targets = pskd_targets(labels, previous.softmax(dim=1), has_previous,
                                pskd_alpha(epoch, self.epochs, self.alpha_T))
         if self.training:
+            self.buffer.gather_rows = self.strategy.gather_rows  # a write stores every rank's rows
             self.buffer.write(indices, logits)
         return soft_cross_entropy(logits.float(), targets)

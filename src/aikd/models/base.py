@@ -25,6 +25,19 @@ class ModelSpec:
     stem: str  # "cifar" (3x3 stride 1, no max-pool) or "imagenet" (7x7 stride 2 + max-pool)
 
 
+class GlobalAvgPool(nn.Module):
+    """(N, C, H, W) -> (N, C): the mean over each feature map, as ``x.mean((2, 3))``.
+
+    In place of ``nn.AdaptiveAvgPool2d(1)`` + flatten: that layer's CUDA backward accumulates with atomics,
+    has no deterministic kernel and so stops a ``deterministic: true`` run, while a mean's backward is a
+    broadcast. On the CPU both give the same bits, forward and backward, in either memory format
+    (tests/test_precision.py compares them), so CPU results do not change.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean((2, 3))
+
+
 class Classifier(nn.Module):
     """``features`` maps images to a vector; ``head`` maps it to logits."""
 

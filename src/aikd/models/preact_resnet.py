@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.models.base import MODELS, Classifier, ModelSpec
+from aikd.models.base import MODELS, Classifier, GlobalAvgPool, ModelSpec
 
 
 class PreActBlock(nn.Module):
@@ -48,12 +48,12 @@ class PreActResNetFeatures(nn.Module):
                 cin = cout
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(cin)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.out_features = cin
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.layers(self.stem(x))
-        return self.pool(F.relu(self.bn(out))).flatten(1)
+        return self.pool(F.relu(self.bn(out)))
 
 
 @MODELS.register("preact_resnet18")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from aikd.models.base import MODELS, Classifier, ModelSpec
+from aikd.models.base import MODELS, Classifier, GlobalAvgPool, ModelSpec
 
 if TYPE_CHECKING:
     from torchvision import models as tvm
@@ -30,6 +30,7 @@ def resnet18(spec: ModelSpec) -> Classifier:
     elif spec.in_channels != 3:
         net.conv1 = nn.Conv2d(spec.in_channels, 64, 7, 2, 3, bias=False)
     num_features = net.fc.in_features
+    net.avgpool = GlobalAvgPool()  # deterministic on CUDA (torchvision's forward flattens the (N, C) it returns)
     net.fc = nn.Identity()
     return Classifier(net, num_features, spec.num_classes)
 
@@ -40,7 +41,7 @@ class _DenseNetFeatures(nn.Module):
     def __init__(self, net: tvm.DenseNet) -> None:
         super().__init__()
         self.body = net.features
-        self.tail = nn.Sequential(nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.tail = nn.Sequential(nn.ReLU(inplace=True), GlobalAvgPool())
 
     def forward(self, x):
         return self.tail(self.body(x))
