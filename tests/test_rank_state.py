@@ -1,0 +1,163 @@
+"""What each rank of a distributed run keeps to itself: its random streams and its own loss terms.
+
+Two methods defined here alone draw on what differs between ranks. ``noisy_ce_test`` adds noise from the
+global torch RNG to every logit, so each rank draws as many values as its share of the batch holds; with a
+last batch that does not split evenly, the ranks' streams part after the first epoch (as AI-KD's critic
+interpolation weights do on a GPU). ``rank_term_test`` adds a loss term and a statistic on rank 1 only, as
+BSS and AMKD add theirs only where their attack ran. The 2-rank runs are real torchrun jobs on gloo whose
+entry point is this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aikd.config import load_config
+from aikd.engine import Trainer
+from aikd.engine.checkpoint import load_checkpoint, save_checkpoint
+from aikd.methods import METHODS, Batch, Method, MethodContext, StepOutput, register_method
+
+NOISY, RANK_TERM = "noisy_ce_test", "rank_term_test"
+# 205 training images in batches of 64: the last batch of 13 splits 7 / 6 over two ranks.
+TINY = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "data.train_limit=205",
+        "data.test_limit=64", "deterministic=true", "device=cpu", "train.epochs=2"]
+TIMING = {"time_s"}
+
+
+@dataclass
+class NoisyConfig:
+    noise: float = 0.5  # standard deviation of the noise added to every logit
+
+
+class NoisyCE(Method):
+    """Cross-entropy of logits plus noise drawn from the global torch RNG: a rank's stream moves with its share."""
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        logits = model(batch.images)
+        noisy = logits + self.hparams.noise * torch.randn_like(logits)
+        return StepOutput(logits, {"ce": F.cross_entropy(noisy, batch.targets)})
+
+
+@dataclass
+class RankTermConfig:
+    extra: float = 2.0  # the term rank 1 adds to each of its steps
+
+
+class RankTerm(Method):
+    """Cross-entropy, plus a constant term and a statistic that only rank 1 reports."""
+
+    def __init__(self, hparams: RankTermConfig, ctx: MethodContext) -> None:
+        super().__init__(hparams, ctx)
+        self.rank = ctx.strategy.rank
+
+    @classmethod
+    def loss_terms(cls, hparams: RankTermConfig) -> set[str]:
+        return {"ce", "extra"}
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        logits = model(batch.images)
+        losses, stats = {"ce": F.cross_entropy(logits, batch.targets)}, {}
+        if self.rank == 1:
+            losses["extra"] = torch.tensor(self.hparams.extra, device=logits.device)
+            stats["rare"] = torch.tensor(1.0, device=logits.device)
+        return StepOutput(logits, losses, stats)
+
+
+def register() -> None:
+    for name, config, method in ((NOISY, NoisyConfig, NoisyCE), (RANK_TERM, RankTermConfig, RankTerm)):
+        if name not in METHODS:
+            register_method(name, config)(method)
+
+
+@pytest.fixture
+def rank_methods():
+    register()
+    yield
+    for name in (NOISY, RANK_TERM):
+        METHODS.remove(name)  # keep the registry-driven tests of other files to the shipped methods
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """This file as the entry point of a 2-rank gloo job: ``OUT METHOD MODE [overrides]``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
+               *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def records(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- per-rank random streams
+
+
+def test_two_rank_resume_restores_each_ranks_random_streams(tmp_path):
+    """Stopped after epoch 1 and resumed, the run equals the uninterrupted one in every epoch's record."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    torchrun(str(straight), NOISY, "fit")
+    torchrun(str(split), NOISY, "stop1")
+    streams = load_checkpoint(split / "checkpoints" / "last.safetensors").state["rng"]
+    assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])  # the ranks' differ
+    torchrun(str(split), NOISY, "resume")
+    assert len(records(straight)) == 2
+    assert records(split) == records(straight)
+
+
+def test_resume_with_another_world_size_warns_and_continues(tmp_path, rank_methods, one_thread):
+    """A 2-rank checkpoint resumed by one process: the random streams cannot all be restored; a warning says so."""
+    out = tmp_path / "run"
+    torchrun(str(out), NOISY, "stop1")
+    with pytest.warns(UserWarning, match="random streams of 2 processes and this run has 1"):
+        summary = Trainer(load_config(None, [*TINY, f"method={NOISY}"]), out, quiet=True).fit(resume=True)
+    assert summary["epochs"] == 2
+
+
+def test_resume_without_the_saved_gpu_stream_warns_and_continues(tmp_path, rank_methods, one_thread):
+    """A checkpoint written on a GPU (edited here: a CUDA stream in the saved state) resumed on the CPU."""
+    cfg = load_config(None, [*TINY, f"method={NOISY}"])
+    out = tmp_path / "run"
+    Trainer(cfg, out, quiet=True).fit(stop_after=1)
+    path = out / "checkpoints" / "last.safetensors"
+    ckpt = load_checkpoint(path)
+    ckpt.state["rng"][0]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # one GPU's Philox state
+    save_checkpoint(path, ckpt.model, ckpt.meta, ckpt.state)
+    with pytest.warns(UserWarning, match="CUDA random stream and this run has no GPU"):
+        summary = Trainer(cfg, out, quiet=True).fit(resume=True)
+    assert summary["epochs"] == 2
+
+
+# ----------------------------------------------------------------------------- terms on some ranks only
+
+
+def test_a_term_on_one_rank_only_is_averaged_over_every_sample(tmp_path):
+    """Rank 1 adds 2.0 to each step and reports a statistic of 1.0; rank 0 reports neither. Every batch splits
+    evenly (256 images in batches of 64), so the run's averages are 2.0 / 2 and 1.0 / 2."""
+    out = tmp_path / "run"
+    torchrun(str(out), RANK_TERM, "fit", "data.train_limit=256", "train.epochs=1")
+    (record,) = records(out)
+    assert record["loss.extra"] == pytest.approx(1.0)
+    assert record["stat.rare"] == pytest.approx(0.5)
+    assert record["train.loss"] == pytest.approx(record["loss.ce"] + record["loss.extra"], rel=1e-5)
+
+
+if __name__ == "__main__":  # the torchrun entry point of the tests above: one rank of the run
+    out_dir, name, mode, *overrides = sys.argv[1:]
+    register()
+    warnings.simplefilter("ignore", UserWarning)
+    trainer = Trainer(load_config(None, [*TINY, f"method={name}", *overrides]), out_dir, quiet=True)
+    trainer.fit(resume=mode == "resume", stop_after=1 if mode == "stop1" else None)
