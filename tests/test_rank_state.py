@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -88,10 +89,11 @@ def rank_methods():
         METHODS.remove(name)  # keep the registry-driven tests of other files to the shipped methods
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """This file as the entry point of a 2-rank gloo job: ``OUT METHOD MODE [overrides]``."""
+def torchrun(method: str, *jobs: str) -> subprocess.CompletedProcess:
+    """This file as the entry point of a 2-rank gloo job that runs ``jobs`` ("fit:OUT", "stop1:OUT" or
+    "resume:OUT") one after the other, and config overrides, in one process group (torchrun starts slowly)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
-               *args]
+               method, *jobs]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -106,22 +108,29 @@ def records(out: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- per-rank random streams
 
 
-def test_two_rank_resume_restores_each_ranks_random_streams(tmp_path):
+@pytest.fixture(scope="module")
+def noisy_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """(uninterrupted, stopped after epoch 1) 2-rank runs of ``noisy_ce_test``."""
+    root = tmp_path_factory.mktemp("noisy")
+    torchrun(NOISY, f"fit:{root / 'straight'}", f"stop1:{root / 'split'}")
+    return root / "straight", root / "split"
+
+
+def test_two_rank_resume_restores_each_ranks_random_streams(noisy_runs, tmp_path):
     """Stopped after epoch 1 and resumed, the run equals the uninterrupted one in every epoch's record."""
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    torchrun(str(straight), NOISY, "fit")
-    torchrun(str(split), NOISY, "stop1")
+    straight, split = noisy_runs[0], tmp_path / "split"
+    shutil.copytree(noisy_runs[1], split)
     streams = load_checkpoint(split / "checkpoints" / "last.safetensors").state["rng"]
     assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])  # the ranks' differ
-    torchrun(str(split), NOISY, "resume")
+    torchrun(NOISY, f"resume:{split}")
     assert len(records(straight)) == 2
     assert records(split) == records(straight)
 
 
-def test_resume_with_another_world_size_warns_and_continues(tmp_path, rank_methods, one_thread):
+def test_resume_with_another_world_size_warns_and_continues(noisy_runs, tmp_path, rank_methods, one_thread):
     """A 2-rank checkpoint resumed by one process: the random streams cannot all be restored; a warning says so."""
     out = tmp_path / "run"
-    torchrun(str(out), NOISY, "stop1")
+    shutil.copytree(noisy_runs[1], out)
     with pytest.warns(UserWarning, match="random streams of 2 processes and this run has 1"):
         summary = Trainer(load_config(None, [*TINY, f"method={NOISY}"]), out, quiet=True).fit(resume=True)
     assert summary["epochs"] == 2
@@ -148,16 +157,19 @@ def test_a_term_on_one_rank_only_is_averaged_over_every_sample(tmp_path):
     """Rank 1 adds 2.0 to each step and reports a statistic of 1.0; rank 0 reports neither. Every batch splits
     evenly (256 images in batches of 64), so the run's averages are 2.0 / 2 and 1.0 / 2."""
     out = tmp_path / "run"
-    torchrun(str(out), RANK_TERM, "fit", "data.train_limit=256", "train.epochs=1")
+    torchrun(RANK_TERM, f"fit:{out}", "data.train_limit=256", "train.epochs=1")
     (record,) = records(out)
     assert record["loss.extra"] == pytest.approx(1.0)
     assert record["stat.rare"] == pytest.approx(0.5)
     assert record["train.loss"] == pytest.approx(record["loss.ce"] + record["loss.extra"], rel=1e-5)
 
 
-if __name__ == "__main__":  # the torchrun entry point of the tests above: one rank of the run
-    out_dir, name, mode, *overrides = sys.argv[1:]
+if __name__ == "__main__":  # the torchrun entry point of the tests above: one rank of each run in turn
+    name, *args = sys.argv[1:]
+    jobs = [arg.split(":", 1) for arg in args if arg.split(":", 1)[0] in ("fit", "stop1", "resume")]
+    overrides = [arg for arg in args if "=" in arg and ":" not in arg]
     register()
     warnings.simplefilter("ignore", UserWarning)
-    trainer = Trainer(load_config(None, [*TINY, f"method={name}", *overrides]), out_dir, quiet=True)
-    trainer.fit(resume=mode == "resume", stop_after=1 if mode == "stop1" else None)
+    for mode, out_dir in jobs:
+        trainer = Trainer(load_config(None, [*TINY, f"method={name}", *overrides]), out_dir, quiet=True)
+        trainer.fit(resume=mode == "resume", stop_after=1 if mode == "stop1" else None)
