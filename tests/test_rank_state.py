@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -27,6 +28,7 @@ from torch import nn
 from aikd.config import load_config
 from aikd.engine import Trainer
 from aikd.engine.checkpoint import load_checkpoint, save_checkpoint
+from aikd.errors import RunInterrupted
 from aikd.methods import METHODS, Batch, Method, MethodContext, StepOutput, register_method
 
 NOISY, RANK_TERM = "noisy_ce_test", "rank_term_test"
@@ -121,10 +123,10 @@ def test_two_rank_resume_restores_each_ranks_random_streams(noisy_runs, tmp_path
     straight, split = noisy_runs[0], tmp_path / "split"
     shutil.copytree(noisy_runs[1], split)
     streams = load_checkpoint(split / "checkpoints" / "last.safetensors").state["rng"]
-    assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])  # the ranks' differ
     torchrun(NOISY, f"resume:{split}")
     assert len(records(straight)) == 2
     assert records(split) == records(straight)
+    assert len(streams) == 2 and not torch.equal(streams[0]["torch"], streams[1]["torch"])  # the ranks' differ
 
 
 def test_resume_with_another_world_size_warns_and_continues(noisy_runs, tmp_path, rank_methods, one_thread):
@@ -143,11 +145,51 @@ def test_resume_without_the_saved_gpu_stream_warns_and_continues(tmp_path, rank_
     Trainer(cfg, out, quiet=True).fit(stop_after=1)
     path = out / "checkpoints" / "last.safetensors"
     ckpt = load_checkpoint(path)
-    ckpt.state["rng"][0]["cuda"] = torch.zeros(16, dtype=torch.uint8)  # one GPU's Philox state
+    streams = ckpt.state["rng"]
+    (streams[0] if isinstance(streams, list) else streams)["cuda"] = torch.zeros(16, dtype=torch.uint8)  # Philox
     save_checkpoint(path, ckpt.model, ckpt.meta, ckpt.state)
     with pytest.warns(UserWarning, match="CUDA random stream and this run has no GPU"):
         summary = Trainer(cfg, out, quiet=True).fit(resume=True)
     assert summary["epochs"] == 2
+
+
+# ----------------------------------------------------------------------------- a mid-epoch generator on another device
+
+
+def stopped_mid_epoch(out: Path, cfg) -> Path:
+    """A single-process run stopped by SIGTERM after batch 2 of its first epoch; its checkpoint."""
+    trainer = Trainer(cfg, out, quiet=True)
+    original, steps = trainer.method.on_step_end, []
+
+    def signal_at_batch_two(model, batch, output):
+        original(model, batch, output)
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run, which stops at the next step boundary
+
+    trainer.method.on_step_end = signal_at_batch_two
+    with pytest.raises(RunInterrupted):
+        trainer.fit()
+    return out / "checkpoints" / "last.safetensors"
+
+
+@pytest.mark.parametrize("device", ["cuda", None], ids=["recorded", "older-checkpoint"])
+def test_mid_epoch_generator_of_another_device_warns_and_continues(tmp_path, one_thread, device):
+    """A CPU run resumes a checkpoint whose augmentation generator was a GPU's (edited here: a Philox state of 16
+    bytes, its device recorded or, as before aikd recorded it, not)."""
+    cfg = load_config(None, [*TINY, "method=ce", "train.epochs=1"])
+    path = stopped_mid_epoch(tmp_path / "run", cfg)
+    ckpt = load_checkpoint(path)
+    position = ckpt.state["position"]
+    assert position["batch"] == 2 and position.get("generator_device", "cpu") == "cpu"
+    position["generators"] = [torch.zeros(16, dtype=torch.uint8)]
+    position.pop("generator_device")
+    if device:
+        position["generator_device"] = device
+    save_checkpoint(path, ckpt.model, ckpt.meta, ckpt.state)
+    with pytest.warns(UserWarning, match="the rest of this epoch draws other augmentations"):
+        summary = Trainer(cfg, tmp_path / "run", quiet=True).fit(resume=True)
+    assert summary["epochs"] == 1
 
 
 # ----------------------------------------------------------------------------- terms on some ranks only
