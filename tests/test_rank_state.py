@@ -183,7 +183,7 @@ def test_mid_epoch_generator_of_another_device_warns_and_continues(tmp_path, one
     position = ckpt.state["position"]
     assert position["batch"] == 2 and position.get("generator_device", "cpu") == "cpu"
     position["generators"] = [torch.zeros(16, dtype=torch.uint8)]
-    position.pop("generator_device")
+    position.pop("generator_device", None)
     if device:
         position["generator_device"] = device
     save_checkpoint(path, ckpt.model, ckpt.meta, ckpt.state)
