@@ -27,7 +27,7 @@ from torch import nn
 
 from aikd.config import load_config
 from aikd.engine import Trainer
-from aikd.engine.checkpoint import load_checkpoint, save_checkpoint
+from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aikd.errors import RunInterrupted
 from aikd.methods import METHODS, Batch, Method, MethodContext, StepOutput, register_method
 
@@ -151,6 +151,19 @@ def test_resume_without_the_saved_gpu_stream_warns_and_continues(tmp_path, rank_
     with pytest.warns(UserWarning, match="CUDA random stream and this run has no GPU"):
         summary = Trainer(cfg, out, quiet=True).fit(resume=True)
     assert summary["epochs"] == 2
+
+
+def test_gpu_streams_that_do_not_fit_are_reported_not_raised():
+    """A checkpoint from before per-rank streams (every visible GPU's stream, a list) restored on the CPU, and a
+    CPU checkpoint restored on a GPU: the CPU streams are restored, the GPU one is named as missing."""
+    torch.manual_seed(5)
+    state = rng_state()
+    expected = torch.rand(3)
+    legacy = {**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8}
+    assert "this run has no GPU" in set_rng_state(legacy)
+    assert torch.equal(torch.rand(3), expected)
+    assert "holds no CUDA random stream for this GPU" in set_rng_state(state, torch.device("cuda", 1))
+    assert torch.equal(torch.rand(3), expected)
 
 
 # ----------------------------------------------------------------------------- a mid-epoch generator on another device
