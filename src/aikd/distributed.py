@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from aikd.errors import AikdError, ConfigError
 from aikd.strategy import SINGLE_PROCESS, SingleProcess, Strategy
 
-__all__ = ["SINGLE_PROCESS", "DataParallel", "DistInfo", "SingleProcess", "Strategy", "current", "setup",
-           "strategy_for"]
+__all__ = ["SINGLE_PROCESS", "DataParallel", "DistInfo", "SingleProcess", "Strategy", "cuda_index", "current",
+           "setup", "strategy_for"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,10 @@ def launched_by_torchrun() -> bool:
 
 
 def setup(device_name: str) -> DistInfo:
-    """Join the process group torchrun prepared (once per process); a single process gets rank 0 of 1."""
+    """Join the process group torchrun prepared (once per process); a single process gets rank 0 of 1.
+
+    On GPUs each process selects its GPU (:func:`cuda_index`) before joining: NCCL binds to the current device.
+    """
     if not launched_by_torchrun():
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
@@ -75,10 +78,7 @@ def setup(device_name: str) -> DistInfo:
         return info
     wants_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if wants_cuda:
-        if info.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"Local rank {info.local_rank} has no GPU: this node has {torch.cuda.device_count()}. "
-                              f"Start at most that many processes per node (torchrun --nproc-per-node).")
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(cuda_index(device_name, info.local_rank, torch.cuda.device_count()))
     dist.init_process_group("nccl" if wants_cuda else "gloo")
     return info
 
@@ -90,11 +90,40 @@ def current() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def cuda_index(requested: str, local_rank: int | None, visible: int) -> int:
+    """The GPU (an index among the ``visible`` ones) that this process drives.
+
+    ``local_rank`` is None for a single process, which takes the index ``requested`` names (``cuda:1``) or 0.
+    A process of a distributed run takes the GPU of its local rank, except where it sees one GPU only: a
+    scheduler that binds one GPU per task (Slurm's --gpus-per-task) hides the others, so that one is its own
+    whatever its local rank. Anything else is refused with a message that says what to change.
+    """
+    if visible < 1:
+        raise ConfigError(f"device={requested} was asked for, but this process sees no CUDA GPU. "
+                          f"Use device=cpu, or check CUDA_VISIBLE_DEVICES.")
+    named = requested.partition(":")[2]
+    if local_rank is None:
+        index = int(named) if named.isdigit() else 0
+        if index >= visible:
+            raise ConfigError(f"device={requested} was asked for, but this process sees {visible} GPU(s) "
+                              f"(cuda:0 to cuda:{visible - 1}). Pick one of those, or check CUDA_VISIBLE_DEVICES.")
+        return index
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise ConfigError(f"Local rank {local_rank} has no GPU: this process sees {visible}. Start at most that many "
+                      f"processes per node (torchrun --nproc-per-node), or bind one GPU per process.")
+
+
 def device_for(info: DistInfo, device: torch.device) -> torch.device:
-    """Each process of a multi-GPU node drives the GPU of its local rank."""
-    if info.enabled and device.type == "cuda":
-        return torch.device("cuda", info.local_rank)
-    return device
+    """The GPU this process drives (:func:`cuda_index`), made its current device so that CUDA state (random
+    streams, caches, NCCL) is created there and not on GPU 0; other devices as they are."""
+    if device.type != "cuda":
+        return device
+    index = cuda_index(str(device), info.local_rank if info.enabled else None, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 class DataParallel(SingleProcess):

@@ -75,10 +75,11 @@ class ResumableBatchSampler:
     def __init__(self, inner) -> None:
         self.inner = inner
         self.start = 0
+        self.epoch = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.inner.set_epoch(epoch)
-        self.start = start_batch
+        self.start, self.epoch = start_batch, epoch
 
     def __iter__(self) -> Iterator[list[int]]:
         start, self.start = self.start, 0
@@ -188,23 +189,57 @@ class TensorLoader:
 
 
 class ImageFileDataset(Dataset):
-    """Decodes one image file per item and returns (image, label, index)."""
+    """Decodes one image file per item and returns (image, label, index).
 
-    def __init__(self, split: FileSplit, transform) -> None:
+    With a ``seed`` (training), an item is asked for by (epoch, index), and its random crop and flip come from
+    its own stream, seeded by (seed, epoch, index). DataLoader workers would otherwise draw from streams seeded
+    by the global RNG, which is the same on every rank (every rank drew the same crop and flip sequence), and
+    which a resumed run cannot replay. Keyed by the sample, a view depends on nothing else: not on the rank,
+    the number of workers or ranks, nor on where a resumed epoch starts.
+    """
+
+    def __init__(self, split: FileSplit, transform, seed: int | None = None) -> None:
         self.split = split
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         path: Path = self.split.paths[index]
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
         except (OSError, UnidentifiedImageError) as err:
             raise DataError(f"Cannot decode image '{path}': {err}.") from None
-        return self.transform(img), int(self.split.labels[index]), index
+        if self.seed is None:
+            return self.transform(img), int(self.split.labels[index]), index
+        with torch.random.fork_rng(devices=[]):  # the process's own stream (the main one, without workers) stays
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(img), int(self.split.labels[index]), index
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation in one epoch: distinct for every (seed, epoch, index)."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_659 + index) % 2**63
+
+
+class EpochKeys:
+    """A batch sampler's batches as (epoch, index) keys, for a dataset that draws per sample
+    (:class:`ImageFileDataset`); runs in the main process, so it sees each ``set_epoch``."""
+
+    def __init__(self, batches: ResumableBatchSampler) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.batches.epoch
+        for batch in self.batches:
+            yield [(epoch, int(i)) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _worker_message(text: str) -> str:
@@ -222,9 +257,9 @@ class FileLoader:
 
     def __init__(self, dataset: ImageFileDataset, batch_sampler, num_workers: int,
                  pin_memory: bool) -> None:
-        self.batch_sampler = batch_sampler = ResumableBatchSampler(batch_sampler)
+        self.batch_sampler = ResumableBatchSampler(batch_sampler)
         self.loader = DataLoader(
-            dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+            dataset, batch_sampler=EpochKeys(self.batch_sampler), num_workers=num_workers,
             pin_memory=pin_memory, persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
         )
@@ -293,7 +328,8 @@ class DataBundle:
         if workers is None:  # the node's CPUs are shared by the ranks torchrun started on it
             ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             workers = min(8, max(1, (os.cpu_count() or 1) // ranks_here))
-        return FileLoader(ImageFileDataset(split, transform), batch_sampler, workers, pin_memory)
+        dataset = ImageFileDataset(split, transform, seed if train else None)
+        return FileLoader(dataset, batch_sampler, workers, pin_memory)
 
     def to_device(self, images: Tensor, train: bool, generator: torch.Generator | None) -> Tensor:
         """Finish a batch on the device: in-memory uint8 images are augmented and normalized."""

@@ -136,22 +136,36 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 # ---------------------------------------------------------------- random number generators
 
-def rng_state() -> dict[str, Any]:
-    """Every global RNG a run draws from, in checkpointable form."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's global RNGs in checkpointable form: Python, NumPy, torch's CPU stream and, when
+    ``device`` is a GPU, that GPU's stream alone (a rank drives one GPU; the others' streams are not its own,
+    and saving them would tie the checkpoint to the number of visible GPUs)."""
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> str | None:
+    """Restore what :func:`rng_state` saved; returns why the GPU stream was not restored, None when it was
+    (or when neither side has one), so the caller can warn instead of crash."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved, here = state.get("cuda"), device is not None and device.type == "cuda"
+    if isinstance(saved, list):  # checkpoints before aikd saved one GPU's stream: every visible GPU's
+        index = (device.index or 0) if here else 0
+        saved = saved[index] if index < len(saved) else None
+    if saved is None and not here:
+        return None
+    if saved is None:
+        return "the checkpoint holds no CUDA random stream for this GPU (it was written without one)"
+    if not here:
+        return "the checkpoint holds a CUDA random stream and this run has no GPU"
+    torch.cuda.set_rng_state(saved, device)
+    return None

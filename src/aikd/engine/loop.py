@@ -29,6 +29,7 @@ from aikd.engine.state import LAST, RunCheckpoints, RunState
 from aikd.errors import AikdError
 from aikd.methods import Batch, StepOutput
 from aikd.methods.base import hard_labels
+from aikd.strategy import Strategy
 
 
 @dataclass
@@ -125,13 +126,7 @@ class EpochSums:
         sums = cls(p.device)
         if position is None or position["epoch"] != epoch:
             return sums, 0, 0.0
-        states = position["generators"]  # one per rank
-        if len(states) == p.strategy.world_size:
-            generator.set_state(states[p.strategy.rank])
-        elif p.strategy.is_main:
-            warnings.warn(f"The checkpoint was written by {len(states)} processes and this run has "
-                          f"{p.strategy.world_size}: the rest of this epoch draws other augmentations than "
-                          f"the interrupted run would have.", stacklevel=2)
+        restore_generator(position, generator, p.strategy)
         if p.strategy.is_main:  # saved summed over the ranks
             sums.values.update({k: v.to(p.device) for k, v in position["sums"].items()})
             sums.seen = position["seen"]
@@ -150,13 +145,43 @@ class EpochSums:
             values["train.acc"] += (out.logits.argmax(1) == hard_labels(batch.targets)[:n]).sum() * 100.0
 
     def over_ranks(self, p: RunParts) -> None:
-        """Turn this rank's sums into the run's (in place)."""
-        keys = sorted(self.values)
+        """Turn this rank's sums into the run's (in place).
+
+        A method may add a term or statistic on some ranks only (BSS and AMKD where their attack ran), so the
+        ranks first agree on the names (one small gather at an epoch's end or a stop, never in a step); a name
+        this rank never saw sums to zero here, and every rank reduces the same entries in the same order.
+        """
+        keys = sorted(set().union(*p.strategy.gather_objects(sorted(self.values))))
         total = torch.stack([self.values[k] for k in keys] + [torch.tensor(float(self.seen), device=p.device)])
         p.strategy.sum_(total)
         for key, value in zip(keys, total[:-1], strict=True):
             self.values[key] = value
         self.seen = int(total[-1])
+
+
+def restore_generator(position: dict[str, Any], generator: torch.Generator, strategy: Strategy) -> None:
+    """Give this rank's augmentation generator the state it had at a mid-epoch stop.
+
+    A checkpoint of another world size, or of another device type (a CPU generator's state does not fit a
+    CUDA one, and cannot be converted), warns and keeps the fresh generator: the rest of the epoch draws
+    other augmentations than the interrupted run would have.
+    """
+    states = position["generators"]  # one per rank
+    saved_device = position.get("generator_device", generator.device.type)  # older checkpoints: not recorded
+    problem = None
+    if len(states) != strategy.world_size:
+        problem = f"the checkpoint was written by {len(states)} processes and this run has {strategy.world_size}"
+    elif saved_device != generator.device.type:
+        problem = (f"the checkpoint's augmentation generator ran on {saved_device} and this run's runs on "
+                   f"{generator.device.type}")
+    else:
+        try:
+            generator.set_state(states[strategy.rank])
+        except RuntimeError as err:  # a state of another size: an older checkpoint of another device type
+            problem = f"the checkpoint's augmentation generator state does not fit this run's ({err})"
+    if problem and strategy.is_main:
+        warnings.warn(f"Resuming mid-epoch: {problem}; the rest of this epoch draws other augmentations than "
+                      f"the interrupted run would have.", stacklevel=3)
 
 
 def stop_mid_epoch(run: Epoch, epoch: int, number: int, generator: torch.Generator, sums: EpochSums,
@@ -165,7 +190,7 @@ def stop_mid_epoch(run: Epoch, epoch: int, number: int, generator: torch.Generat
     p = run.parts
     generators = p.strategy.gather_objects(generator.get_state().cpu())
     sums.over_ranks(p)
-    position = {"epoch": epoch, "batch": number, "generators": generators,
+    position = {"epoch": epoch, "batch": number, "generators": generators, "generator_device": generator.device.type,
                 "sums": {k: v.detach().cpu() for k, v in sums.values.items()}, "seen": sums.seen,
                 "elapsed": elapsed}
     run.checkpoints.save(LAST, position=position)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from aikd.config import normalized
 from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aikd.errors import RESUME_TRAIN, CheckpointError, ConfigError, DiskFullError
 from aikd.methods.base import Method
+from aikd.strategy import SINGLE_PROCESS, Strategy
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -63,18 +65,52 @@ class Trained:
     method: Method  # its state_dict() and extra_state()
 
 
+@dataclass(frozen=True)
+class RankStreams:
+    """The global RNG streams of every rank: gathered to rank 0 for a checkpoint, each rank's own restored.
+
+    Ranks draw different amounts from their streams (the critic's interpolation weights and BSS's draws
+    follow each rank's share of a batch), so rank 0's streams are not the others'; each rank keeps the
+    stream of its own GPU only (:func:`aikd.engine.checkpoint.rng_state`).
+    """
+
+    strategy: Strategy
+    device: torch.device
+
+    def gather(self) -> list[dict[str, Any]]:
+        """Every rank's streams in rank order (a collective: every rank calls it)."""
+        return self.strategy.gather_objects(rng_state(self.device))
+
+    def restore(self, saved: list[dict[str, Any]] | dict[str, Any]) -> None:
+        """Restore this rank's streams; a checkpoint of another world size or device type warns and continues."""
+        states = saved if isinstance(saved, list) else [saved]  # older checkpoints: rank 0's streams alone
+        rank, world = self.strategy.rank, self.strategy.world_size
+        problems = [] if len(states) == world else [
+            f"the checkpoint holds the random streams of {len(states)} processes and this run has {world}"]
+        if rank < len(states):
+            problem = set_rng_state(states[rank], self.device)
+            problems += [problem] if problem else []
+        if problems and self.strategy.is_main:
+            warnings.warn(f"Resuming with other random streams: {'; '.join(problems)}. The run continues, but its "
+                          f"random draws (augmentations, a method's sampling) differ from the interrupted run's.",
+                          stacklevel=3)
+
+
 class RunCheckpoints:
     """The checkpoints of one run folder: OUT/checkpoints/{last,best,epoch-NNNN}.safetensors.
 
     ``describe`` is the model's description (architecture, classes: what loading the weights alone needs) and
-    ``config`` the run's config as saved, which a resumed run must match; only rank 0 (``is_main``) writes.
+    ``config`` the run's config as saved, which a resumed run must match; only rank 0 writes, but every rank
+    calls :meth:`save` (its random streams travel to rank 0).
     """
 
     def __init__(self, out: Path, trained: Trained, state: RunState, describe: dict[str, Any],
-                 config: dict[str, Any], keep_last: int = 1, is_main: bool = True) -> None:
+                 config: dict[str, Any], keep_last: int = 1, strategy: Strategy = SINGLE_PROCESS,
+                 device: torch.device | None = None) -> None:
         self.folder = out / "checkpoints"
         self.trained, self.state = trained, state
-        self.describe, self.config, self.keep_last, self.is_main = describe, config, keep_last, is_main
+        self.describe, self.config, self.keep_last, self.is_main = describe, config, keep_last, strategy.is_main
+        self.streams = RankStreams(strategy, device or torch.device("cpu"))
         self.last_epoch_end: int | None = None  # epoch of last.safetensors when it was saved at an epoch's end
 
     @property
@@ -85,8 +121,8 @@ class RunCheckpoints:
         return {**self.describe, "config": self.config, "epoch": self.state.epoch, "step": self.state.step}
 
     def save(self, name: str, full: bool = True, position: dict[str, Any] | None = None) -> Path:
-        """Write a checkpoint (rank 0 only; the other ranks hold the same state); ``position`` marks a
-        mid-epoch one (where in the epoch it stopped)."""
+        """Write a checkpoint (rank 0 writes; the other ranks hold the same state but their own random streams,
+        which a full checkpoint gathers); ``position`` marks a mid-epoch one (where in the epoch it stopped)."""
         t = self.trained
         state = None
         if full:
@@ -96,7 +132,7 @@ class RunCheckpoints:
                 "scaler": t.scaler.state_dict(),
                 "method": t.method.state_dict(),
                 "method_extra": t.method.extra_state(),
-                "rng": rng_state(),
+                "rng": self.streams.gather(),  # one per rank
                 **self.state.to_checkpoint(),
             }
             if position is not None:
@@ -159,9 +195,9 @@ class RunCheckpoints:
             t.scaler.load_state_dict(ckpt.state["scaler"])
             t.method.load_state_dict(ckpt.state["method"])
             t.method.load_extra_state(ckpt.state["method_extra"])
-        except (KeyError, RuntimeError, ValueError) as err:
+            self.streams.restore(ckpt.state["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"Checkpoint '{path}' does not fit this run: {err}") from None
-        set_rng_state(ckpt.state["rng"])
         self.state.load(ckpt.state, ckpt.meta)
         self.last_epoch_end = self.state.epoch if self.state.position is None and path.name == LAST else None
 

@@ -55,7 +55,7 @@ class Trainer:
         self.quiet = quiet or not p.strategy.is_main  # one voice (progress bars, epoch lines) per run
         self.state = RunState()
         self.checkpoints = RunCheckpoints(self.out, p.trained(), self.state, p.describe, cfg.to_dict(),
-                                          cfg.train.keep_last, p.strategy.is_main)
+                                          cfg.train.keep_last, p.strategy, p.device)
         self.guard = NonFiniteGuard(cfg.train, p.strategy, p.device, p.model, self.state, self.checkpoints.last)
         # Test metrics and temperature scaling, each computed once per epoch of the model (shared with aikd eval).
         self.evaluator = Evaluator(p.model, p.data, p.device, p.channels_last, p.strategy, self.quiet)
