@@ -346,9 +346,10 @@ def test_bss_attack_one_step_on_a_linear_model():
     assert not torch.equal(res.images, x)
 
 
-def test_bss_attack_replicated_step_by_step_and_flipped_samples_stop():
+@pytest.mark.parametrize("stop_early", [True, False], ids=["stops-early-cpu", "all-steps-gpu"])
+def test_bss_attack_replicated_step_by_step_and_flipped_samples_stop(stop_early):
     teacher, x, targets, w, b = attack_linear_setup()
-    res = bss_attack(teacher, x, targets, steps=10)
+    res = bss_attack(teacher, x, targets, steps=10, stop_early=stop_early)
     final, source, taken, path = linear_attack_np(w, b, f64(x), targets.numpy(), 10)
     np.testing.assert_allclose(f64(res.images), final, rtol=1e-4, atol=1e-4)
     assert res.steps == taken
@@ -368,9 +369,10 @@ def test_bss_attack_replicated_step_by_step_and_flipped_samples_stop():
     np.testing.assert_array_equal(res.flipped.numpy(), flip_step > 0)
 
 
-def test_bss_attack_runs_out_of_steps_or_flips():
+@pytest.mark.parametrize("stop_early", [True, False], ids=["stops-early-cpu", "all-steps-gpu"])
+def test_bss_attack_runs_out_of_steps_or_flips(stop_early):
     teacher, x, targets, w, b = attack_linear_setup(seed=1, n=200, scale=4.0)
-    res = bss_attack(teacher, x, targets, steps=10)
+    res = bss_attack(teacher, x, targets, steps=10, stop_early=stop_early)
     after = (f64(res.images) @ w.T + b).argmax(1)
     source = res.source.numpy()
     flipped = res.flipped.numpy()
@@ -382,10 +384,10 @@ def test_bss_attack_runs_out_of_steps_or_flips():
     if not flipped.all():
         assert res.steps == 10  # the attack stops early only when every sample flipped
     # A few steps only: fewer flips, and the steps ran out.
-    short = bss_attack(teacher, x, targets, steps=1)
+    short = bss_attack(teacher, x, targets, steps=1, stop_early=stop_early)
     assert short.steps == 1 and short.flipped.float().mean() < res.flipped.float().mean()
-    # Many steps: every sample flips (here after 14) and the attack ends there.
-    long = bss_attack(teacher, x, targets, steps=200)
+    # Many steps: every sample flips (here after 14) and the attack ends there (or its later steps add nothing).
+    long = bss_attack(teacher, x, targets, steps=200, stop_early=stop_early)
     assert bool(long.flipped.all()) and 10 < long.steps < 200
     final, _, taken, _ = linear_attack_np(w, b, f64(x), targets.numpy(), 200)
     assert long.steps == taken
