@@ -30,6 +30,8 @@ from aikd.methods.aikd import (
 from aikd.methods.base import Batch, MethodContext
 from aikd.methods.critic import Critic, critic_optimizer, train_critic
 from aikd.methods.ema import ema_update
+from aikd.methods.previous import SnapshotPrevious
+from aikd.methods.superior import MilestoneSuperior
 from aikd.models import build_model
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=2"]
@@ -478,3 +480,28 @@ def test_phase_one_is_derived_from_the_common_settings_and_its_own_overrides_onl
     assert only_student.superior_dir == plain.superior_dir and only_student.superior == plain.superior
     kd = plan_pipeline("configs/fashion_mnist/kd.yaml", [*DIGITS, "teacher.model=preact_resnet18"], tmp_path)
     assert kd.superior.model.name == "preact_resnet18" and kd.student.model.name == "small_cnn"
+
+
+def test_in_run_copies_answer_from_their_epoch_and_a_resumed_milestone_keeps_its_copy():
+    """Decided without reading ``ready`` on the host: the snapshot answers from epoch 1, the milestone copy is
+    taken once as its epoch starts and kept when a run resumed inside that epoch starts it again."""
+    student = nn.Linear(3, 2)
+    snapshot, milestone = SnapshotPrevious(student), MilestoneSuperior(student, start_epoch=1)
+    images = torch.ones(4, 3)
+    assert snapshot.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 0, 0)) == (None, None)
+    snapshot.on_epoch_end(0, student)
+    logits, filled = snapshot.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0))
+    assert logits.shape == (4, 2) and filled is None
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+    milestone.on_epoch_start(0, student)  # before its epoch: no copy
+    assert not bool(milestone.ready) and not torch.equal(milestone.model.weight, student.weight)
+    assert milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 0, 0)) is None
+    milestone.on_epoch_start(1, student)
+    assert bool(milestone.ready) and torch.equal(milestone.model.weight, torch.ones(2, 3))
+    with torch.no_grad():
+        student.weight.fill_(2.0)
+    milestone.on_epoch_start(1, student)  # a run resumed inside epoch 1: the copy it resumed stays
+    assert torch.equal(milestone.model.weight, torch.ones(2, 3))
+    torch.testing.assert_close(milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0)),
+                               images @ torch.ones(3, 2) + milestone.model.bias)

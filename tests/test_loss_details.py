@@ -16,7 +16,7 @@ from torch import nn
 
 from aikd.errors import ConfigError
 from aikd.methods.aekt import aekt_terms
-from aikd.methods.aikd import guide_loss, progressive_loss
+from aikd.methods.aikd import guide_loss, progressive_loss, progressive_term
 from aikd.methods.amkd import pick_negatives
 from aikd.methods.base import non_negative, positive, weight
 from aikd.methods.bss import bss_attack, sample_attack_targets
@@ -42,6 +42,23 @@ def test_guide_and_progressive_default_temperatures_are_the_papers():
     student, other = REAL.float(), FAKE.float()
     assert guide_loss(student, other).item() == pytest.approx(kl_at(other, student, 3.0), rel=1e-5)
     assert progressive_loss(student, other).item() == pytest.approx(kl_at(other, student, 1.0), rel=1e-5)
+
+
+def test_progressive_term_skipping_samples_without_a_previous_prediction():
+    """first_epoch="skip": T^2 KL summed over the samples with an entry, divided by the whole batch; the others
+    (NaN rows, as the buffer keeps them) add nothing, not even a NaN gradient."""
+    student = REAL.float().requires_grad_()
+    previous = FAKE.float().clone()
+    previous[[1, 3]] = float("nan")  # no entry yet
+    filled = torch.tensor([True, False, True, False])
+    term = progressive_term(student, torch.tensor([0, 1, 2, 0]), previous, filled, 2.0, "skip")
+    expected = kl_at(FAKE[[0, 2]], REAL[[0, 2]], 2.0) * 2 / 4  # kl_at averages its two rows: sum / 4
+    assert term.item() == pytest.approx(expected, rel=1e-5)
+    (grad,) = torch.autograd.grad(term, student)
+    assert torch.isfinite(grad).all() and float(grad[[1, 3]].abs().sum()) == 0.0 and float(grad[0].abs().sum()) > 0
+    none = progressive_term(student, torch.tensor([0, 1, 2, 0]), previous, torch.zeros(4, dtype=torch.bool), 2.0,
+                            "skip")
+    assert none.item() == 0.0
 
 
 def test_pskd_default_alpha_and_soft_labels():

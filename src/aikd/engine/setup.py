@@ -162,6 +162,16 @@ def _load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device, same_a
 
 
 def _check_distributed(cfg: RunConfig, strategy: Strategy, device: torch.device) -> None:
+    """Refuse the settings a run of several processes cannot train with: a global batch that does not split
+    evenly over the ranks, and ``train.sync_bn`` without CUDA.
+
+    ``train.sync_bn`` is allowed with every method, BSS and AMKD included: SyncBatchNorm runs a collective in
+    each train-mode forward, so every rank must run the same forwards, and these methods' second, attacked
+    forward has a fixed shape (src/aikd/methods/bss.py). It runs on every step of an attacking epoch, on
+    every rank, whatever the batch's samples are; whether it runs depends only on the epoch and the per-rank
+    batch size, and the sampler gives every rank at least two samples (src/aikd/data/loaders.py,
+    ``ShardedBatchSampler``).
+    """
     if not strategy.distributed:
         return
     world, batch = strategy.world_size, cfg.data.batch_size

@@ -44,7 +44,7 @@ from aikd.methods.base import (
 )
 from aikd.methods.buffer import PredictionBuffer
 from aikd.methods.critic import Adversary, Critic
-from aikd.methods.functional import distillation_kl
+from aikd.methods.functional import distillation_kl, kl_rows_at
 from aikd.methods.previous import BufferPrevious, SnapshotPrevious
 from aikd.methods.superior import EMASuperior, MilestoneSuperior, PretrainedSuperior
 from aikd.strategy import Strategy
@@ -105,10 +105,9 @@ def progressive_term(logits: Tensor, targets: Tensor, previous: Tensor | None, f
         return logits.new_zeros(())
     if filled is None:
         return progressive_loss(logits, previous, temperature)
-    n = int(filled.sum())
-    if n == 0:
-        return logits.new_zeros(())
-    return progressive_loss(logits[filled], previous[filled], temperature) * (n / len(filled))
+    known = torch.where(filled.unsqueeze(1), previous, logits.detach())  # finite rows: 0 x NaN would be NaN
+    rows = kl_rows_at(known, logits, temperature) * filled  # a mask, not logits[filled]: no host sync
+    return temperature * temperature * rows.mean()
 
 
 def aikd_terms(h: AIKDConfig, logits: Tensor, targets: Tensor, superior: Tensor | None,

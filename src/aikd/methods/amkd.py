@@ -16,7 +16,8 @@ The choices below are config keys and are argued in docs/methods/amkd.md:
     L = L_BSS + gamma b(n) L_tri   (the triplet follows the adversarial term's schedule b(n))
 
 A boundary sample whose target class has no clean sample in the batch has no
-negative and is left out of L_tri.
+negative and is left out of L_tri: the mean is over the boundary samples that have one
+(a masked mean on BSS's fixed k rows, exactly 0 when none has; see bss.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from aikd.methods.base import Batch, hard_labels, non_negative, register_method
 from aikd.methods.bss import BSS, AttackResult, BSSConfig
+from aikd.methods.functional import masked_mean
 
 
 def embed(logits: Tensor) -> Tensor:
@@ -46,11 +48,13 @@ def pick_negatives(target_classes: Tensor, labels: Tensor, generator: torch.Gene
     return choice, found
 
 
-def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float) -> Tensor:
-    """mean max(||a - p|| - ||a - n|| + margin, 0) over the rows."""
+def triplet_loss(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float, mask: Tensor | None = None
+                 ) -> Tensor:
+    """mean max(||a - p|| - ||a - n|| + margin, 0) over the rows (those ``mask`` keeps)."""
     d_pos = (anchor - positive).norm(dim=1)
     d_neg = (anchor - negative).norm(dim=1)
-    return F.relu(d_pos - d_neg + margin).mean()
+    hinge = F.relu(d_pos - d_neg + margin)
+    return hinge.mean() if mask is None else masked_mean(hinge, mask)
 
 
 @dataclass
@@ -79,12 +83,9 @@ class AMKD(BSS):
                         teacher_adv: Tensor, student_adv: Tensor, weight: float) -> dict[str, Tensor]:
         h = self.hparams
         losses = super().boundary_losses(batch, logits, teacher_logits, attack, teacher_adv, student_adv, weight)
-        labels = hard_labels(batch.targets)
-        negatives, found = pick_negatives(attack.target, labels)
-        if not bool(found.any()):
-            return losses
+        negatives, found = pick_negatives(attack.target, hard_labels(batch.targets))
         source = teacher_logits if h.negative == "teacher" else logits
-        negative = embed(source[negatives[found]])
-        tri = triplet_loss(embed(student_adv[found]), embed(teacher_adv[found]), negative, h.margin)
+        tri = triplet_loss(embed(student_adv), embed(teacher_adv), embed(source[negatives]), h.margin,
+                           attack.mask & found)
         losses["triplet"] = weight * h.triplet_weight * tri
         return losses

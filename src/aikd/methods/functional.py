@@ -12,11 +12,24 @@ def distillation_kl(target_logits: Tensor, student_logits: Tensor, temperature: 
 
     The T^2 factor keeps the gradient scale independent of T (Hinton et al.).
     """
-    t = temperature
-    log_p_student = F.log_softmax(student_logits / t, dim=1)
-    log_p_target = F.log_softmax(target_logits / t, dim=1)
-    kl = (log_p_target.exp() * (log_p_target - log_p_student)).sum(dim=1)
-    return t * t * kl.mean()
+    return temperature * temperature * kl_rows_at(target_logits, student_logits, temperature).mean()
+
+
+def kl_rows_at(target_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
+    """KL(p(target; T) || p(student; T)) of every row, without the T^2 factor (BSS's, per sample for its masks)."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_target = F.log_softmax(target_logits / temperature, dim=1)
+    return (log_p_target.exp() * (log_p_target - log_p_student)).sum(dim=1)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """The mean of ``values`` over the rows ``mask`` keeps, exactly 0 when it keeps none.
+
+    Fixed shapes: selecting the rows instead (``values[mask]``) has a size only the device knows, so
+    a GPU would stop and wait for it. The rows left out must be finite (0 x NaN is NaN).
+    """
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1)
 
 
 def soft_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:

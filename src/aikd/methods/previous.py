@@ -35,7 +35,12 @@ class BufferPrevious(Part):
 
 
 class SnapshotPrevious(FrozenCopy):
-    """The student's weights at the end of the previous epoch (a copy of the student until the first one ends)."""
+    """The student's weights at the end of the previous epoch (a copy of the student until the first one ends).
+
+    It answers from epoch 1 on: epoch 0's end has come before any batch of a later epoch, in this process
+    or in the run whose checkpoint this one resumed (the copy and ``ready`` come back with the state). The
+    epoch, a number the host has, decides, not ``ready``, which a GPU would have to be asked for every step.
+    """
 
     def __init__(self, student: nn.Module) -> None:
         super().__init__(student)
@@ -46,4 +51,4 @@ class SnapshotPrevious(FrozenCopy):
         self.ready.fill_(True)
 
     def for_batch(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
-        return (self.logits(batch.images), None) if self.ready else (None, None)
+        return (self.logits(batch.images), None) if batch.epoch > 0 else (None, None)

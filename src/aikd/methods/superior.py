@@ -49,11 +49,17 @@ class MilestoneSuperior(FrozenCopy):
         self.start_epoch = start_epoch
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
 
+    @torch.no_grad()
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
-        # A run resumed inside the start epoch already holds its copy: it is not taken again from a later student.
-        if epoch == self.start_epoch and not self.ready:
-            self.copy_from(model)
-            self.ready.fill_(True)
+        """Take the copy as epoch ``start_epoch`` starts, unless ``ready`` says it was taken: a run resumed inside
+        that epoch keeps the copy of the run it resumes, not one of a later student. The choice is made per
+        tensor on the device (``ready`` is not read on the host)."""
+        if epoch != self.start_epoch:
+            return
+        for mine, live in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            mine.copy_(torch.where(self.ready, mine, live))
+        self.ready.fill_(True)
 
     def for_batch(self, batch: Batch) -> Tensor | None:
-        return self.logits(batch.images) if batch.epoch >= self.start_epoch and self.ready else None
+        """From ``start_epoch`` on, when the copy exists: it is taken as that epoch starts, before its first batch."""
+        return self.logits(batch.images) if batch.epoch >= self.start_epoch else None
