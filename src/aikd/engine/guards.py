@@ -40,7 +40,7 @@ class NonFiniteWatch:
 
     def __init__(self, device: torch.device, epoch: int, step_before_first_batch: int, batches: int) -> None:
         self.batch = torch.full((), -1, dtype=torch.long, device=device)
-        self.values: dict[str, Tensor] = {}  # each term's value at the first bad batch (terms may vary: AMKD)
+        self.values: dict[str, Tensor] = {}  # each term's value at the first bad batch
         self.epoch, self.step0, self.batches = epoch, step_before_first_batch, batches
 
     def record(self, losses: dict[str, Tensor], number: int) -> None:
