@@ -159,7 +159,8 @@ class SyncCounter:
 
     On CUDA it turns ``torch.cuda.set_sync_debug_mode("warn")`` on and counts its warnings, the real syncs; on
     any other device a ``TorchDispatchMode`` counts the ops that would sync on a GPU (:func:`is_sync_op`), so
-    the dry run exercises the same counting and reports where a GPU would wait.
+    the dry run exercises the same counting and reports where a GPU would wait. The CPU count is an upper
+    bound: ``F.one_hot`` checks its labels' range with ``.item()`` on the CPU only, which CUDA skips.
     """
 
     def __init__(self, cuda: bool) -> None:
