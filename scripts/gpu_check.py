@@ -127,7 +127,7 @@ def _where(paths: tuple[str, ...] = ("/aikd/", "/scripts/")) -> str:
         name = frame.f_code.co_filename.replace(os.sep, "/")
         if any(p in name for p in paths) and not name.endswith("/gpu_check.py"):
             return f"{name[name.rindex('/aikd/') + 1:] if '/aikd/' in name else Path(name).name}:{frame.f_lineno}"
-        if fallback is None and "/torch/" not in name and not name.endswith("/gpu_check.py"):
+        if fallback is None and "/torch/" not in name and not name.endswith(("/gpu_check.py", "/warnings.py")):
             fallback = f"{Path(name).name}:{frame.f_lineno}"
         frame = frame.f_back
     return fallback or "?"
@@ -182,15 +182,12 @@ class SyncCounter:
         if self.cuda:
             import torch
 
-            catcher = warnings.catch_warnings(record=True)
-            self._log = catcher.__enter__()
-            warnings.simplefilter("always")
+            self._stack = [SyncWarnings(self)]
+            self._stack[0].__enter__()
             torch.cuda.set_sync_debug_mode("warn")
-            self._stack = [catcher]
         else:
-            mode = _counting_mode(self)
-            mode.__enter__()
-            self._stack = [mode]
+            self._stack = [_counting_mode(self)]
+            self._stack[0].__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -198,22 +195,41 @@ class SyncCounter:
             import torch
 
             torch.cuda.set_sync_debug_mode(0)
-            self._stack[0].__exit__(*exc)
-            for w in self._log:
-                if "synchroniz" in str(w.message):
-                    name = w.filename.replace(os.sep, "/")
-                    where = name[name.rindex("/aikd/") + 1:] if "/aikd/" in name else Path(name).name
-                    self.hit("cuda sync", f"{where}:{w.lineno}")
-                else:  # not ours: pass it on
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        else:
-            self._stack[0].__exit__(*exc)
-        self._stack = []
+        self._stack.pop().__exit__(*exc)
 
     def facts(self, steps: int) -> dict[str, Any]:
         return {"counter": self.kind, "total": self.total, "steps": steps,
                 "per_step": self.total / steps if steps else None, "by_op": dict(self.by_op.most_common()),
                 "sites": dict(self.sites.most_common(6))}
+
+
+class SyncWarnings:
+    """Counts, into a SyncCounter, the warnings of ``torch.cuda.set_sync_debug_mode("warn")`` ("called a
+    synchronizing CUDA operation") while the block runs, each at the aikd line whose call synced: the warning
+    is seen as it is raised, with the calling frames still there. Other warnings pass on unchanged."""
+
+    MESSAGE = "called a synchronizing CUDA operation"
+
+    def __init__(self, counter: SyncCounter) -> None:
+        self.counter = counter
+        self._catcher = warnings.catch_warnings()
+
+    def __enter__(self) -> SyncWarnings:
+        self._catcher.__enter__()  # restores the filters and showwarning on exit
+        warnings.simplefilter("always")
+        previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if self.MESSAGE in str(message):
+                self.counter.hit("cuda sync", _where())
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._catcher.__exit__(*exc)
 
 
 def _counting_mode(counter: SyncCounter) -> Any:

@@ -20,6 +20,7 @@
 #   scripts/gpu_check.sh --pack         # here: copy Fashion-MNIST's 4 .gz files (30 MB) into data/fashion-mnist
 #   scripts/gpu_check.sh [OUT]          # there: the check (OUT: argument, else $OUT, else results/gpu/DATE)
 #   scripts/gpu_check.sh --dry-run      # CPU wiring check: small_cnn, a few hundred images, the same steps
+#                                       # (17 min on 2 CPU cores shared with other work, 4 of them the bench)
 #
 # On the device tool: command `bash scripts/gpu_check.sh`, carry ["data/fashion-mnist"], timeout_s 600; commit
 # OUT (results/gpu/DATE) with the report.

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,25 @@ def test_sync_counter_counts_what_would_sync_on_a_gpu():
     assert counter.total == 3
     assert all(site.startswith("test_gpu_check.py:") for site in counter.sites)
     assert counter.facts(steps=3)["per_step"] == 1.0
+
+
+def test_cuda_sync_warnings_are_counted_at_the_line_that_synced():
+    """What torch.cuda.set_sync_debug_mode("warn") raises (no CUDA here: the warning, raised from this file)."""
+    counter, passed_on = gc.SyncCounter(cuda=True), []
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *rest, **more: passed_on.append(str(message))
+        with gc.SyncWarnings(counter):
+            for _ in range(2):
+                warnings.warn(gc.SyncWarnings.MESSAGE, UserWarning, stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)
+    assert counter.by_op == {"cuda sync": 2} and counter.total == 2
+    assert list(counter.sites) == [f"test_gpu_check.py:{warnings_line()}"]
+    assert passed_on == ["something else"]
+
+
+def warnings_line() -> int:
+    source = Path(__file__).read_text().splitlines()
+    return next(i for i, line in enumerate(source, 1) if "gc.SyncWarnings.MESSAGE, UserWarning" in line)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check would run")
