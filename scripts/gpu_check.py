@@ -599,9 +599,9 @@ def compare_runs(a: Path, b: Path) -> list[str]:
     return diffs
 
 
-def _largest_gap(diffs_of: tuple[Path, Path]) -> float:
+def _largest_gap(runs: tuple[Path, Path]) -> float:
     """The largest absolute difference between the two runs' numbers (0 when they agree)."""
-    a, b = diffs_of
+    a, b = runs
     pairs = list(zip(_jsonl(a / "metrics.jsonl"), _jsonl(b / "metrics.jsonl"), strict=False))
     pairs.append((_read_json(a / "summary.json") or {}, _read_json(b / "summary.json") or {}))
     gaps = [abs(x[k] - y[k]) for x, y in pairs for k in _compared(x) if isinstance(x.get(k), float)
@@ -969,13 +969,14 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _pack_small_files(work: Path, out: Path) -> None:
-    """OUT/runs.tar.gz: every run's small files, the records and the step logs (no checkpoints)."""
+    """OUT/runs.tar.gz: every run's small files, the records, the checks and the step logs (no checkpoints)."""
     tmp = out / "runs.tar.gz.tmp"
     with tarfile.open(tmp, "w:gz") as tar:
         for path in sorted(work.rglob("*")):
             if "checkpoints" in path.parts or "tensorboard" in path.parts or not path.is_file():
                 continue
-            if path.name in SMALL_FILES or path.parent.name in ("records", "logs") or path.name == "steps.jsonl":
+            if path.name in SMALL_FILES or path.parent.name in ("records", "logs", "checks") \
+                    or path.name == "steps.jsonl":
                 tar.add(path, arcname=str(path.relative_to(work)))
     tmp.replace(out / "runs.tar.gz")
 
