@@ -204,7 +204,7 @@ def test_without_cuda_the_gpu_check_stops_at_once_with_the_reason(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_dry_run_passes_end_to_end(tmp_path):
-    """The whole check on the CPU, bench aside: every step runs and every verdict passes (~13 min on 2 busy
+    """The whole check on the CPU, bench aside: every step runs and every verdict passes (16 min on 2 busy
     cores; the suite's 600 s limit would cut it)."""
     out = tmp_path / "out"
     start = time.monotonic()
