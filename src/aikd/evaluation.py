@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from aikd.config import RunConfig, apply_overrides, from_dict
 from aikd.data import DataBundle, load_data
+from aikd.distributed import DistInfo, device_for
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.engine.evaluator import Evaluator
 from aikd.engine.model_io import check_fits, model_from_checkpoint
@@ -52,7 +53,7 @@ def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     check_fits(path, info, "model", num_classes=data.num_classes, in_channels=data.in_channels,
                classes=list(data.train.classes), fix="Evaluate it on the dataset it was trained on (data.name, "
                                                      "data.root).")
-    device = pick_device(cfg.device)
+    device = device_for(DistInfo(), pick_device(cfg.device))  # cuda:N made current, as in training
     model = model_from_checkpoint(ckpt).to(device)
     return LoadedModel(Path(path), cfg, data, model, device, info["name"], ckpt.meta.get("epoch"))
 
