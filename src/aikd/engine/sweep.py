@@ -82,9 +82,22 @@ def _split_values(text: str) -> list[str]:
 NO_GRID = GridPoint()
 
 
+def config_folder(config: str | Path) -> tuple[str, str]:
+    """The (folder, name) a config's runs live under in a sweep: those of the file itself, resolved.
+
+    ``-c /a/sub/../x.yaml``, ``-c ../x.yaml`` run from ``/a/sub`` and ``-c x.yaml`` run from ``/a`` name one
+    file, so they share one folder (``a/x``), and no spelling of the path (its ``..``) reaches outside ``-o``.
+    """
+    path = Path(config).resolve()
+    parts = (path.parent.name, path.stem)
+    if any(part in (".", "..") for part in parts):
+        raise AikdError(f"The config '{config}' would place its runs at '{'/'.join(parts)}' inside the sweep "
+                        f"folder, outside it; rename the file.")
+    return parts
+
+
 def sweep_dir(out: Path, config: str | Path, seed: int, point: GridPoint = NO_GRID) -> Path:
-    config = Path(config)
-    folder = out / config.parent.name / config.stem
+    folder = out.joinpath(*config_folder(config))
     return (folder / point.name if point else folder) / f"seed{seed}"
 
 
@@ -101,7 +114,7 @@ def check_configs(configs: Sequence[str | Path], seeds: Sequence[int], overrides
         from_dict(data, source=where)
     clash = {}
     for config in configs:
-        key = (Path(config).parent.name, Path(config).stem)
+        key = config_folder(config)
         if key in clash and Path(clash[key]).resolve() != Path(config).resolve():
             raise AikdError(f"Configs '{clash[key]}' and '{config}' would share the output folder "
                             f"{'/'.join(key)}; rename one.")
