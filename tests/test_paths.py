@@ -5,24 +5,16 @@ Real `aikd` subprocesses on real config files in real folders; what a command wr
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
+from helpers import aikd_cli as aikd
+
 TINY = {"method": "ce", "model": {"name": "small_cnn"}, "device": "cpu",
         "data": {"name": "digits", "batch_size": 32, "train_limit": 64, "test_limit": 40},
         "train": {"epochs": 1}}
-SRC = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's aikd, from any working folder
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-    p for p in (SRC, os.environ.get("PYTHONPATH")) if p)}
-
-
-def aikd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "aikd", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=600)
 
 
 def found(folder: Path) -> set[str]:

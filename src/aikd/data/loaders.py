@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from aikd.data.augment import BatchAugment, crop_padding_for, file_transforms
+from aikd.data.images import read_rgb
 from aikd.data.readers import DATASETS
 from aikd.data.settings import DataConfig
 from aikd.data.splits import ArraySplit, FileSplit, Split, stratified_indices
@@ -199,12 +199,7 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         path: Path = self.split.paths[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:
-            raise DataError(f"Cannot decode image '{path}': {err}.") from None
-        return self.transform(img), int(self.split.labels[index]), index
+        return self.transform(read_rgb(path)), int(self.split.labels[index]), index
 
 
 def _worker_message(text: str) -> str:
