@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from helpers import aikd_cli as aikd
+from helpers import one_line_error_of
 
 TINY = {"method": "ce", "model": {"name": "small_cnn"}, "device": "cpu",
         "data": {"name": "digits", "batch_size": 32, "train_limit": 64, "test_limit": 40},
@@ -43,3 +44,28 @@ def test_a_sweep_writes_nowhere_but_its_out_folder_whatever_the_spelling_of_the_
     assert len(summaries) == 1 and (out / "dir" / "mypskd" / "seed0" / "student" / "summary.json").is_file()
     report = aikd("report", str(out), cwd=work)
     assert report.returncode == 0 and "| Baseline |" in report.stdout, report.stderr
+
+
+def test_a_damaged_summary_config_or_lock_in_a_run_folder_is_named_in_one_line(tmp_path):
+    """The next sweep over a run folder whose files were damaged names the file; restored, the run is reused."""
+    config = tmp_path / "cfg" / "ce.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "o"
+    sweep = ("sweep", "-q", "-c", str(config), "--seeds", "0", "-o", str(out))
+    assert aikd(*sweep).returncode == 0
+    run = (out / "cfg" / "ce" / "seed0" / "student").resolve()  # the Baseline lives in the phase-1 cache
+    for name, damage in (("summary.json", '{"method": "ce", "top1'), ("config.yaml", "data: {name: [digits\n")):
+        kept = (run / name).read_bytes()
+        (run / name).write_text(damage)
+        done = aikd(*sweep)
+        line = one_line_error_of(done.stderr)
+        assert done.returncode == 2 and f"'{run / name}' is not a readable run" in line, line
+        (run / name).write_bytes(kept)
+    lock = run / ".phase1.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    done = aikd(*sweep)
+    assert done.returncode == 2 and f"Cannot open the lock file '{lock}'" in one_line_error_of(done.stderr)
+    lock.rmdir()
+    assert aikd(*sweep).returncode == 0

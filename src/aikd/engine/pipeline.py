@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from aikd.config import (
     ModelConfig,
     RunConfig,
@@ -42,6 +40,7 @@ from aikd.errors import AikdError, ConfigError, DiskFullError, RunInterrupted, f
 from aikd.fileio import check_output_folder
 from aikd.methods import METHODS
 from aikd.registry import METHOD_CONFIGS
+from aikd.run_files import read_saved_config, read_summary
 
 PHASES = ("phase1", "phase2")
 PHASE1_METHOD = "ce"  # phase 1 trains with plain cross-entropy
@@ -100,8 +99,8 @@ def cached_superior(cache: Path, cfg: RunConfig) -> Path:
 def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The summary of a finished run in ``run_dir`` made with exactly ``cfg``, else None."""
     summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
-    if summary.is_file() and saved.is_file() and normalized(yaml.safe_load(saved.read_text())) == cfg.to_dict():
-        return json.loads(summary.read_text())
+    if summary.is_file() and saved.is_file() and normalized(read_saved_config(saved)) == cfg.to_dict():
+        return read_summary(summary)
     return None
 
 

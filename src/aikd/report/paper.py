@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from aikd.errors import AikdError
 from aikd.report.stats import paired_difference
 from aikd.report.summaries import mean_std
 from aikd.report.tables import pipe_table
+from aikd.run_files import read_saved_config, read_summary
 
 # Recipes that are not a setting of their method but a length of training: (place after the method's rows, name).
 RECIPE_ROWS = {"ce_equal_compute": (1, "CE, equal compute")}
@@ -155,12 +154,12 @@ def _summaries(root: Path) -> list[Path]:
 
 
 def _read_run(path: Path, root: Path) -> Run:
+    summary = read_summary(path)
     try:
-        summary = json.loads(path.read_text())
         method, dataset, model, seed = summary["method"], summary["dataset"], summary["model"], int(summary["seed"])
         if summary.get("eval_split", "test") != "test":  # never in one column with test-set numbers
             dataset = f"{dataset} ({summary['eval_split']})"
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise AikdError(f"'{path}' is not a run summary written by aikd ({type(err).__name__}: {err}).") from None
     _check_metrics(summary, path)
     summary["total_time_s"] = _total_time(summary, path.parent)
@@ -190,10 +189,7 @@ def _check_metrics(summary: dict[str, Any], path: Path) -> None:
 def _saved_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise AikdError(f"'{path}' is not a readable run config ({err}).") from None
+    return read_saved_config(path)
 
 
 def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
