@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N pipelines at once, each in its own process with its share of the CPU threads, or "
                         "one GPU each when there are GPUs (default 1); the results are a serial sweep's")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run in OUT made with another config (otherwise refused; an unfinished run of "
+                        "the same config continues where it stopped)")
     p.add_argument("--status", metavar="OUT", help="show every run of the Slurm sweep in OUT: its state, job and log")
     slurm = p.add_argument_group(
         "Slurm", "--launcher slurm submits one job per run (phase-1 models first, the runs that need them waiting "
@@ -391,12 +394,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.config or not args.out:
         raise AikdError("aikd sweep needs -c CONFIG... and -o OUT (or --status OUT).")
     if args.launcher == "slurm":
+        if args.overwrite:
+            raise AikdError("--overwrite applies to --launcher local only: remove the runs to replace, then "
+                            "submit again.")
         return _slurm_sweep(args)
     given = [f"--{k.replace('_', '-')}" for k in (*SLURM_OPTIONS, "slurm_config") if getattr(args, k) is not None]
     if given or args.wait:
         raise AikdError(f"{' '.join(given or ['--wait'])} applies to --launcher slurm only.")
     done = run_sweep(args.config, args.seeds, args.out, args.overrides, grid=args.grid, cache_dir=args.cache,
-                     jobs=args.jobs, quiet=args.quiet, log=_logger(args.quiet))
+                     jobs=args.jobs, quiet=args.quiet, log=_logger(args.quiet), overwrite=args.overwrite)
     print(f"aikd sweep: {len(done)} runs finished in {args.out}; tables: aikd report {args.out}")
     return 0
 

@@ -35,6 +35,7 @@ from aikd.config import (
 )
 from aikd.distributed import current
 from aikd.engine.locks import cache_entry_lock
+from aikd.engine.state import config_diff
 from aikd.engine.trainer import LAST, train
 from aikd.errors import AikdError, ConfigError, DiskFullError, RunInterrupted, for_rerun
 from aikd.fileio import check_output_folder
@@ -117,12 +118,22 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: b
         raise for_rerun(err) from None
 
 
-def _refuse_a_finished_student_of_another_config(student: Path, cfg: RunConfig, overwrite: bool) -> None:
-    """Before phase 1 trains anything: a finished student of another config is kept unless ``overwrite``."""
-    if not overwrite and not student.is_symlink() and (student / "summary.json").is_file() and \
-            _finished(student, cfg) is None:
+def _refuse_a_student_of_another_config(student: Path, cfg: RunConfig, overwrite: bool) -> None:
+    """Before phase 1 trains anything: a student run (finished, or started) of another config is kept unless
+    ``overwrite``, and the message names the keys that differ and the options that work."""
+    saved = student / "config.yaml"
+    started = (student / "summary.json").is_file() or (student / "checkpoints" / LAST).is_file()
+    if overwrite or student.is_symlink() or not started or not saved.is_file():
+        return
+    differ = [key.split(" (")[0] for key in config_diff(normalized(read_saved_config(saved)), cfg.to_dict())]
+    if not differ:
+        return
+    if (student / "summary.json").is_file():
         raise AikdError(f"'{student}' holds a finished run made with another config. Choose another output "
                         f"folder, or pass --overwrite to replace it.")
+    raise AikdError(f"'{student}' holds an unfinished run made with another config (it differs in "
+                    f"{', '.join(differ)}). Continue it with the command that started it, choose another output "
+                    f"folder, or pass --overwrite to replace it.")
 
 
 def _train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: bool, recipe: str | None
@@ -241,8 +252,9 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
         check_output_folder(cache_dir, "phase-1 cache folder")
     plan = plan_pipeline(config, overrides, out, cache_dir=cache_dir, variant=variant)
     result: dict[str, Any] = {"config": str(config), "superior": None}
+    if plan.shared_entry is None:
+        _refuse_a_student_of_another_config(out / "student", plan.student, overwrite)
     if plan.superior is not None:
-        _refuse_a_finished_student_of_another_config(out / "student", plan.student, overwrite)
         log(f"aikd: phase 1, superior model -> {plan.superior_dir}")
         # Two pipelines that need this model (a sweep with --jobs) train it once: the second waits, then reuses it.
         # Under torchrun only rank 0 takes the lock; the other ranks follow it through the run's collectives.
