@@ -170,6 +170,7 @@ def _read_run(path: Path, root: Path) -> Run:
     return Run(recipe, method, dataset, model, seed, summary, switches, path.parent, subset, row, ablation)
 
 
+ALWAYS_MEASURED = ("top1_err", "top5_err", "macro_f1", "ece", "nll")  # null only in a damaged summary
 METRIC_KEYS = ("top1_err", "top5_err", "macro_f1", "ece", "ece_ts", "nll", "nll_ts", "train_acc", "train_time_s")
 
 
@@ -177,6 +178,9 @@ def _check_metrics(summary: dict[str, Any], path: Path) -> None:
     """Every metric a table may show is a finite number (or absent): a report never prints nan as a value."""
     for key in METRIC_KEYS:
         value = summary.get(key)
+        if value is None and key in ALWAYS_MEASURED and key in summary:
+            raise AikdError(f"'{path}': metric '{key}' is null, but every finished run measures it (a damaged or "
+                            f"hand-edited summary?). Fix or remove that run.")
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
