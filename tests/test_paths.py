@@ -5,6 +5,9 @@ Real `aikd` subprocesses on real config files in real folders; what a command wr
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -60,7 +63,7 @@ def test_a_damaged_summary_config_or_lock_in_a_run_folder_is_named_in_one_line(t
         (run / name).write_text(damage)
         done = aikd(*sweep)
         line = one_line_error_of(done.stderr)
-        assert done.returncode == 2 and f"'{run / name}' is not a readable run" in line, line
+        assert done.returncode == 2 and f"'{run / name}' is not a run" in line, line
         (run / name).write_bytes(kept)
     lock = run / ".phase1.lock"
     lock.unlink(missing_ok=True)
@@ -69,3 +72,34 @@ def test_a_damaged_summary_config_or_lock_in_a_run_folder_is_named_in_one_line(t
     assert done.returncode == 2 and f"Cannot open the lock file '{lock}'" in one_line_error_of(done.stderr)
     lock.rmdir()
     assert aikd(*sweep).returncode == 0
+
+
+def test_a_moved_pipeline_folder_is_reused_resumed_and_reported_while_its_teacher_weights_stay(tmp_path):
+    """The teacher is known by its content hash beside its path: the path may change with the folder, the
+    weights may not."""
+    config = tmp_path / "cfg" / "kd.yaml"
+    config.parent.mkdir()
+    config.write_text(yaml.safe_dump({**TINY, "method": "kd"}))
+    first = tmp_path / "first" / "p"
+    assert aikd("pipeline", "-q", "-c", str(config), "-o", str(first)).returncode == 0
+    summary = json.loads((first / "student" / "summary.json").read_text())
+    teacher = (first / "student" / summary["teacher"]).resolve()
+    assert not Path(summary["teacher"]).is_absolute() and teacher.is_file()
+    assert summary["teacher_sha256"] == hashlib.sha256(teacher.read_bytes()).hexdigest()
+
+    moved = tmp_path / "elsewhere" / "p"
+    moved.parent.mkdir()
+    first.rename(moved)
+    again = aikd("pipeline", "-c", str(config), "-o", str(moved))  # finished: reused, nothing trained
+    assert again.returncode == 0 and again.stderr.count("reusing the finished run") == 2, again.stderr
+    (moved / "student" / "summary.json").unlink()  # killed after its last checkpoint: continued, not refused
+    resumed = aikd("pipeline", "-c", str(config), "-o", str(moved))
+    assert resumed.returncode == 0 and "resuming the unfinished run" in resumed.stderr, resumed.stderr
+    report = aikd("report", str(moved.parent))
+    assert report.returncode == 0 and "| KD |" in report.stdout, report.stderr
+
+    entry = next((moved / "superior").iterdir())
+    shutil.copy(moved / "student" / "checkpoints" / "last.safetensors", entry / "checkpoints" / "last.safetensors")
+    changed = aikd("pipeline", "-q", "-c", str(config), "-o", str(moved))  # same path, other weights: refused
+    line = one_line_error_of(changed.stderr)
+    assert changed.returncode == 2 and "another config" in line, line

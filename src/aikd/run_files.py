@@ -9,11 +9,13 @@ not a mapping, unreadable), is one error naming it and what to do, never a parse
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from aikd.config import TeacherConfig
 from aikd.errors import AikdError
 
 
@@ -41,5 +43,22 @@ def read_saved_config(path: Path) -> dict[str, Any]:
 
 def _damaged(path: Path, what: str, err: Exception) -> AikdError:
     reason = " ".join(str(err).split())[:200]  # a YAML error spans several lines: one line here
-    return AikdError(f"'{path}' is not a readable {what} written by aikd ({type(err).__name__}: {reason}). "
+    return AikdError(f"'{path}' is not a {what} written by aikd ({type(err).__name__}: {reason}). "
                      f"Restore it, or remove the run folder '{path.parent}' to train that run again.")
+
+
+def teacher_record(teacher: TeacherConfig, run_dir: Path) -> dict[str, Any]:
+    """How a summary names the run's teacher: its path relative to the run folder (so a folder moved with its
+    teacher still finds it, on any machine) and its content hash (what identifies it wherever it lies)."""
+    if teacher.checkpoint is None:
+        return {"teacher": None}
+    path = os.path.relpath(Path(teacher.checkpoint).expanduser().resolve(), Path(run_dir).resolve())
+    return {"teacher": Path(path).as_posix(), "teacher_sha256": teacher.sha256}
+
+
+def teacher_path(summary: dict[str, Any], run_dir: Path) -> Path | None:
+    """The teacher checkpoint a summary names: ``teacher``, relative to its run folder (an absolute one, as older
+    summaries have, is taken as it is), else ``teacher_machine_path``, a path on the machine that ran it, kept
+    where no copy of that teacher came with the folder (see scripts/portable_summaries.py)."""
+    teacher = summary.get("teacher") or summary.get("teacher_machine_path")
+    return None if not teacher else Path(run_dir) / teacher

@@ -32,6 +32,7 @@ from aikd.config import (
     normalized,
     read_yaml,
     recipe_name,
+    with_teacher_hash,
 )
 from aikd.distributed import current
 from aikd.engine.locks import cache_entry_lock
@@ -100,9 +101,15 @@ def cached_superior(cache: Path, cfg: RunConfig) -> Path:
 def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The summary of a finished run in ``run_dir`` made with exactly ``cfg``, else None."""
     summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
-    if summary.is_file() and saved.is_file() and normalized(read_saved_config(saved)) == cfg.to_dict():
+    if summary.is_file() and saved.is_file() and _same_config(read_saved_config(saved), cfg):
         return read_summary(summary)
     return None
+
+
+def _same_config(saved: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether a run folder's saved config is ``cfg``: the teacher by its weights, wherever it lies now."""
+    saved = normalized(saved)
+    return saved is not None and not config_diff(saved, with_teacher_hash(cfg).to_dict())
 
 
 def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: bool = False,
@@ -125,7 +132,8 @@ def _refuse_a_student_of_another_config(student: Path, cfg: RunConfig, overwrite
     started = (student / "summary.json").is_file() or (student / "checkpoints" / LAST).is_file()
     if overwrite or student.is_symlink() or not started or not saved.is_file():
         return
-    differ = [key.split(" (")[0] for key in config_diff(normalized(read_saved_config(saved)), cfg.to_dict())]
+    differ = [key.split(" (")[0] for key in config_diff(normalized(read_saved_config(saved)) or {},
+                                                         with_teacher_hash(cfg).to_dict())]
     if not differ:
         return
     if (student / "summary.json").is_file():

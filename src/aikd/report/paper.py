@@ -33,7 +33,7 @@ from aikd.errors import AikdError
 from aikd.report.stats import paired_difference
 from aikd.report.summaries import mean_std
 from aikd.report.tables import pipe_table
-from aikd.run_files import read_saved_config, read_summary
+from aikd.run_files import read_saved_config, read_summary, teacher_path
 
 # Recipes that are not a setting of their method but a length of training: (place after the method's rows, name).
 RECIPE_ROWS = {"ce_equal_compute": (1, "CE, equal compute")}
@@ -204,11 +204,12 @@ def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
     found (a teacher trained elsewhere), so that no cost is understated.
     """
     own = summary.get("train_time_s")
-    if own is None or not summary.get("teacher"):
+    teacher = teacher_path(summary, run_dir)
+    if own is None or teacher is None:
         return own
     record = run_dir.parent / "pipeline.json"
     candidates = [record] if record.is_file() else []
-    candidates.append(Path(summary["teacher"]).parent.parent / "summary.json")  # <entry>/checkpoints/last
+    candidates.append(teacher.parent.parent / "summary.json")  # <entry>/checkpoints/last
     for path in candidates:
         try:
             data = json.loads(path.read_text())
