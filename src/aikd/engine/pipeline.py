@@ -39,7 +39,7 @@ from aikd.engine.locks import cache_entry_lock
 from aikd.engine.state import config_diff
 from aikd.engine.trainer import LAST, train
 from aikd.errors import AikdError, ConfigError, DiskFullError, RunInterrupted, for_rerun
-from aikd.fileio import check_output_folder
+from aikd.fileio import atomic_write_bytes, check_output_folder
 from aikd.methods import METHODS
 from aikd.registry import METHOD_CONFIGS
 from aikd.run_files import read_saved_config, read_summary
@@ -278,5 +278,5 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
         result["student"] = train_or_reuse(plan.student, out / "student", quiet, log, overwrite, plan.recipe)
         result["student"]["run_dir"] = str(out / "student")
     if current().is_main:  # under torchrun every rank runs the pipeline; rank 0 writes its files
-        (out / "pipeline.json").write_text(json.dumps(result, indent=2))
+        atomic_write_bytes(out / "pipeline.json", json.dumps(result, indent=2).encode())
     return result
