@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,8 +37,6 @@ def check_loss_records_of(record: dict, terms: set[str]) -> None:
 def tmpfs(folder: Path, options: str) -> Iterator[Path]:
     """A real tmpfs mounted at ``folder`` with mount ``options`` ("size=1536k", "ro,size=64k"), unmounted after;
     the test is skipped where this process may not mount one."""
-    import subprocess
-
     folder.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
     if done.returncode != 0:
@@ -44,3 +45,23 @@ def tmpfs(folder: Path, options: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# This checkout's aikd in every subprocess, from any working folder (a relative PYTHONPATH would not follow).
+AIKD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+AIKD_ENV["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), AIKD_ENV.get("PYTHONPATH")) if p)
+
+
+def aikd_cli(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``aikd ARGS`` in a real subprocess (one CPU thread), its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "aikd", *args], cwd=cwd, env=AIKD_ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_line_error_of(stderr: str) -> str:
+    """The single 'aikd: error: ...' line a refused command prints, with no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("aikd: error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]

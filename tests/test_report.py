@@ -355,8 +355,9 @@ def test_sweep_trains_the_baseline_once_as_the_ce_row_and_the_phase1_model(tmp_p
     for seed in (0, 1):
         student = out / f"configs/ce/seed{seed}/student"
         assert student.is_symlink() and student.resolve().parent == (out / "superior").resolve()
-        teacher = json.loads((out / f"configs/tfkd_self/seed{seed}/student/summary.json").read_text())["teacher"]
-        assert Path(teacher).parent.parent.resolve() == student.resolve()  # the CE row is TF-KD's teacher
+        tfkd = out / f"configs/tfkd_self/seed{seed}/student"
+        teacher = json.loads((tfkd / "summary.json").read_text())["teacher"]  # relative to the run folder
+        assert (tfkd / teacher).parent.parent.resolve() == student.resolve()  # the CE row is TF-KD's teacher
     again = subprocess.run(command[:-1], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                            timeout=600)  # without -q: its messages say what it reuses
     # Per seed: the Baseline, TF-KD's phase 1 (the same entry) and TF-KD's student; nothing trains again.

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from aikd.errors import RESUME_RERUN, RESUME_TRAIN, AikdError, exit_code
-from aikd.fileio import check_output_file, check_output_folder
+from aikd.fileio import atomic_write_bytes, check_output_file, check_output_folder
 from aikd.shipped import CONFIG_ROOT, resolve_config, shipped_configs
 
 EPILOG_MAIN = """\
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N pipelines at once, each in its own process with its share of the CPU threads, or "
                         "one GPU each when there are GPUs (default 1); the results are a serial sweep's")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run in OUT made with another config (otherwise refused; an unfinished run of "
+                        "the same config continues where it stopped)")
     p.add_argument("--status", metavar="OUT", help="show every run of the Slurm sweep in OUT: its state, job and log")
     slurm = p.add_argument_group(
         "Slurm", "--launcher slurm submits one job per run (phase-1 models first, the runs that need them waiting "
@@ -281,8 +284,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  plot=plot)
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        atomic_write_bytes(Path(args.out), (text + "\n").encode())
     print(text)
     return 0
 
@@ -391,12 +393,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.config or not args.out:
         raise AikdError("aikd sweep needs -c CONFIG... and -o OUT (or --status OUT).")
     if args.launcher == "slurm":
+        if args.overwrite:
+            raise AikdError("--overwrite applies to --launcher local only: remove the runs to replace, then "
+                            "submit again.")
         return _slurm_sweep(args)
     given = [f"--{k.replace('_', '-')}" for k in (*SLURM_OPTIONS, "slurm_config") if getattr(args, k) is not None]
     if given or args.wait:
         raise AikdError(f"{' '.join(given or ['--wait'])} applies to --launcher slurm only.")
     done = run_sweep(args.config, args.seeds, args.out, args.overrides, grid=args.grid, cache_dir=args.cache,
-                     jobs=args.jobs, quiet=args.quiet, log=_logger(args.quiet))
+                     jobs=args.jobs, quiet=args.quiet, log=_logger(args.quiet), overwrite=args.overwrite)
     print(f"aikd sweep: {len(done)} runs finished in {args.out}; tables: aikd report {args.out}")
     return 0
 
@@ -433,7 +438,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     )
 
     if args.out:
-        check_output_file(args.out, "report file")
+        check_output_file(args.out, "report file", example=f"tables.{'tex' if args.format == 'latex' else args.format}")
     if args.plots:
         check_output_folder(args.plots, "figure folder")
     runs, duplicates = collect_runs(*args.dir)
@@ -442,8 +447,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"aikd report: {duplicates} runs repeat a (recipe, dataset, model, seed) already counted "
               f"and were left out", file=sys.stderr)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        atomic_write_bytes(Path(args.out), text.encode())
     else:
         print(text)
     if args.plots:
@@ -456,6 +460,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_tsne(args: argparse.Namespace) -> int:
     from aikd.report.tsne import tsne_plot
 
+    check_output_file(args.out, "t-SNE figure", example="tsne.png")  # before the features and the embedding
     path = tsne_plot(args.checkpoints, args.names, args.classes, args.per_class, args.out, args.overrides)
     print(f"aikd tsne: wrote {path}")
     return 0
@@ -490,15 +495,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from aikd.bench import FULL_PLAN, QUICK_PLAN, markdown_report, run_bench
     from aikd.engine.runtime import pick_device
 
+    out = Path(args.out) if args.out else None
+    if out is not None:  # before the minutes of timing, not after
+        if out.suffix == ".md":
+            raise AikdError(f"-o {out}: give the JSON file's name (OUT.json); the Markdown report goes beside it.")
+        for path, what, example in ((out, "bench results", "bench.json"),
+                                    (out.with_suffix(".md"), "bench report", "bench.md")):
+            check_output_file(path, what, example=example)
     device = str(pick_device(args.device))  # refuses cuda on a machine without one, by name
     result = run_bench(replace(QUICK_PLAN if args.quick else FULL_PLAN, device=device))
     report = markdown_report(result)
     print(report, end="")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(report)
+    if out is not None:
+        atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
+        atomic_write_bytes(out.with_suffix(".md"), report.encode())
         print(f"aikd bench: wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0
 

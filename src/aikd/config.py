@@ -93,6 +93,41 @@ class TeacherConfig:
     checkpoint: str | None = None
     # Architecture of the teacher that `aikd pipeline` trains in phase 1 (None: the student's).
     model: str | None = None
+    # The checkpoint's content hash, recorded by aikd when a run starts (None: not yet known). It is what
+    # identifies the teacher: a run folder moved with its teacher stays the same run, the weights may not change.
+    sha256: str | None = None
+
+
+def same_teacher(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """Whether two configs' ``teacher`` sections name the same teacher: the same content hash where both recorded
+    one (the path may have changed with a moved folder), else the same path (a run saved before hashes were kept).
+    """
+    if saved.get("sha256") and current.get("sha256"):
+        return saved["sha256"] == current["sha256"]
+    return saved.get("checkpoint") == current.get("checkpoint")
+
+
+def file_sha256(path: str | Path) -> str | None:
+    """The SHA-256 of a file's bytes, or None if there is no such file."""
+    import hashlib
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def with_teacher_hash(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``teacher.sha256`` read from the checkpoint it names (unchanged without one, or once set)."""
+    if cfg.teacher.checkpoint is None or cfg.teacher.sha256 is not None:
+        return cfg
+    digest = file_sha256(cfg.teacher.checkpoint)
+    return cfg if digest is None else dataclasses.replace(
+        cfg, teacher=dataclasses.replace(cfg.teacher, sha256=digest))
 
 
 @dataclass

@@ -51,8 +51,9 @@ def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     data = load_data(cfg.data)
     info = ckpt.meta["model"]
     check_fits(path, info, "model", num_classes=data.num_classes, in_channels=data.in_channels,
-               classes=list(data.train.classes), fix="Evaluate it on the dataset it was trained on (data.name, "
-                                                     "data.root).")
+               image_size=data.image_size, classes=list(data.train.classes),
+               fix="Evaluate it on the dataset it was trained on, at its size (data.name, data.root, "
+                   "data.image_size).")
     device = device_for(DistInfo(), pick_device(cfg.device))  # cuda:N made current, as in training
     model = model_from_checkpoint(ckpt).to(device)
     return LoadedModel(Path(path), cfg, data, model, device, info["name"], ckpt.meta.get("epoch"))

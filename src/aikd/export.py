@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.engine.model_io import model_from_checkpoint
 from aikd.errors import AikdError
-from aikd.fileio import atomic_write_bytes, check_output_folder
+from aikd.fileio import atomic_write_bytes, atomic_write_with, check_output_folder
 
 TORCHVISION_CLASSIFIER = {"resnet18": "fc.", "densenet121": "classifier."}
 
@@ -67,7 +67,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, onnx: bool = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state, how = plain_state_dict(model, info)
-    save_file(state, str(out / "model.safetensors"))
+    atomic_write_bytes(out / "model.safetensors", save(state))
     data = (ckpt.meta.get("config") or {}).get("data", {})
     record: dict[str, Any] = {
         "checkpoint": str(checkpoint), "architecture": info.get("name"), "classes": info.get("classes"),
@@ -117,4 +117,4 @@ def _export_onnx(model: nn.Module, info: dict[str, Any], path: Path) -> None:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(_Logits(model), (example,), input_names=["images"], output_names=["logits"],
                                     dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
-    program.save(str(path))
+    atomic_write_with(path, lambda tmp: program.save(str(tmp)))

@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from aikd.errors import AikdError, DiskFullError
@@ -41,6 +42,26 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         os.close(dir_fd)
 
 
+def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` (a library's own saver: an ONNX program, a matplotlib figure) write a temporary file beside
+    ``path``, then give it the umask's mode, fsync it and rename it onto ``path``, as :func:`atomic_write_bytes`
+    does: a crash or a failing writer leaves the old file or none, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _disk_full(err, path, 0) from None
+        raise
+
+
 def _umask() -> int:
     """The process's umask (read by setting it and putting it back: there is no other way to read it)."""
     mask = os.umask(0o022)
@@ -70,12 +91,13 @@ def check_output_folder(path: str | Path, what: str = "output folder", subfolder
         _check_writable(folder, what)
 
 
-def check_output_file(path: str | Path, what: str = "output file") -> None:
-    """Before any compute: ``path`` can be written as a file (not an existing folder, in a writable folder)."""
+def check_output_file(path: str | Path, what: str = "output file", example: str = "out.json") -> None:
+    """Before any compute: ``path`` can be written as a file (not an existing folder, in a writable folder).
+    ``example`` is the file name a refusal suggests inside a folder given instead (tables.md for a report)."""
     path = Path(path)
     if path.is_dir():
         raise AikdError(f"The {what} '{path}' is a folder; a file name is needed there (for example "
-                        f"'{path / 'out.json'}').")
+                        f"'{path / example}').")
     _check_writable(path.parent, what, file=path)
 
 

@@ -1,5 +1,5 @@
 """Finding image files that do not decode, before a run meets them mid-epoch (``aikd check-data``,
-``data.skip_bad_files``)."""
+``data.skip_bad_files``), with the decoding training does (src/aikd/data/images.py)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from aikd.data.images import decode_problem
 from aikd.data.splits import FileSplit
-
-
-def decode_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be used as an image (missing, unreadable, not an image, truncated), or None.
-
-    It decodes every pixel, as training will: a header check (PIL's verify) lets a truncated JPEG through.
-    """
-    try:
-        with Image.open(path) as img:
-            img.convert("RGB").load()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-        return f"{type(err).__name__}: {str(err) or 'cannot be decoded'}"
-    return None
 
 
 def find_bad_files(split: FileSplit, workers: int = 4, progress: Callable[[int], None] | None = None

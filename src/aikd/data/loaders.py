@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from aikd.data.augment import BatchAugment, crop_padding_for, file_transforms
+from aikd.data.images import read_rgb
 from aikd.data.readers import DATASETS
 from aikd.data.settings import DataConfig
 from aikd.data.splits import ArraySplit, FileSplit, Split, stratified_indices
@@ -209,11 +209,7 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path: Path = self.split.paths[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:
-            raise DataError(f"Cannot decode image '{path}': {err}.") from None
+        img = read_rgb(path)
         if self.seed is None:
             return self.transform(img), int(self.split.labels[index]), index
         with torch.random.fork_rng(devices=[]):  # the process's own stream (the main one, without workers) stays

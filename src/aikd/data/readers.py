@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -79,6 +79,18 @@ def reading(path: Path) -> Iterator[None]:
                         f"({type(err).__name__}: {str(err)[:200]}).") from None
 
 
+def download_with_torchvision(dataset: Callable[..., Any], root: Path, train: bool, name: str) -> None:
+    """``data.download=true``: fetch the files with torchvision; no network (or any failure of the download) is
+    one DataError naming the dataset, the folder and the cause, not urllib's traceback."""
+    try:
+        dataset(str(root), train=train, download=True)
+    except Exception as err:
+        cause = getattr(err, "reason", None) or err
+        raise DataError(f"Cannot download {name} into '{root}' (data.download=true): {type(err).__name__}: "
+                        f"{' '.join(str(cause).split())[:200]}. Without a network, copy the files there and leave "
+                        f"data.download off.") from None
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped): the MNIST family's array format."""
     with reading(path):
@@ -119,7 +131,7 @@ def read_fashion_mnist(root: Path, train: bool, download: bool) -> ArraySplit:
     if None in paths and download:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(root), train=train, download=True)
+        download_with_torchvision(FashionMNIST, root, train, "Fashion-MNIST")
         paths = [_find_idx(root, f"{prefix}-{k}-idx{n}-ubyte") for k, n in (("images", 3), ("labels", 1))]
     if None in paths:
         raise DataError(
@@ -255,7 +267,7 @@ def read_cifar10(root: Path, train: bool, download: bool) -> ArraySplit:
     if download:
         from torchvision.datasets import CIFAR10
 
-        CIFAR10(str(root), train=train, download=True)
+        download_with_torchvision(CIFAR10, root, train, "CIFAR-10")
     folder = _cifar_folder(root, "cifar-10-batches-py", "cifar10")
     files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     parts = [_cifar_array(folder / f, "labels", 10) for f in files]
@@ -268,7 +280,7 @@ def read_cifar100(root: Path, train: bool, download: bool) -> ArraySplit:
     if download:
         from torchvision.datasets import CIFAR100
 
-        CIFAR100(str(root), train=train, download=True)
+        download_with_torchvision(CIFAR100, root, train, "CIFAR-100")
     folder = _cifar_folder(root, "cifar-100-python", "cifar100")
     images, labels = _cifar_array(folder / ("train" if train else "test"), "fine_labels", 100)
     classes = _cifar_classes(folder / "meta", "fine_label_names", 100)

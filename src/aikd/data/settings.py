@@ -21,7 +21,7 @@ class DataConfig:
     train_limit: int | None = None  # stratified subset of the training split
     test_limit: int | None = None
     subset_seed: int = 0  # same subset for every training seed, so seeds are comparable
-    batch_size: int = 128
+    batch_size: int = 128  # at least 2 with BatchNorm; a last batch of one is left out of its epoch
     eval_batch_size: int = 512
     num_workers: int | None = None  # None: min(8, cpu count) for image folders
     image_size: int | None = None  # None: the dataset's own (32, 64 or 224)

@@ -54,7 +54,12 @@ def _describe(holder: dict[str, Any]) -> str:
 def file_lock(path: Path, wait: bool) -> Iterator[None]:
     """Hold an exclusive flock on ``path`` (created if missing); ``wait=False`` raises FolderInUse if taken."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:  # a folder, or something else unopenable, where the lock file belongs
+        raise AikdError(f"Cannot open the lock file '{path}': {(err.strerror or type(err).__name__).lower()}. "
+                        f"It must be a plain file aikd can write; remove what is there and run the same "
+                        f"command again.") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

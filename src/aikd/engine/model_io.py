@@ -68,6 +68,7 @@ def check_fits(path: str | Path, info: dict, role: str, *, num_classes: int, in_
                image_size: int | None = None, classes: list[str] | None = None, fix: str | None = None) -> None:
     """Raise CheckpointError unless the model recorded in ``info`` (a checkpoint's meta["model"]) fits the data:
     its class count, channels and, when given, image size and class names. ``fix`` says what to do instead."""
+    size_fix = fix or f"Train the {role} on the same data and image size."
     fix = fix or f"Train the {role} on the same dataset, or pass another checkpoint with teacher.checkpoint=PATH."
     if info.get("num_classes") != num_classes:
         raise CheckpointError(
@@ -79,15 +80,15 @@ def check_fits(path: str | Path, info: dict, role: str, *, num_classes: int, in_
             f"The {role} checkpoint '{path}' takes {info.get('in_channels')}-channel images, but "
             f"this dataset has {in_channels} channels. {fix}"
         )
-    if image_size is not None and info.get("image_size") not in (None, image_size):
-        raise CheckpointError(
-            f"The {role} checkpoint '{path}' was trained on {info.get('image_size')}-pixel images, but this "
-            f"run uses {image_size}-pixel images. Train the {role} on the same data and image size."
-        )
     if classes is not None and info.get("classes") not in (None, classes):
         raise CheckpointError(
             f"The {role} checkpoint '{path}' was trained on other classes ({_preview(info['classes'])}) than "
             f"this dataset's ({_preview(classes)}). {fix}"
+        )
+    if image_size is not None and info.get("image_size") not in (None, image_size):
+        raise CheckpointError(
+            f"The {role} checkpoint '{path}' was trained on {info.get('image_size')}-pixel images, but this "
+            f"run uses {image_size}-pixel images. {size_fix}"
         )
 
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from aikd.config import (
     ModelConfig,
     RunConfig,
@@ -34,14 +32,17 @@ from aikd.config import (
     normalized,
     read_yaml,
     recipe_name,
+    with_teacher_hash,
 )
 from aikd.distributed import current
 from aikd.engine.locks import cache_entry_lock
+from aikd.engine.state import config_diff
 from aikd.engine.trainer import LAST, train
 from aikd.errors import AikdError, ConfigError, DiskFullError, RunInterrupted, for_rerun
-from aikd.fileio import check_output_folder
+from aikd.fileio import atomic_write_bytes, check_output_folder
 from aikd.methods import METHODS
 from aikd.registry import METHOD_CONFIGS
+from aikd.run_files import read_saved_config, read_summary
 
 PHASES = ("phase1", "phase2")
 PHASE1_METHOD = "ce"  # phase 1 trains with plain cross-entropy
@@ -100,9 +101,15 @@ def cached_superior(cache: Path, cfg: RunConfig) -> Path:
 def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The summary of a finished run in ``run_dir`` made with exactly ``cfg``, else None."""
     summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
-    if summary.is_file() and saved.is_file() and normalized(yaml.safe_load(saved.read_text())) == cfg.to_dict():
-        return json.loads(summary.read_text())
+    if summary.is_file() and saved.is_file() and _same_config(read_saved_config(saved), cfg):
+        return read_summary(summary)
     return None
+
+
+def _same_config(saved: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether a run folder's saved config is ``cfg``: the teacher by its weights, wherever it lies now."""
+    saved = normalized(saved)
+    return saved is not None and not config_diff(saved, with_teacher_hash(cfg).to_dict())
 
 
 def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: bool = False,
@@ -118,12 +125,23 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: b
         raise for_rerun(err) from None
 
 
-def _refuse_a_finished_student_of_another_config(student: Path, cfg: RunConfig, overwrite: bool) -> None:
-    """Before phase 1 trains anything: a finished student of another config is kept unless ``overwrite``."""
-    if not overwrite and not student.is_symlink() and (student / "summary.json").is_file() and \
-            _finished(student, cfg) is None:
+def _refuse_a_student_of_another_config(student: Path, cfg: RunConfig, overwrite: bool) -> None:
+    """Before phase 1 trains anything: a student run (finished, or started) of another config is kept unless
+    ``overwrite``, and the message names the keys that differ and the options that work."""
+    saved = student / "config.yaml"
+    started = (student / "summary.json").is_file() or (student / "checkpoints" / LAST).is_file()
+    if overwrite or student.is_symlink() or not started or not saved.is_file():
+        return
+    differ = [key.split(" (")[0] for key in config_diff(normalized(read_saved_config(saved)) or {},
+                                                         with_teacher_hash(cfg).to_dict())]
+    if not differ:
+        return
+    if (student / "summary.json").is_file():
         raise AikdError(f"'{student}' holds a finished run made with another config. Choose another output "
                         f"folder, or pass --overwrite to replace it.")
+    raise AikdError(f"'{student}' holds an unfinished run made with another config (it differs in "
+                    f"{', '.join(differ)}). Continue it with the command that started it, choose another output "
+                    f"folder, or pass --overwrite to replace it.")
 
 
 def _train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: bool, recipe: str | None
@@ -242,8 +260,9 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
         check_output_folder(cache_dir, "phase-1 cache folder")
     plan = plan_pipeline(config, overrides, out, cache_dir=cache_dir, variant=variant)
     result: dict[str, Any] = {"config": str(config), "superior": None}
+    if plan.shared_entry is None:
+        _refuse_a_student_of_another_config(out / "student", plan.student, overwrite)
     if plan.superior is not None:
-        _refuse_a_finished_student_of_another_config(out / "student", plan.student, overwrite)
         log(f"aikd: phase 1, superior model -> {plan.superior_dir}")
         # Two pipelines that need this model (a sweep with --jobs) train it once: the second waits, then reuses it.
         # Under torchrun only rank 0 takes the lock; the other ranks follow it through the run's collectives.
@@ -259,5 +278,5 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
         result["student"] = train_or_reuse(plan.student, out / "student", quiet, log, overwrite, plan.recipe)
         result["student"]["run_dir"] = str(out / "student")
     if current().is_main:  # under torchrun every rank runs the pipeline; rank 0 writes its files
-        (out / "pipeline.json").write_text(json.dumps(result, indent=2))
+        atomic_write_bytes(out / "pipeline.json", json.dumps(result, indent=2).encode())
     return result

@@ -94,6 +94,7 @@ def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     _check_distributed(cfg, strategy, device)
+    _check_batch_fits(model, cfg, strategy.world_size)
     if strategy.distributed and cfg.train.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     method = _build_method(cfg, data, model, strategy, device)
@@ -159,6 +160,17 @@ def _load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device, same_a
                                 in_channels=data.in_channels, expect_model=same_architecture_as,
                                 image_size=data.image_size, classes=list(data.train.classes))
     return teacher.to(memory_format=torch.channels_last)  # see Method.teacher_logits
+
+
+def _check_batch_fits(model: nn.Module, cfg: RunConfig, world_size: int) -> None:
+    """BatchNorm cannot train on one sample per batch: refuse such a batch size before the first step, not in
+    its traceback. (A last batch of one is left out of its epoch by the batch samplers, src/aikd/data/loaders.py.)"""
+    per_process = cfg.data.batch_size // world_size
+    if per_process < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        where = f" per process ({world_size} processes)" if world_size > 1 else ""
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} gives batches of {per_process} sample{where}, "
+                          f"and model '{cfg.model.name}' has BatchNorm layers, which cannot train on one sample. "
+                          f"Use data.batch_size={2 * world_size} or more.")
 
 
 def _check_distributed(cfg: RunConfig, strategy: Strategy, device: torch.device) -> None:

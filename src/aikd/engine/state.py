@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aikd.config import normalized
+from aikd.config import normalized, same_teacher
 from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from aikd.errors import RESUME_TRAIN, CheckpointError, ConfigError, DiskFullError
 from aikd.methods.base import Method
@@ -233,7 +233,10 @@ def find_resume_checkpoint(out: Path, which: bool | str | Path) -> Path | None:
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two config dicts, with both values."""
+    """The dotted keys whose values differ between two config dicts, with both values. The teacher's path and hash
+    count as one: they differ only if the teacher does (:func:`aikd.config.same_teacher`)."""
+    if prefix == "teacher." and same_teacher(saved, current):
+        saved, current = ({k: v for k, v in d.items() if k not in ("checkpoint", "sha256")} for d in (saved, current))
     keys = sorted(set(saved) | set(current))
     out = []
     for key in keys:

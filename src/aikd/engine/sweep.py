@@ -82,9 +82,22 @@ def _split_values(text: str) -> list[str]:
 NO_GRID = GridPoint()
 
 
+def config_folder(config: str | Path) -> tuple[str, str]:
+    """The (folder, name) a config's runs live under in a sweep: those of the file itself, resolved.
+
+    ``-c /a/sub/../x.yaml``, ``-c ../x.yaml`` run from ``/a/sub`` and ``-c x.yaml`` run from ``/a`` name one
+    file, so they share one folder (``a/x``), and no spelling of the path (its ``..``) reaches outside ``-o``.
+    """
+    path = Path(config).resolve()
+    parts = (path.parent.name, path.stem)
+    if any(part in (".", "..") for part in parts):
+        raise AikdError(f"The config '{config}' would place its runs at '{'/'.join(parts)}' inside the sweep "
+                        f"folder, outside it; rename the file.")
+    return parts
+
+
 def sweep_dir(out: Path, config: str | Path, seed: int, point: GridPoint = NO_GRID) -> Path:
-    config = Path(config)
-    folder = out / config.parent.name / config.stem
+    folder = out.joinpath(*config_folder(config))
     return (folder / point.name if point else folder) / f"seed{seed}"
 
 
@@ -94,6 +107,9 @@ def check_configs(configs: Sequence[str | Path], seeds: Sequence[int], overrides
     of range) costs seconds, not hours."""
     if not configs or not seeds:
         raise AikdError("A sweep needs at least one config (-c) and one seed (--seeds).")
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:
+        raise AikdError(f"--seeds repeats {', '.join(map(str, repeated))}: give each seed once.")
     for config, point in itertools.product(configs, grid):
         common, per_phase = split_phase_overrides([*overrides, *point.overrides])
         data = apply_overrides(read_yaml(config), [*common, *per_phase["phase2"], f"seed={seeds[0]}"])
@@ -101,8 +117,11 @@ def check_configs(configs: Sequence[str | Path], seeds: Sequence[int], overrides
         from_dict(data, source=where)
     clash = {}
     for config in configs:
-        key = (Path(config).parent.name, Path(config).stem)
-        if key in clash and Path(clash[key]).resolve() != Path(config).resolve():
+        key = config_folder(config)
+        if key in clash and Path(clash[key]).resolve() == Path(config).resolve():
+            raise AikdError(f"-c names the config '{Path(config).resolve()}' twice ('{clash[key]}' and "
+                            f"'{config}'): give each config once.")
+        if key in clash:
             raise AikdError(f"Configs '{clash[key]}' and '{config}' would share the output folder "
                             f"{'/'.join(key)}; rename one.")
         clash[key] = config
@@ -119,6 +138,7 @@ class SweepTask:
     overrides: tuple[str, ...]
     run_dir: Path
     cache_dir: Path
+    overwrite: bool = False  # replace a student run of another config in run_dir (aikd sweep --overwrite)
 
     @property
     def pipeline_overrides(self) -> list[str]:
@@ -130,7 +150,8 @@ class SweepTask:
 
     def run(self, quiet: bool, log, phase1_only: bool = False) -> dict[str, Any]:
         result = run_pipeline(self.config, self.pipeline_overrides, self.run_dir, cache_dir=self.cache_dir,
-                              quiet=quiet, log=log, variant=self.point.name or None, phase1_only=phase1_only)
+                              quiet=quiet, log=log, variant=self.point.name or None, phase1_only=phase1_only,
+                              overwrite=self.overwrite)
         trained = result.get("student") or result["superior"]  # phase1_only: the phase-1 model alone
         run_dir = result["superior"]["run_dir"] if "student" not in result else str(self.run_dir / "student")
         return {"config": self.config, "grid": dict(self.point), "seed": self.seed, "run_dir": run_dir,
@@ -139,8 +160,10 @@ class SweepTask:
 
 def sweep_tasks(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str | Path,
                 overrides: Sequence[str] = (), *, grid: Sequence[str] = (),
-                cache_dir: str | Path | None = None) -> list[SweepTask]:
-    """Every (config, grid point, seed) of a sweep, seeds outermost, checked (configs and folders) before any run."""
+                cache_dir: str | Path | None = None, overwrite: bool = False) -> list[SweepTask]:
+    """Every (config, grid point, seed) of a sweep, seeds outermost, checked (configs and folders) before any run.
+
+    ``overwrite`` replaces each student run made with another config (refused otherwise)."""
     points = parse_grid(grid)
     check_configs(configs, seeds, overrides, points)
     out = Path(out_dir)
@@ -149,13 +172,14 @@ def sweep_tasks(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: st
         check_output_folder(cache_dir, "phase-1 cache folder")
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "superior"
-    return [SweepTask(n, str(config), point, seed, tuple(overrides), sweep_dir(out, config, seed, point), cache)
+    return [SweepTask(n, str(config), point, seed, tuple(overrides), sweep_dir(out, config, seed, point), cache,
+                      overwrite)
             for n, (seed, config, point) in enumerate(itertools.product(seeds, configs, points))]
 
 
 def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str | Path,
               overrides: Sequence[str] = (), *, grid: Sequence[str] = (), cache_dir: str | Path | None = None,
-              jobs: int = 1, quiet: bool = False, log=print) -> list[dict[str, Any]]:
+              jobs: int = 1, quiet: bool = False, log=print, overwrite: bool = False) -> list[dict[str, Any]]:
     """Run every (config, grid point, seed), seeds outermost (a first complete table comes early).
 
     ``grid`` holds ``KEY=V1,V2,...`` specs (``--grid``); each combination of their values
@@ -164,10 +188,11 @@ def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str 
     ``cache_dir`` holds the phase-1 models (default ``OUT/superior``): another sweep's cache
     lends its models to this one. ``jobs`` > 1 runs that many pipelines at once, each in its
     own process (:func:`run_parallel`); the folders and results are those of a serial sweep.
+    ``overwrite`` replaces a student run made with another config (``--overwrite``; refused otherwise).
     """
     if jobs < 1:
         raise AikdError(f"--jobs must be at least 1, got {jobs}.")
-    tasks = sweep_tasks(configs, seeds, out_dir, overrides, grid=grid, cache_dir=cache_dir)
+    tasks = sweep_tasks(configs, seeds, out_dir, overrides, grid=grid, cache_dir=cache_dir, overwrite=overwrite)
     out = Path(out_dir)
     done: list[dict[str, Any]] = []
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from aikd.config import RunConfig, save_config
+from aikd.config import RunConfig, save_config, with_teacher_hash
 from aikd.data import DataBundle
 from aikd.engine.checkpoint import atomic_write_bytes
 from aikd.engine.evaluator import Evaluator
@@ -37,6 +37,7 @@ from aikd.errors import AikdError
 from aikd.fileio import check_output_folder
 from aikd.metrics.calibration import ReliabilityBins
 from aikd.metrics.reliability import write_reliability
+from aikd.run_files import teacher_record
 
 __all__ = ["BEST", "LAST", "Trainer", "find_resume_checkpoint", "train"]
 
@@ -191,7 +192,7 @@ class Trainer:
             "train_time_s": sum(state.train_times),
             "device": str(p.device),
             "world_size": p.strategy.world_size,
-            "teacher": self.cfg.teacher.checkpoint,
+            **teacher_record(self.cfg.teacher, self.out),
             "skipped_steps": state.skipped_steps,
             **({"skipped_files": p.data.skipped_files} if p.data.skipped_files else {}),
             **_peak_gpu_memory(p.device),
@@ -227,6 +228,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool | str | Path = Fa
 
     ``recipe`` names the run in reports (``aikd report``); by default the method.
     """
+    cfg = with_teacher_hash(cfg)  # the teacher is known by its weights in config.yaml and the checkpoints
     return Trainer(cfg, out_dir, quiet=quiet, recipe=recipe).fit(resume=resume, overwrite=overwrite,
                                                                  stop_after=stop_after)
 

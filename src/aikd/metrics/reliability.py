@@ -55,11 +55,13 @@ def write_reliability(bins: Mapping[str, ReliabilityBins], temperature: float, t
 
 
 def save_figure(fig, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` (its folder made) and close it."""
+    """Write ``fig`` to exactly ``path`` (its folder made; PNG unless the suffix names another format),
+    atomically and with the umask's mode, and close it."""
+    from aikd.fileio import atomic_write_with
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png"))
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -11,6 +11,7 @@ that is missing or has the wrong shape is refused, naming the file and the keys.
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,15 +38,25 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             with warnings.catch_warnings():  # torch's note on pickle protocols: the load is refused or not, below
                 warnings.simplefilter("ignore")
                 state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file, pickled code, another format: all refused the same way
-        raise CheckpointError(f"Cannot read weights file '{path}' (model.weights): {type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise CheckpointError(f"Cannot read weights file '{path}' (model.weights): {_first_line(err)}") from None
+        # torch's message goes on to suggest weights_only=False, which would run the file's code: not relayed.
+        raise CheckpointError(f"Weights file '{path}' (model.weights) holds pickled objects besides tensors, which "
+                              f"aikd does not load (loading them could run code). Save the state dict alone, as "
+                              f"safetensors or with torch.save(model.state_dict(), ...).") from None
+    except Exception as err:  # a damaged file, another format: all refused the same way
+        raise CheckpointError(f"Cannot read weights file '{path}' (model.weights): {_first_line(err)}") from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"Weights file '{path}' (model.weights) does not hold a state dict of tensors.")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _torchvision_densenet(key: str) -> str:

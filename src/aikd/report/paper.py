@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from aikd.errors import AikdError
 from aikd.report.stats import paired_difference
 from aikd.report.summaries import mean_std
 from aikd.report.tables import pipe_table
+from aikd.run_files import read_saved_config, read_summary, teacher_path
 
 # Recipes that are not a setting of their method but a length of training: (place after the method's rows, name).
 RECIPE_ROWS = {"ce_equal_compute": (1, "CE, equal compute")}
@@ -155,12 +154,12 @@ def _summaries(root: Path) -> list[Path]:
 
 
 def _read_run(path: Path, root: Path) -> Run:
+    summary = read_summary(path)
     try:
-        summary = json.loads(path.read_text())
         method, dataset, model, seed = summary["method"], summary["dataset"], summary["model"], int(summary["seed"])
         if summary.get("eval_split", "test") != "test":  # never in one column with test-set numbers
             dataset = f"{dataset} ({summary['eval_split']})"
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise AikdError(f"'{path}' is not a run summary written by aikd ({type(err).__name__}: {err}).") from None
     _check_metrics(summary, path)
     summary["total_time_s"] = _total_time(summary, path.parent)
@@ -171,6 +170,7 @@ def _read_run(path: Path, root: Path) -> Run:
     return Run(recipe, method, dataset, model, seed, summary, switches, path.parent, subset, row, ablation)
 
 
+ALWAYS_MEASURED = ("top1_err", "top5_err", "macro_f1", "ece", "nll")  # null only in a damaged summary
 METRIC_KEYS = ("top1_err", "top5_err", "macro_f1", "ece", "ece_ts", "nll", "nll_ts", "train_acc", "train_time_s")
 
 
@@ -178,6 +178,9 @@ def _check_metrics(summary: dict[str, Any], path: Path) -> None:
     """Every metric a table may show is a finite number (or absent): a report never prints nan as a value."""
     for key in METRIC_KEYS:
         value = summary.get(key)
+        if value is None and key in ALWAYS_MEASURED and key in summary:
+            raise AikdError(f"'{path}': metric '{key}' is null, but every finished run measures it (a damaged or "
+                            f"hand-edited summary?). Fix or remove that run.")
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -190,10 +193,7 @@ def _check_metrics(summary: dict[str, Any], path: Path) -> None:
 def _saved_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise AikdError(f"'{path}' is not a readable run config ({err}).") from None
+    return read_saved_config(path)
 
 
 def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
@@ -204,11 +204,12 @@ def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
     found (a teacher trained elsewhere), so that no cost is understated.
     """
     own = summary.get("train_time_s")
-    if own is None or not summary.get("teacher"):
+    teacher = teacher_path(summary, run_dir)
+    if own is None or teacher is None:
         return own
     record = run_dir.parent / "pipeline.json"
     candidates = [record] if record.is_file() else []
-    candidates.append(Path(summary["teacher"]).parent.parent / "summary.json")  # <entry>/checkpoints/last
+    candidates.append(teacher.parent.parent / "summary.json")  # <entry>/checkpoints/last
     for path in candidates:
         try:
             data = json.loads(path.read_text())
