@@ -34,7 +34,7 @@ def test_the_buffer_keyword_is_one_the_installed_ddp_accepts():
 @pytest.mark.parametrize(("accepted", "keyword"), [(DDP_2_11, "broadcast_buffers"),
                                                      (DDP_2_14, "forward_sync_buffers")])
 def test_each_release_gets_its_own_buffer_keyword(accepted, keyword):
-    """2.14 deprecated broadcast_buffers (a FutureWarning every run): it is used only where it is all there is."""
+    """Newer releases deprecate broadcast_buffers (a FutureWarning each run): used only where it is all there is."""
     assert ddp_buffer_kwargs(accepted) == {keyword: False}
 
 

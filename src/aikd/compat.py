@@ -6,16 +6,17 @@ at ``torch.__version__`` itself, so a difference found on a new release is fixed
 
 Each helper asks the installed torch whether it has a feature (``inspect.signature``, ``hasattr``)
 rather than comparing version strings. A version string does not say what a build contains:
-nightlies and vendor builds (GPU containers ship ``2.11.0a0+gitXXXX``) carry features of a later
+nightlies and vendor builds (versions such as ``2.11.0a0+git<hash>``) carry features of a later
 release, or lack some of their own, and a version comparison would pick the wrong branch for them
 where a look at the function itself cannot.
 
 Differences bridged:
 
-* DistributedDataParallel's switch for broadcasting buffers before every forward. torch 2.14 added
-  ``forward_sync_buffers`` and deprecated ``broadcast_buffers``; 2.11 knows only the latter, whose
-  ``False`` also leaves the buffers out of the broadcast at construction. :func:`distributed_data_parallel`
-  gives both the 2.14 behaviour: buffers broadcast from rank 0 once, at construction, never per forward.
+* DistributedDataParallel's switch for broadcasting buffers before every forward. torch 2.13 added
+  ``forward_sync_buffers`` and deprecated ``broadcast_buffers`` (so says DDP's docstring in 2.14.1); 2.11
+  knows only the latter, whose ``False`` also leaves the buffers out of the broadcast at construction.
+  :func:`distributed_data_parallel` gives both the newer behaviour: buffers broadcast from rank 0 once,
+  at construction, never per forward.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def distributed_data_parallel(model: nn.Module, device_ids: list[int] | None, **
     """``DistributedDataParallel(model, ...)`` that syncs buffers once, at construction, on every torch release.
 
     Where DDP has only ``broadcast_buffers``, turning it off also skips the buffers at construction,
-    so they are broadcast from rank 0 here: every rank starts from rank 0's model, as with 2.14's
+    so they are broadcast from rank 0 here: every rank starts from rank 0's model, as with the newer
     ``forward_sync_buffers=False``, whichever the ranks built.
     """
     from torch.nn.parallel import DistributedDataParallel
