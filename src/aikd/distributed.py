@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from aikd.compat import distributed_data_parallel
 from aikd.errors import AikdError, ConfigError
 from aikd.strategy import SINGLE_PROCESS, SingleProcess, Strategy
 
@@ -135,18 +136,15 @@ class DataParallel(SingleProcess):
         self.rank, self.world_size, self.is_main = info.rank, info.world_size, info.is_main
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """DistributedDataParallel: it broadcasts rank 0's weights now and averages gradients during backward.
+        """DistributedDataParallel: it broadcasts rank 0's weights and buffers now, averages gradients in backward.
 
         Running statistics are not broadcast every step (they are averaged at each epoch's end). A
         method that needs a second forward with gradient in one step (BSS's boundary samples) calls
         the bare student (``MethodContext.student``): its gradients flow into the same parameters
         and DDP averages their sum once.
         """
-        from torch.nn.parallel import DistributedDataParallel
-
         device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False,
-                                       gradient_as_bucket_view=True)
+        return distributed_data_parallel(model, device_ids, gradient_as_bucket_view=True)
 
     def sum_(self, tensor: Tensor) -> Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
