@@ -7,6 +7,7 @@ The gloo test starts two real processes with torchrun. On torch 2.11 the wrap it
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -90,4 +91,5 @@ def test_two_gloo_ranks_wrap_start_from_rank_zero_and_keep_their_own_buffers(tmp
                            str(script)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(line for line in done.stdout.splitlines() if line.endswith(" ok")) == ["rank 0 ok", "rank 1 ok"]
+    # The two ranks share one stdout, so their lines may run together: count the marks, not the lines.
+    assert sorted(re.findall(r"rank (\d) ok", done.stdout)) == ["0", "1"], done.stdout
