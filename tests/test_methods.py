@@ -4,6 +4,7 @@ and short end-to-end runs on scikit-learn digits (both direct and through ``aikd
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from aikd.methods.kd import kd_loss
 from aikd.methods.pskd import PSKD, PSKDConfig, pskd_alpha, pskd_targets
 from aikd.methods.tfkd import TFKDSelf, TFKDSelfConfig, tf_reg_loss, tf_self_kd, virtual_teacher
 from aikd.models import build_model
+from aikd.run_files import teacher_path
 from helpers import check_loss_records
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=2"]
@@ -466,7 +468,8 @@ def test_every_method_trains_on_digits(tmp_path, superior, method):
     summary = trainer.fit()
     assert summary["method"] == method and summary["epochs"] == 2 and summary["model"] == "small_cnn"
     assert summary["dataset"] == "digits" and summary["num_train"] == N_TRAIN
-    assert summary["teacher"] == (str(superior) if teacher else None)
+    named = teacher_path(summary, tmp_path)  # relative to the run folder, so a moved folder still finds it
+    assert (named.resolve() if named else None) == (superior.resolve() if teacher else None)
     assert 0 <= summary["top1_err"] < 50, summary["top1_err"]
     records = check_loss_records(tmp_path / "metrics.jsonl", method_cls.loss_terms(trainer.method.hparams), epochs=2)
     # Train accuracy is over the samples the method predicts (CS-KD: the anchors, not the partners).
@@ -509,7 +512,9 @@ def test_pipeline_shares_the_superior_model_across_methods(tmp_path):
     assert any("reusing" in line and str(sup_dir) in line for line in logs)
     assert list(cache.iterdir()) == [sup_dir] and checkpoint.stat().st_mtime_ns == stamp
     assert second["superior"]["run_dir"] == first["superior"]["run_dir"] == str(sup_dir)
-    assert first["student"]["teacher"] == second["student"]["teacher"] == str(checkpoint)
+    for result in (first, second):
+        student = result["student"]
+        assert teacher_path(student, Path(student["run_dir"])).resolve() == checkpoint.resolve()
     assert second["student"]["method"] == "aikd"
     assert not (tmp_path / "tfkd" / "superior").exists() and not (tmp_path / "aikd" / "superior").exists()
 
@@ -530,7 +535,7 @@ def test_pipeline_kd_trains_a_teacher_of_another_architecture(tmp_path):
     result = run_pipeline("configs/fashion_mnist/kd.yaml", overrides, tmp_path, quiet=True, log=lambda m: None)
     assert result["superior"]["model"] == "preact_resnet18" and result["superior"]["method"] == "ce"
     assert result["student"]["model"] == "small_cnn" and result["student"]["method"] == "kd"
-    teacher = load_checkpoint(result["student"]["teacher"])
+    teacher = load_checkpoint(teacher_path(result["student"], tmp_path / "student"))
     assert teacher.meta["model"]["name"] == "preact_resnet18"
     assert load_checkpoint(tmp_path / "student/checkpoints/last.safetensors").meta["model"]["name"] == "small_cnn"
 
