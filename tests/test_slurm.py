@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
+from aikd.config import file_sha256
+from aikd.engine.checkpoint import load_checkpoint
 from aikd.engine.slurm import plan_units, ranks_from_slurm, read_options
 from aikd.engine.sweep import sweep_tasks
 from aikd.errors import ConfigError
+from aikd.run_files import teacher_path
 from aikd.shipped import CONFIG_ROOT
 
 TINY = ["train.epochs=2", "data.train_limit=300", "data.test_limit=200", "data.num_workers=0"]
@@ -105,7 +108,11 @@ def _numbers(run: Path) -> tuple[dict, list[dict]]:
     """A run's summary and per-epoch records without the wall-clock times."""
     summary = json.loads((run / "summary.json").read_text())
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    untimed = {k: v for k, v in summary.items() if "time" not in k and k != "teacher"}  # its path differs
+    teacher = teacher_path(summary, run)
+    if teacher is not None:  # the teacher file also holds its wall-clock history: its hash is its own, the weights not
+        assert summary["teacher_sha256"] == file_sha256(teacher)
+        summary["teacher_weights"] = {k: v.tolist() for k, v in load_checkpoint(teacher).model.items()}
+    untimed = {k: v for k, v in summary.items() if "time" not in k and k not in ("teacher", "teacher_sha256")}
     return untimed, [{k: v for k, v in e.items() if "time" not in k} for e in epochs]
 
 
