@@ -36,7 +36,7 @@ run aikd_online_milestone configs/fashion_mnist/aikd.yaml aikd.superior=mileston
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-timing = {"time_per_epoch_s", "train_time_s", "run_dir", "teacher"}
+timing = {"time_per_epoch_s", "train_time_s", "run_dir", "teacher", "teacher_sha256"}  # the teacher file holds its times
 def untimed(record):
     return {k: v for k, v in record.items() if k not in timing and k != "time_s"}
 runs = {}
