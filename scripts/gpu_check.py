@@ -52,7 +52,6 @@ import tarfile
 import time
 import traceback
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -109,141 +108,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
                      "gpu_count": torch.cuda.device_count(), "nvidia_smi": _nvidia_smi()})
     print(json.dumps(info))
     return 0
-
-
-# ---------------------------------------------------------------------------------------------- host syncs
-
-# Ops that make the host wait for a GPU: their result (a Python number, or an output whose size depends on the
-# data) exists only once the device has computed it. On a CPU they cost nothing, so the dry run counts them here
-# to show what the CUDA run's sync debug mode will flag.
-SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "equal", "masked_select", "_unique2", "unique_dim",
-                      "unique_consecutive", "nonzero_numpy", "masked_scatter_"})
-
-
-def _where(paths: tuple[str, ...] = ("/aikd/", "/scripts/")) -> str:
-    """The innermost caller in aikd's own code ('aikd/methods/bss.py:37'), else the innermost outside torch."""
-    frame, fallback = sys._getframe(1), None
-    while frame is not None:
-        name = frame.f_code.co_filename.replace(os.sep, "/")
-        if any(p in name for p in paths) and not name.endswith("/gpu_check.py"):
-            return f"{name[name.rindex('/aikd/') + 1:] if '/aikd/' in name else Path(name).name}:{frame.f_lineno}"
-        if fallback is None and "/torch/" not in name and not name.endswith(("/gpu_check.py", "/warnings.py")):
-            fallback = f"{Path(name).name}:{frame.f_lineno}"
-        frame = frame.f_back
-    return fallback or "?"
-
-
-def is_sync_op(name: str, overload: str, args: tuple, kwargs: dict) -> bool:
-    """Whether an aten op (``func.overloadpacket.__name__``, ``func._overloadname``) waits for the device on a GPU:
-    a listed op, boolean-mask indexing (a hidden nonzero), repeat_interleave with tensor repeats and no
-    output_size, or a copy from a device to the host."""
-    import torch
-
-    if name in SYNC_OPS:
-        return True
-    if name in ("index", "index_put", "index_put_") and len(args) > 1:
-        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
-    if name == "repeat_interleave":
-        return overload in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
-    if name == "_to_copy":
-        source, target = args[0], kwargs.get("device")
-        return isinstance(source, torch.Tensor) and source.device.type != "cpu" and target is not None \
-            and torch.device(target).type == "cpu"
-    if name == "copy_":
-        return args[0].device.type == "cpu" and args[1].device.type not in ("cpu", "meta")
-    return False
-
-
-class SyncCounter:
-    """Counts the host syncs inside a ``with`` block, by op (``by_op``) and by caller in aikd (``sites``).
-
-    On CUDA it turns ``torch.cuda.set_sync_debug_mode("warn")`` on and counts its warnings, the real syncs; on
-    any other device a ``TorchDispatchMode`` counts the ops that would sync on a GPU (:func:`is_sync_op`), so
-    the dry run exercises the same counting and reports where a GPU would wait. The CPU count is an upper
-    bound: ``F.one_hot`` checks its labels' range with ``.item()`` on the CPU only, which CUDA skips.
-    """
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.kind = "cuda sync debug mode" if cuda else "dispatch mode (ops that sync on a GPU)"
-        self.by_op: Counter[str] = Counter()
-        self.sites: Counter[str] = Counter()
-        self._stack: list[Any] = []
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_op.values())
-
-    def hit(self, op: str, site: str) -> None:
-        self.by_op[op] += 1
-        self.sites[site] += 1
-
-    def __enter__(self) -> SyncCounter:
-        if self.cuda:
-            import torch
-
-            self._stack = [SyncWarnings(self)]
-            self._stack[0].__enter__()
-            torch.cuda.set_sync_debug_mode("warn")
-        else:
-            self._stack = [_counting_mode(self)]
-            self._stack[0].__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.set_sync_debug_mode(0)
-        self._stack.pop().__exit__(*exc)
-
-    def facts(self, steps: int) -> dict[str, Any]:
-        return {"counter": self.kind, "total": self.total, "steps": steps,
-                "per_step": self.total / steps if steps else None, "by_op": dict(self.by_op.most_common()),
-                "sites": dict(self.sites.most_common(6))}
-
-
-class SyncWarnings:
-    """Counts, into a SyncCounter, the warnings of ``torch.cuda.set_sync_debug_mode("warn")`` ("called a
-    synchronizing CUDA operation") while the block runs, each at the aikd line whose call synced: the warning
-    is seen as it is raised, with the calling frames still there. Other warnings pass on unchanged."""
-
-    MESSAGE = "called a synchronizing CUDA operation"
-
-    def __init__(self, counter: SyncCounter) -> None:
-        self.counter = counter
-        self._catcher = warnings.catch_warnings()
-
-    def __enter__(self) -> SyncWarnings:
-        self._catcher.__enter__()  # restores the filters and showwarning on exit
-        warnings.simplefilter("always")
-        previous = warnings.showwarning
-
-        def show(message, category, filename, lineno, file=None, line=None):
-            if self.MESSAGE in str(message):
-                self.counter.hit("cuda sync", _where())
-            else:
-                previous(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = show
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._catcher.__exit__(*exc)
-
-
-def _counting_mode(counter: SyncCounter) -> Any:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountSyncs(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            name = func.overloadpacket.__name__
-            if is_sync_op(name, func._overloadname, args, kwargs):
-                counter.hit(name, _where())
-            return func(*args, **kwargs)
-
-    return CountSyncs()
 
 
 # ---------------------------------------------------------------------------------------------- aikd wrapper
@@ -408,6 +272,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     """One short run of every config in args.configs, host syncs counted per training step."""
     import torch
 
+    from aikd.bench.syncs import SyncCounter  # the ops that sync, and CUDA's sync debug mode
     from aikd.engine import trainer as trainer_module
     from aikd.methods import METHODS
 

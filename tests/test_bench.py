@@ -63,6 +63,8 @@ def test_every_method_gets_a_step_cost_ratio(result):
         assert all(positive_finite(x) for x in (r["ratio"], r["ms_per_step"], r["ce_ms_per_step"], *r["ratios"]))
     aikd_row = next(r for r in rows if r["method"] == "aikd")
     assert result["aikd_over_ce_time"] == aikd_row["ratio"]
+    assert [r["syncs_per_step"] for r in rows] == [0, 0, 0]  # counted, and none (tests/test_host_syncs.py)
+    assert "| host syncs / step |" in markdown_report(result)
 
 
 def test_loader_comparison_read_the_files_it_wrote(result):

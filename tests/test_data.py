@@ -28,7 +28,7 @@ from PIL import Image
 from aikd.config import DataConfig, load_config
 from aikd.data import ArraySplit, EpochBatchSampler, FileSplit, load_data, stratified_indices
 from aikd.data.augment import BatchAugment, crop_padding_for, random_crop_flip
-from aikd.data.loaders import ImageFileDataset
+from aikd.data.loaders import DataBundle, ImageFileDataset, Loading
 from aikd.data.readers import (
     FASHION_CLASSES,
     read_cifar10,
@@ -823,9 +823,11 @@ def test_file_dataset_loader_batches(tmp_path, name, train):
     assert set(seen) <= set(range(n))
     if not train:
         assert seen == list(range(n))
-    for images, labels, idx in batches:
+    for sent, labels, idx in batches:
         b = len(idx)
-        assert images.dtype == torch.float32 and tuple(images.shape) == (b, 3, 32, 32)
+        assert sent.dtype == torch.uint8 and tuple(sent.shape) == (b, 3, 32, 32)  # the workers send uint8
+        images = bundle.to_device(sent, train=train, generator=None)
+        assert images.dtype == torch.float32
         assert labels.dtype == torch.int64 and labels.tolist() == split.labels[idx].tolist()
         for k in range(b):
             colour = normalized(layout.colours[Path(split.paths[int(idx[k])])]).view(3, 1, 1)
@@ -1093,3 +1095,45 @@ def test_class_without_training_images_is_named(tmp_path):
     (layout.root / "test" / "zebra").mkdir()
     with pytest.raises(DataError, match=r"class 'zebra' has no training images"):
         load_data(file_cfg("imagefolder", layout.root))
+
+
+# ----------------------------------------------------------------------------- data on the training device
+
+def test_image_files_are_normalized_on_the_device_exactly_as_torchvision_did_in_the_workers():
+    from torchvision.transforms import v2
+
+    augment = BatchAugment(CIFAR10_MEAN, CIFAR10_STD, 4, True, True)
+    images = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    per_image = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(CIFAR10_MEAN),
+                                                                                 list(CIFAR10_STD))])
+    reference = torch.stack([per_image(v2.functional.to_image(image)) for image in images])
+    assert torch.equal(augment.normalize_files(images), reference)  # bit for bit: file runs keep their numbers
+
+
+def test_in_memory_batches_come_from_the_device_with_one_copy_per_epoch():
+    """The split lives on the loader's device; per epoch the batch order is copied there once, and a batch is a
+    gather there (meta: a device without values, where a batch made on the CPU would show as a copy)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CopiesToMeta(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            target = kwargs.get("device")
+            if func.overloadpacket.__name__ == "_to_copy" and args[0].device.type == "cpu" and target is not None \
+                    and torch.device(target).type == "meta":
+                CopiesToMeta.count += 1
+            return func(*args, **kwargs)
+
+    images = torch.randint(0, 256, (20, 1, 6, 6), dtype=torch.uint8)
+    split = ArraySplit(images, torch.arange(20) % 4, ["a", "b", "c", "d"])
+    bundle = DataBundle("t", split, split, 4, 1, 6, BatchAugment((0.5,), (0.25,), 1, True, True),
+                        Loading(5, 5, 0, True))
+    loader = bundle.loader(train=True, seed=1, device="meta")
+    with CopiesToMeta():
+        batches = list(loader)
+    assert len(batches) == 4 and CopiesToMeta.count == 1
+    assert all(t.device.type == "meta" for batch in batches for t in batch)
+    assert batches[0][0].dtype == torch.uint8
+

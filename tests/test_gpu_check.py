@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from aikd.bench.syncs import SyncCounter, SyncWarnings
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 CONFIGS = ROOT / "configs" / "fashion_mnist"
@@ -162,7 +164,7 @@ def test_step_verdict_fails_a_skipped_required_step_but_not_an_optional_one():
 
 def test_sync_counter_counts_what_would_sync_on_a_gpu():
     x = torch.randn(64)
-    with gc.SyncCounter(cuda=False) as counter:
+    with SyncCounter(cuda=False) as counter:
         y = x * 2 + 1  # no sync
         float(y.sum())  # .item()
         torch.nonzero(y > 0)
@@ -175,12 +177,12 @@ def test_sync_counter_counts_what_would_sync_on_a_gpu():
 
 def test_cuda_sync_warnings_are_counted_at_the_line_that_synced():
     """What torch.cuda.set_sync_debug_mode("warn") raises (no CUDA here: the warning, raised from this file)."""
-    counter, passed_on = gc.SyncCounter(cuda=True), []
+    counter, passed_on = SyncCounter(cuda=True), []
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *rest, **more: passed_on.append(str(message))
-        with gc.SyncWarnings(counter):
+        with SyncWarnings(counter):
             for _ in range(2):
-                warnings.warn(gc.SyncWarnings.MESSAGE, UserWarning, stacklevel=1)
+                warnings.warn(SyncWarnings.MESSAGE, UserWarning, stacklevel=1)
             warnings.warn("something else", UserWarning, stacklevel=1)
     assert counter.by_op == {"cuda sync": 2} and counter.total == 2
     assert list(counter.sites) == [f"test_gpu_check.py:{warnings_line()}"]
@@ -189,7 +191,7 @@ def test_cuda_sync_warnings_are_counted_at_the_line_that_synced():
 
 def warnings_line() -> int:
     source = Path(__file__).read_text().splitlines()
-    return next(i for i, line in enumerate(source, 1) if "gc.SyncWarnings.MESSAGE, UserWarning" in line)
+    return next(i for i, line in enumerate(source, 1) if "SyncWarnings.MESSAGE, UserWarning" in line)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the check would run")

@@ -165,8 +165,16 @@ class DataParallel(SingleProcess):
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return value
 
-    def gather_rows(self, tensor: Tensor) -> Tensor:
-        """Every rank's ``tensor`` concatenated along dim 0 in rank order (row counts may differ)."""
+    def gather_rows(self, tensor: Tensor, rows: int | None = None) -> Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0 in rank order (row counts may differ).
+
+        ``rows``: the most rows any rank holds, where the caller knows it (a training step's share of the
+        batch, ``MethodContext.step_rows``). The ranks then send ``rows`` rows each, a part of fewer rows padded
+        with copies of its first row, and need not first exchange their counts, which the host would have to
+        wait for; a write by index stores a copied row's value twice, which changes nothing.
+        """
+        if rows is not None:
+            return self._gather_padded(tensor, rows)
         count = torch.tensor([tensor.shape[0]], device=tensor.device)
         counts = [torch.zeros_like(count) for _ in range(self.world_size)]
         dist.all_gather(counts, count)
@@ -176,6 +184,14 @@ class DataParallel(SingleProcess):
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded.contiguous())
         return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+    def _gather_padded(self, tensor: Tensor, rows: int) -> Tensor:
+        if not 0 < tensor.shape[0] <= rows:
+            raise ValueError(f"gather_rows: this rank holds {tensor.shape[0]} rows, not 1 to {rows}")
+        padded = torch.cat([tensor, tensor[:1].expand(rows - tensor.shape[0], *tensor.shape[1:])]).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat(parts)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's small picklable ``obj`` (generator states), in rank order."""

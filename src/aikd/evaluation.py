@@ -128,9 +128,9 @@ def penultimate_features(loaded: LoadedModel, classes: list[int], per_class: int
     subset = test.subset(torch.sort(torch.cat(picks)).values)
     loaded.model.eval()
     feats, labels = [], []
-    for images, batch_labels, _ in loaded.data.loader(train=False, split=subset):
+    for images, batch_labels, _ in loaded.data.loader(train=False, split=subset, device=loaded.device):
         images = loaded.data.to_device(images.to(loaded.device), False, None)
         _, f = loaded.model(images, return_features=True)
         feats.append(f.float().cpu())
-        labels.append(batch_labels)
+        labels.append(batch_labels.cpu())
     return torch.cat(feats), torch.cat(labels)

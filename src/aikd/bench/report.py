@@ -51,12 +51,16 @@ def step_cost_lines(steps: dict[str, Any]) -> list[str]:
              "Same model, batch and data for every method; each method is timed between two CE epochs and "
              "its ratio to their mean is the median over the rounds.", ""]
     for setting in steps["settings"]:
-        rows = [[r["method"], f"{r['ms_per_step']:.0f}", f"{r['ce_ms_per_step']:.0f}", f"{r['ratio']:.2f}x"]
-                for r in steps["rows"] if r["model"] == setting["model"]]
+        rows = [[r["method"], f"{r['ms_per_step']:.0f}", f"{r['ce_ms_per_step']:.0f}", f"{r['ratio']:.2f}x",
+                 _syncs(r.get("syncs_per_step"))] for r in steps["rows"] if r["model"] == setting["model"]]
         label = (f"{setting['model']}, {setting['channels']}x{setting['size']}x{setting['size']}, "
                  f"{setting['classes']} classes, batch {setting['batch']}, "
                  f"{setting['steps']} steps per timing, {setting['rounds']} rounds")
-        lines += [f"**{label}**", "", *pipe_table(["method", "ms / step", "CE ms / step", "vs CE"], rows, "lrrr"), ""]
+        lines += [f"**{label}**", "", *pipe_table(["method", "ms / step", "CE ms / step", "vs CE",
+                                                   "host syncs / step"], rows, "lrrrr"), ""]
+    lines += ["Host syncs per step: where a GPU would make the host wait inside a training step (`.item()`, "
+              "`nonzero`, a copy to the host), counted by src/aikd/bench/syncs.py on small_cnn, batch 8; on a "
+              "CPU BSS and AMKD read one value per attack step, which they skip on any other device.", ""]
     pairs = steps.get("pairs") or []
     if pairs:
         lines += ["### What the critic costs", "",
@@ -66,6 +70,10 @@ def step_cost_lines(steps: dict[str, Any]) -> list[str]:
                               [[p["model"], p["method"], p["reference"], f"{p['ratio']:.3f}x"] for p in pairs], "lllr"),
                   ""]
     return lines
+
+
+def _syncs(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def loader_lines(loaders: list[dict[str, Any]]) -> list[str]:

@@ -19,7 +19,16 @@ from aikd.bench.inputs import (
 )
 from aikd.bench.memory import buffer_footprint, peak_rss_ratio
 from aikd.bench.report import machine
-from aikd.bench.steps import PREACT_RESNET18, SMALL_CNN, Setting, benchmarked_methods, pair_ratios, step_costs
+from aikd.bench.steps import (
+    PREACT_RESNET18,
+    SMALL_CNN,
+    VARIANTS,
+    Setting,
+    benchmarked_methods,
+    pair_ratios,
+    step_costs,
+)
+from aikd.bench.syncs import method_syncs
 from aikd.data.readers import FASHION_MNIST_ROOT
 
 
@@ -81,6 +90,13 @@ def headline(rows: list[dict[str, Any]], settings: tuple[Setting, ...]) -> dict[
             "aikd_over_ce_time_by_model": by_model}
 
 
+def host_syncs(methods: list[str], device: str) -> dict[str, float | None]:
+    """Each method's host syncs per training step (src/aikd/bench/syncs.py); None for a compiled variant, whose
+    step is the eager one's (counting it would only add its compile time)."""
+    return {name: None if "train.compile=true" in VARIANTS.get(name, ("", []))[1]
+            else method_syncs(name, device=device)["per_step"] for name in methods}
+
+
 def run_bench(plan: BenchPlan = FULL_PLAN, log: Callable[[str], None] = _to_stderr) -> dict[str, Any]:
     """Everything ``aikd bench`` measures, in one process (memory in fresh child processes)."""
     start, host = time.perf_counter(), machine(plan.device)  # the load average before this run adds its own
@@ -91,6 +107,10 @@ def run_bench(plan: BenchPlan = FULL_PLAN, log: Callable[[str], None] = _to_stde
     for s in plan.settings:
         log(f"step costs: {s.label}, {len(methods)} methods x {s.rounds} rounds")
         rows += step_costs(s, methods, plan.device)
+    log(f"host syncs per step: {len(methods)} methods")
+    syncs = host_syncs(methods, plan.device)
+    for row in rows:
+        row["syncs_per_step"] = syncs[row["method"]]
     loaders, e2e = input_pipeline(plan, log)
     log(f"memory: peak RSS of CE and AI-KD on {plan.memory_setting.model}, each in a fresh process")
     memory = {"peak_rss": peak_rss_ratio(plan.memory_setting),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,10 @@ def teacher_checkpoint(s: Setting, folder: Path) -> Path:
     return save_checkpoint(folder / f"teacher-{s.model}.safetensors", model.state_dict(), meta)
 
 
-def build_trainer(s: Setting, name: str, teacher: Path, folder: Path, epochs: int, device: str = "cpu"):
-    """A Trainer of method (or variant) ``name`` on the synthetic data of ``s``, on ``device``.
+def build_trainer(s: Setting, name: str, teacher: Path, folder: Path, epochs: int, device: str = "cpu",
+                  overrides: Sequence[str] = ()):
+    """A Trainer of method (or variant) ``name`` on the synthetic data of ``s``, on ``device``, with config
+    ``overrides`` after the variant's own.
 
     ``epochs`` only sizes the learning-rate schedule and the methods' epoch-dependent weights; it must cover
     every epoch the caller runs so those stay in their intended range.
@@ -125,7 +128,8 @@ def build_trainer(s: Setting, name: str, teacher: Path, folder: Path, epochs: in
 
     method, extra = VARIANTS.get(name, (name, []))
     cfg = load_config(None, [f"method={method}", f"model.name={s.model}", f"data.batch_size={s.batch}",
-                             f"train.epochs={epochs}", f"teacher.checkpoint={teacher}", f"device={device}", *extra])
+                             f"train.epochs={epochs}", f"teacher.checkpoint={teacher}", f"device={device}", *extra,
+                             *overrides])
     return Trainer(cfg, folder / name, quiet=True, data=synthetic_bundle(s, cfg))
 
 

@@ -34,12 +34,30 @@ class BatchAugment:
         self.padding = padding
         self.flip = flip
         self.augment = augment
+        self._constants: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def constants(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean, std, 255 mean, 255 std) on ``device``, copied there once: a copy per batch would be a host copy
+        per step."""
+        found = self._constants.get(device)
+        if found is None:
+            found = tuple(t.to(device) for t in (self.mean, self.std, 255.0 * self.mean, 255.0 * self.std))
+            self._constants[device] = found
+        return found
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (N, C, H, W) -> float, scaled to [0, 1], standardized per channel."""
-        mean = self.mean.to(images.device)
-        scale = (255.0 * self.std).to(images.device)
-        return (images.float() - 255.0 * mean) / scale
+        _, _, shift, scale = self.constants(images.device)
+        return (images.float() - shift) / scale
+
+    def normalize_files(self, images: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) decoded from image files -> float, standardized per channel.
+
+        The ops and order of torchvision's ``ToDtype(float32, scale=True)`` and ``Normalize``, which ran in the
+        loader's workers before they sent uint8 (a quarter of the bytes), so file runs keep their numbers.
+        """
+        mean, std, _, _ = self.constants(images.device)
+        return images.float().mul_(1.0 / 255).sub_(mean).div_(std)
 
     def train(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         if self.augment:
@@ -70,9 +88,11 @@ def random_crop_flip(images: Tensor, padding: int, flip: bool,
     return padded.view(n, c, -1).gather(2, source).view(n, c, h, w)
 
 
-def file_transforms(image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                    train: bool, augment: bool, padding: int | None = None, flip: bool = True) -> v2.Compose:
-    """torchvision v2 pipelines for image files.
+def file_transforms(image_size: int, train: bool, augment: bool, padding: int | None = None,
+                    flip: bool = True) -> v2.Compose:
+    """torchvision v2 pipelines for image files, up to a uint8 (C, H, W) tensor: the loader's workers send a
+    quarter of float32's bytes, and the batch is scaled and normalized on the training device
+    (:meth:`BatchAugment.normalize_files`).
 
     Large images (fine-grained, 224 px): random resized crop + flip for
     training; resize to 1/0.875 then center crop for testing. Small images
@@ -94,5 +114,4 @@ def file_transforms(image_size: int, mean: tuple[float, ...], std: tuple[float, 
         geometry = [v2.Resize(round(image_size / 0.875), antialias=True), v2.CenterCrop(image_size)]
     else:
         geometry = [v2.Resize((image_size, image_size), antialias=True)]
-    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(list(mean), list(std))])
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToPureTensor()])

@@ -169,19 +169,33 @@ def rank_eval_sampler(num_samples: int, batch_size: int, rank: int, world_size: 
 
 
 class TensorLoader:
-    """Batches straight out of in-memory uint8 tensors: one index op per batch."""
+    """Batches straight out of in-memory uint8 tensors, which live on the training device: one index op per batch.
 
-    def __init__(self, split: ArraySplit, batch_sampler, pin_memory: bool = False) -> None:
-        self.images = split.images.pin_memory() if pin_memory else split.images
-        self.labels = split.labels
+    The whole split is copied to ``device`` once, and each epoch's batch order once at the epoch's start (from
+    pinned memory, without waiting for the device); a batch is then a slice of that order and a gather on the
+    device, so a step makes no host-to-device copy (on the CPU the same ops give the same batches).
+    """
+
+    def __init__(self, split: ArraySplit, batch_sampler, device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device or "cpu")
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
         self.batch_sampler = ResumableBatchSampler(batch_sampler)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.batch_sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[BatchTuple]:
-        for batch in self.batch_sampler:
-            idx = torch.as_tensor(batch, dtype=torch.int64)
+        batches = list(self.batch_sampler)
+        order = torch.as_tensor([i for batch in batches for i in batch], dtype=torch.int64)
+        if self.device.type == "cuda":
+            order = order.pin_memory().to(self.device, non_blocking=True)
+        else:
+            order = order.to(self.device)
+        start = 0
+        for batch in batches:
+            idx = order[start:start + len(batch)]
+            start += len(batch)
             yield self.images[idx], self.labels[idx], idx
 
     def __len__(self) -> int:
@@ -308,18 +322,18 @@ class DataBundle:
         return isinstance(self.train, ArraySplit)
 
     def loader(self, train: bool, batch_sampler=None, seed: int = 0, pin_memory: bool = False,
-               split: Split | None = None) -> TensorLoader | FileLoader:
+               split: Split | None = None, device: torch.device | str | None = None) -> TensorLoader | FileLoader:
         """A loader over one split (training or test, or ``split`` for evaluation), with the given
-        batch sampler or the default one."""
+        batch sampler or the default one; in-memory data is held on ``device`` (default: the CPU), image files
+        are read into pinned memory with ``pin_memory``."""
         split = split if split is not None else self.train if train else self.test
         if batch_sampler is None:
             size = self.loading.batch_size if train else self.loading.eval_batch_size
             batch_sampler = EpochBatchSampler(len(split), size, seed, shuffle=train)
         if isinstance(split, ArraySplit):
-            return TensorLoader(split, batch_sampler, pin_memory)
-        transform = file_transforms(self.image_size, tuple(self.augment.mean.flatten().tolist()),
-                                    tuple(self.augment.std.flatten().tolist()), train,
-                                    self.loading.file_augment, self.augment.padding, self.augment.flip)
+            return TensorLoader(split, batch_sampler, device)
+        transform = file_transforms(self.image_size, train, self.loading.file_augment, self.augment.padding,
+                                    self.augment.flip)
         workers = self.loading.num_workers
         if workers is None:  # the node's CPUs are shared by the ranks torchrun started on it
             ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -328,9 +342,10 @@ class DataBundle:
         return FileLoader(dataset, batch_sampler, workers, pin_memory)
 
     def to_device(self, images: Tensor, train: bool, generator: torch.Generator | None) -> Tensor:
-        """Finish a batch on the device: in-memory uint8 images are augmented and normalized."""
+        """Finish a batch on the device: in-memory uint8 images are augmented and normalized, image files'
+        (augmented by the loader's workers) normalized."""
         if not self.in_memory:
-            return images
+            return self.augment.normalize_files(images)
         return self.augment.train(images, generator) if train else self.augment.normalize(images)
 
 

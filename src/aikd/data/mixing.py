@@ -16,6 +16,12 @@ epoch's generator (an epoch replays exactly on resume), and a method whose
 batch is [anchors | same-class partners] (CS-KD) is mixed within each half
 with one shared ratio and box, so anchor i and partner i stay a same-label pair.
 
+The batch-wide draws (whether to mix, the ratio, CutMix's box) are made on the host, from a
+NumPy stream of their own keyed by (seed, step, rank): a decision read back from the device would
+make the host wait for it in every step (the draws of one step depend on nothing else, so a
+resumed run draws them again). The per-image draws (Cutout's centres) stay on the device, from the
+epoch's generator.
+
 The dataset index of sample i stays with position i, so buffer-based methods
 (PS-KD, AI-KD) store the prediction on the mixed image under the index of
 the image that dominates position i; see docs/methods/aikd.md.
@@ -28,8 +34,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from aikd.methods.functional import one_hot
 
 if TYPE_CHECKING:
     from aikd.data.settings import DataConfig
@@ -38,32 +45,42 @@ if TYPE_CHECKING:
 class BatchMixer:
     """Applies the configured Cutout and batch mixing to one normalized batch."""
 
-    def __init__(self, cfg: DataConfig, num_classes: int, paired: bool = False) -> None:
+    def __init__(self, cfg: DataConfig, num_classes: int, paired: bool = False, seed: int = 0) -> None:
         self.cutout = cfg.cutout
         self.mix = cfg.mix
         self.alpha = cfg.mix_alpha
         self.prob = cfg.mix_prob
         self.num_classes = num_classes
         self.paired = paired
+        self.seed = seed
 
     @property
     def active(self) -> bool:
         return self.cutout > 0 or self.mix != "none"
 
-    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    def draws(self, step: int, rank: int = 0) -> np.random.Generator:
+        """The host stream of one step's batch-wide draws on one rank (each rank mixes its own slice)."""
+        return np.random.default_rng([self.seed, step, rank, _MIXING_STREAM])
+
+    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator | None, step: int = 0,
+                 rank: int = 0) -> tuple[Tensor, Tensor]:
         """(images, class indices) -> (images, targets): targets are (N, C) when the batch was mixed."""
         if self.cutout > 0:
             images = cutout(images, self.cutout, generator)
-        if self.mix == "none" or _uniform(generator, images.device) >= self.prob:
+        host = self.draws(step, rank)
+        if self.mix == "none" or host.random() >= self.prob:
             return images, labels
-        lam = _beta(self.alpha, generator, images.device)
+        lam = float(host.beta(self.alpha, self.alpha))
         partner = neighbour_permutation(len(labels), self.paired, images.device)
         if self.mix == "mixup":
             images, lam = mixup(images, partner, lam)
         else:
-            images, lam = cutmix(images, partner, lam, generator)
-        one_hot = F.one_hot(labels, self.num_classes).to(images.dtype)
-        return images, lam * one_hot + (1 - lam) * one_hot[partner]
+            images, lam = cutmix(images, partner, lam, host)
+        targets = one_hot(labels, self.num_classes, images.dtype)
+        return images, lam * targets + (1 - lam) * targets[partner]
+
+
+_MIXING_STREAM = 0x6D6978  # keeps this stream apart from any other keyed by (seed, step, rank)
 
 
 def cutout(images: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
@@ -93,25 +110,14 @@ def mixup(images: Tensor, partner: Tensor, lam: float) -> tuple[Tensor, float]:
     return lam * images + (1 - lam) * images[partner], lam
 
 
-def cutmix(images: Tensor, partner: Tensor, lam: float,
-           generator: torch.Generator | None = None) -> tuple[Tensor, float]:
-    """Paste a box of area (1 - lam) from x[partner]; return the images and lam of the clipped box."""
+def cutmix(images: Tensor, partner: Tensor, lam: float, host: np.random.Generator) -> tuple[Tensor, float]:
+    """Paste a box of area (1 - lam) from x[partner], its centre drawn from ``host``; return the images and lam
+    of the clipped box."""
     _, _, h, w = images.shape
     cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-    cy = int(torch.randint(0, h, (1,), generator=generator, device=images.device))
-    cx = int(torch.randint(0, w, (1,), generator=generator, device=images.device))
+    cy, cx = int(host.integers(h)), int(host.integers(w))
     top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
     left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
     mixed = images.clone()
     mixed[:, :, top:bottom, left:right] = images[partner, :, top:bottom, left:right]
     return mixed, 1 - (bottom - top) * (right - left) / (h * w)
-
-
-def _uniform(generator: torch.Generator | None, device: torch.device) -> float:
-    return float(torch.rand((), generator=generator, device=device))
-
-
-def _beta(alpha: float, generator: torch.Generator | None, device: torch.device) -> float:
-    """One draw from Beta(alpha, alpha), seeded from ``generator`` (torch has no seeded Beta sampler)."""
-    seed = int(torch.randint(0, 2**62, (), generator=generator, device=device))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))

@@ -46,7 +46,7 @@ class Evaluator:
         """Sequential batches over ``split`` (this rank's block of it in a distributed run)."""
         sampler = rank_eval_sampler(len(split), self.data.loading.eval_batch_size, self.strategy.rank,
                                     self.strategy.world_size)
-        return self.data.loader(False, sampler, pin_memory=self.device.type == "cuda", split=split)
+        return self.data.loader(False, sampler, pin_memory=self.device.type == "cuda", split=split, device=self.device)
 
     def predict(self, split: Split | None = None, description: str = "eval") -> tuple[Tensor, Tensor]:
         """(logits, labels) of the model as it is now on a whole split (default: the test split), on the CPU."""

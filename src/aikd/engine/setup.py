@@ -73,7 +73,7 @@ class RunParts:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         if self.mixer.active:
-            images, labels = self.mixer(images, labels, generator)
+            images, labels = self.mixer(images, labels, generator, step, self.strategy.rank)
         return Batch(images, labels, indices.to(self.device, non_blocking=True), epoch, step)
 
 
@@ -102,7 +102,7 @@ def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
     sampler = rank_train_sampler(method.batch_sampler(cfg.data.batch_size, cfg.seed), len(data.train),
                                  cfg.data.batch_size, cfg.seed, method.paired_batches, strategy.rank,
                                  strategy.world_size)
-    train_loader = data.loader(True, sampler, seed=cfg.seed, pin_memory=pin)
+    train_loader = data.loader(True, sampler, seed=cfg.seed, pin_memory=pin, device=device)
     train_model = strategy.wrap(model, device)
     if cfg.train.compile:
         train_model = CompiledOrEager(train_model)
@@ -111,7 +111,7 @@ def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
     return RunParts(
         seed=cfg.seed, epochs=cfg.train.epochs, strategy=strategy, device=device, amp_dtype=amp_dtype,
         channels_last=channels_last, data=data, model=model, method=method,
-        mixer=BatchMixer(cfg.data, data.num_classes, paired=method.paired_batches),
+        mixer=BatchMixer(cfg.data, data.num_classes, paired=method.paired_batches, seed=cfg.seed),
         train_loader=train_loader, train_model=train_model, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.train, len(train_loader)),
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
@@ -145,7 +145,8 @@ def _build_method(cfg: RunConfig, data: DataBundle, model: nn.Module, strategy: 
     ctx = MethodContext(num_classes=data.num_classes, num_train=len(data.train), epochs=cfg.train.epochs,
                         device=device, train_labels=data.train.labels, teacher=teacher,
                         steps_per_epoch=len(EpochBatchSampler(len(data.train), cfg.data.batch_size)),
-                        student=model, strategy=strategy, compile=cfg.train.compile)
+                        student=model, strategy=strategy, compile=cfg.train.compile,
+                        step_rows=(2 if method_cls.paired_batches else 1) * cfg.data.batch_size // strategy.world_size)
     return method_cls(cfg.method_config(), ctx).to(device)
 
 

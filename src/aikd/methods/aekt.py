@@ -42,7 +42,7 @@ from aikd.methods.base import (
     register_method,
 )
 from aikd.methods.dkd import binary_split, dkd_warmup
-from aikd.methods.functional import kl_per_sample
+from aikd.methods.functional import kl_per_sample, one_hot
 
 ExplicitWeight = Literal["one", "teacher", "gap", "ratio"]
 ImplicitWeight = Literal["one", "teacher_nontarget"]
@@ -73,7 +73,7 @@ def aekt_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, t
                explicit: ExplicitWeight = "gap", implicit: ImplicitWeight = "one") -> tuple[Tensor, Tensor]:
     """(mean w_E TCKD, mean w_I NCKD), both times T^2, on the distillation logits."""
     t = temperature
-    mask = F.one_hot(labels, student_logits.shape[1]).float()
+    mask = one_hot(labels, student_logits.shape[1])
     p_s, p_t = F.softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1)
     tckd = kl_per_sample(binary_split(p_t, mask), binary_split(p_s, mask).clamp_min(1e-30).log())
     nckd = kl_per_sample(F.softmax(teacher_logits / t - 1000.0 * mask, dim=1),

@@ -44,7 +44,7 @@ from aikd.methods.base import (
 )
 from aikd.methods.buffer import PredictionBuffer
 from aikd.methods.critic import Adversary, Critic
-from aikd.methods.functional import distillation_kl, kl_rows_at
+from aikd.methods.functional import distillation_kl, kl_rows_at, one_hot
 from aikd.methods.previous import BufferPrevious, SnapshotPrevious
 from aikd.methods.superior import EMASuperior, MilestoneSuperior, PretrainedSuperior
 from aikd.strategy import Strategy
@@ -94,8 +94,8 @@ def progressive_term(logits: Tensor, targets: Tensor, previous: Tensor | None, f
     prediction yet: with ``first_epoch="label"`` their target is the label itself (PS-KD's epoch-0 rule:
     T^2 KL(q || p_t) is T^2 CE at T = 1); with ``"skip"`` they add nothing and the mean is over the batch."""
     if first_epoch == "label":
-        one_hot = targets if targets.ndim == 2 else F.one_hot(targets, logits.shape[1])
-        label_logits = torch.log(one_hot.float().clamp_min(1e-12)) * temperature
+        q = targets if targets.ndim == 2 else one_hot(targets, logits.shape[1])
+        label_logits = torch.log(q.float().clamp_min(1e-12)) * temperature
         if previous is None:
             previous = label_logits
         elif filled is not None:
@@ -242,7 +242,7 @@ class AIKD(Method):
 
     def _previous_source(self) -> BufferPrevious | SnapshotPrevious:
         if self.hparams.prev == "buffer":
-            return BufferPrevious(self.ctx.num_train, self.ctx.num_classes, self.ctx.strategy.gather_rows)
+            return BufferPrevious(self.ctx.num_train, self.ctx.num_classes, self.ctx.gather_step_rows)
         return SnapshotPrevious(self._student("aikd.prev=snapshot"))
 
     def _superior_source(self) -> PretrainedSuperior | EMASuperior | MilestoneSuperior:

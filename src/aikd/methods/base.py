@@ -86,6 +86,14 @@ class MethodContext:
     student: nn.Module | None = None  # the bare student (no DDP or compile wrapper), on ``device``
     strategy: Strategy = field(default_factory=SingleProcess)  # the run's processes (aikd.distributed)
     compile: bool = False  # train.compile: a method may compile its own steps too (AI-KD's critic)
+    step_rows: int | None = None  # the most samples one process's step holds (its share of the batch), if known
+
+    def gather_step_rows(self, tensor: Tensor) -> Tensor:
+        """Every process's rows of one training step (a prediction buffer's write), in rank order; with
+        ``step_rows`` known, without exchanging row counts first, so the host never waits for them. Each
+        process's part is then padded with copies of its first row: written by index, a copy stores the
+        same value twice."""
+        return self.strategy.gather_rows(tensor, rows=self.step_rows)
 
 
 class Method(nn.Module):

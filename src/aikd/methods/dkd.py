@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aikd.methods.base import Batch, Method, StepOutput, hard_labels, non_negative, positive, register_method
-from aikd.methods.functional import kl_from_probs
+from aikd.methods.functional import kl_from_probs, one_hot
 
 
 def binary_split(probs: Tensor, target_mask: Tensor) -> Tensor:
@@ -28,7 +28,7 @@ def binary_split(probs: Tensor, target_mask: Tensor) -> Tensor:
 
 def tckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """Target-class KD: KL between the binary target / non-target distributions, times T^2."""
-    mask = F.one_hot(labels, student_logits.shape[1]).float()
+    mask = one_hot(labels, student_logits.shape[1])
     b_s = binary_split(F.softmax(student_logits / temperature, dim=1), mask)
     b_t = binary_split(F.softmax(teacher_logits / temperature, dim=1), mask)
     return temperature**2 * kl_from_probs(b_t, b_s.clamp_min(1e-30).log())
@@ -36,7 +36,7 @@ def tckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, te
 
 def nckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """Non-target-class KD: KL among the non-target classes (target logit pushed down by 1000), times T^2."""
-    mask = F.one_hot(labels, student_logits.shape[1]).float()
+    mask = one_hot(labels, student_logits.shape[1])
     # mdistiller masks after the division, so the target logit is always 1000 below the others.
     p_t = F.softmax(teacher_logits / temperature - 1000.0 * mask, dim=1)
     log_p_s = F.log_softmax(student_logits / temperature - 1000.0 * mask, dim=1)

@@ -7,6 +7,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(N,) class indices -> (N, C) one-hot rows of ``dtype``.
+
+    Not ``F.one_hot``: on the CPU it checks the labels' range with two ``.item()`` calls, which a host-sync
+    count (src/aikd/bench/syncs.py) cannot tell from a GPU's; a scatter has no such check on any device.
+    """
+    rows = torch.zeros(labels.shape[0], num_classes, dtype=dtype, device=labels.device)
+    return rows.scatter_(1, labels.unsqueeze(1), 1)
+
+
 def distillation_kl(target_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
     """T^2 KL(p(target; T) || p(student; T)), summed over classes, mean over the batch.
 

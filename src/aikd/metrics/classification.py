@@ -69,10 +69,10 @@ def predict(model: torch.nn.Module, loader, prepare, device: torch.device, progr
             images = prepare(images.to(device, non_blocking=True))
             with torch.autocast(device.type, enabled=False):
                 logits = model(images)
-            all_logits.append(logits.float().cpu())
-            all_labels.append(labels.cpu())
+            all_logits.append(logits.float())  # kept on the device: one copy to the host at the end, not
+            all_labels.append(labels)  # one per batch, each of which would wait for the device
             if progress is not None:
                 progress.update(1)
     finally:
         model.train(was_training)
-    return torch.cat(all_logits), torch.cat(all_labels)
+    return torch.cat(all_logits).cpu(), torch.cat([labels.to(device) for labels in all_labels]).cpu()
