@@ -113,7 +113,7 @@ def test_rows_are_named_and_placed_by_the_methods_from_the_runs_settings(tmp_pat
     text = render(paper_tables(collect_runs(tmp_path)[0]), "md")
     table2, table4 = text.split("### Table 3")[0], text.split("### Table 4")[1].split("### Table 4 steps")[0]
     names = [line.split(" | ")[0].removeprefix("| ") for line in table2.splitlines()[4:] if line.startswith("|")]
-    assert names == ["Baseline", "KD", "AI-KD", "AI-KD (aikd_again)"]  # the methods' table_row, then by recipe
+    assert names == ["Baseline", "KD", "AI-KD", "AI-KD (aikd_again)"]  # aikd.methods.TABLE_ORDER, then by recipe
     assert "| No Adv |" in table4 and "No Adv" not in table2
 
 
@@ -470,8 +470,10 @@ def _run_on_subset(root: Path, recipe: str, method: str, seed: int, subset: int,
 
 
 def test_table4_steps_pair_by_seed_and_subset_and_give_the_papers_verdict(tmp_path):
+    from aikd.methods import METHODS
     from aikd.report.paper import steps_table
 
+    aikd = METHODS.get("aikd")  # the steps are AI-KD's (AIKD.ablation), the report's for any method declaring some
     # Seeds 0-2 on subset 0, seeds 5-6 each on its own subset; seed 0 also on subset 9 (a different draw).
     no_adv = {(0, 0): 10.0, (1, 0): 11.0, (2, 0): 12.0, (5, 5): 10.0, (6, 6): 13.0, (0, 9): 50.0}
     gains = {(0, 0): -0.5, (1, 0): -0.7, (2, 0): -0.6, (5, 5): -0.4, (6, 6): -0.8, (0, 9): +9.0}
@@ -483,7 +485,7 @@ def test_table4_steps_pair_by_seed_and_subset_and_give_the_papers_verdict(tmp_pa
             _run_on_subset(tmp_path, "aikd", "aikd", seed, subset, no_adv[(seed, subset)] + gain)
     runs, duplicates = collect_runs(tmp_path)
     assert duplicates == 0 and len(runs) == 17  # seed 0 on two subsets: two runs, not a duplicate
-    table = steps_table(runs)
+    table = steps_table(runs, aikd)
     assert table.groups == ["d / m, subset 0", "d / m, other subsets", "d / m, all draws"]
     row = table.cells[table.row_names.index("AI-KD - No Adv")]
     # Subset 0: -0.5, -0.7, -0.6 -> mean -0.6, sd 0.1, t(0.975, 2) = 4.303: half-width 0.248.
@@ -500,7 +502,7 @@ def test_table4_steps_pair_by_seed_and_subset_and_give_the_papers_verdict(tmp_pa
     flipped = [r for r in runs if r.recipe != "aikd"] + [
         replace(r, metrics={**r.metrics, "top1_err": 2 * no_adv[r.draw] - r.metrics["top1_err"]})
         for r in runs if r.recipe == "aikd"]
-    assert "contradicted (n = 5, half-width 0.20)" in "\n".join(steps_table(flipped).notes)
+    assert "contradicted (n = 5, half-width 0.20)" in "\n".join(steps_table(flipped, aikd).notes)
 
 
 @pytest.mark.parametrize(("value", "why"), [("12.5", "not a number"), (float("nan"), "not a finite number"),

@@ -106,7 +106,7 @@ class AEKTConfig:
 
 @register_method("aekt", AEKTConfig)
 class AEKT(Method):
-    label, table_row = "AEKT", 8
+    label = "AEKT"
 
     requires_teacher = True
 

@@ -73,7 +73,7 @@ class AMKDConfig(BSSConfig):
 class AMKD(BSS):
     """BSS plus a triplet loss on the boundary samples."""
 
-    label, table_row = "AMKD", 10
+    label = "AMKD"
 
     @classmethod
     def loss_terms(cls, hparams: AMKDConfig) -> set[str]:

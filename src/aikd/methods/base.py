@@ -96,6 +96,34 @@ class MethodContext:
         return self.strategy.gather_rows(tensor, rows=self.step_rows)
 
 
+AblationStep = tuple[str, str, float | None]  # (recipe, reference recipe, the paper's difference in Top-1 error)
+
+
+@dataclass(frozen=True)
+class LossAblation:
+    """A method's ablation of its own loss terms: a table of its own in ``aikd report`` (AI-KD's Table 4).
+
+    Opted into by the method (``Method.ablation``), since which terms make an ablation, and the
+    paper's claims about them, are the method's: the report holds no method's specifics. The table has
+    a check column per term, and a row per recipe of the method or of a ``references`` method (whose
+    runs have every term off: CE is AI-KD's Baseline row); its notes compare the rows' order of mean
+    Top-1 error with the paper's. The steps table pairs neighbouring rows seed by seed.
+    """
+
+    table: str  # the table's name in the report ("Table 4")
+    terms: tuple[str, ...]  # the loss terms switched (as loss_terms() names them), one column each
+    columns: tuple[str, ...]  # their columns' headers
+    references: tuple[str, ...] = ()  # other methods whose runs are rows with every term off
+    paper_order: tuple[str, ...] = ()  # row names by the paper's mean Top-1 error, best first
+    # Differences between rows as the paper states them; a None difference is not in the paper, and the
+    # method's claim is that the recipe's error is lower.
+    steps: tuple[AblationStep, ...] = ()
+
+    def switches(self, terms: set[str] | frozenset[str]) -> tuple[bool, ...]:
+        """Which of the ablated terms a run with these loss terms trained with, in column order."""
+        return tuple(term in terms for term in self.terms)
+
+
 class Method(nn.Module):
     """Base class: subclasses implement :meth:`training_step`."""
 
@@ -106,11 +134,19 @@ class Method(nn.Module):
     teacher_same_architecture: ClassVar[bool] = False
     # Batches are [anchors | partners] with partner i tied to anchor i (CS-KD): mixing keeps the pairs.
     paired_batches: ClassVar[bool] = False
-    # How reports (aikd report) show the method: its name in the paper's tables, and its place among their rows
-    # (methods without a place follow, by name). A method with named settings (AI-KD's ablations) overrides
-    # report_row().
+    # What aikd report reads from the class, and nothing else about the method (its rows' order among the
+    # methods is aikd.methods.TABLE_ORDER, where a method not listed follows the listed ones by name):
+    # - label: the method's row name in the tables (default: its registered name); report_row() names and
+    #   places the rows of its settings (AI-KD's ablations) and is_ablation() keeps a setting out of Tables 2-3;
+    # - recipe_rows: recipes that are a length of training, not a setting (recipe -> (place, row name));
+    # - loss_terms(): the terms its runs trained with (tests/test_meta_device.py holds them to the step's);
+    # - ablation: a table of its own that switches its loss terms on and off (AI-KD's Table 4), or None;
+    # - calibration_figure: its own recipe (named after it) is drawn also after temperature scaling in the
+    #   reliability figures (AI-KD's, as in the paper's Figures 4-5).
     label: ClassVar[str] = ""
-    table_row: ClassVar[int] = 1000
+    recipe_rows: ClassVar[dict[str, tuple[int, str]]] = {}
+    ablation: ClassVar[LossAblation | None] = None
+    calibration_figure: ClassVar[bool] = False
 
     def __init__(self, hparams: Any, ctx: MethodContext) -> None:
         super().__init__()
@@ -124,7 +160,9 @@ class Method(nn.Module):
 
     @classmethod
     def loss_terms(cls, hparams: Any) -> set[str]:
-        """The names of the loss terms a step with these settings returns (logged as loss.<name>)."""
+        """The names of the loss terms a step with these settings returns once all its parts are on (an in-run
+        superior model may switch some on later; no step returns others), logged as loss.<name>. The default
+        is a method whose only term is CE's; tests/test_meta_device.py checks every registered method's."""
         return {"ce"}
 
     @classmethod

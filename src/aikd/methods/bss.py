@@ -155,7 +155,7 @@ class BSSConfig:
 
 @register_method("bss", BSSConfig)
 class BSS(Method):
-    label, table_row = "BSS", 9
+    label = "BSS"
 
     requires_teacher = True
 

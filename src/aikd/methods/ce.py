@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -12,7 +14,9 @@ from aikd.methods.base import Batch, Method, StepOutput, register_method
 class CrossEntropy(Method):
     """Cross-entropy with the label (or a mixed soft label)."""
 
-    label, table_row = "Baseline", 0
+    label = "Baseline"
+    # Plain training twice as long: AI-KD's cost in epochs (phase 1 and 2), given to CE (``ce_equal_compute.yaml``).
+    recipe_rows: ClassVar[dict[str, tuple[int, str]]] = {"ce_equal_compute": (1, "CE, equal compute")}
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         logits = model(batch.images)

@@ -78,7 +78,7 @@ class CSKDConfig:
 
 @register_method("cskd", CSKDConfig)
 class CSKD(Method):
-    label, table_row = "CS-KD", 5
+    label = "CS-KD"
 
     paired_batches = True
 

@@ -63,7 +63,7 @@ class DKDConfig:
 
 @register_method("dkd", DKDConfig)
 class DKD(Method):
-    label, table_row = "DKD", 7
+    label = "DKD"
 
     requires_teacher = True
 

@@ -39,7 +39,7 @@ class KDConfig:
 class KD(Method):
     """Teacher-student KD; the teacher is frozen and runs under no_grad."""
 
-    label, table_row = "KD", 2
+    label = "KD"
 
     requires_teacher = True
 

@@ -47,7 +47,7 @@ class PSKDConfig:
 
 @register_method("pskd", PSKDConfig)
 class PSKD(Method):
-    label, table_row = "PS-KD", 6
+    label = "PS-KD"
 
     def __init__(self, hparams: PSKDConfig, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)

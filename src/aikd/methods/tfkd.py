@@ -57,7 +57,7 @@ def tf_self_kd(teacher_logits: Tensor, student_logits: Tensor, temperature: floa
 class TFKDSelf(Method):
     """Distillation from a pre-trained copy of the same architecture."""
 
-    label, table_row = "TF-KD (self)", 3
+    label = "TF-KD (self)"
 
     requires_teacher = True
     teacher_same_architecture = True
@@ -106,7 +106,7 @@ class TFKDRegConfig:
 class TFKDReg(Method):
     """Label-smoothing-like regularization with a virtual teacher: no pre-trained model."""
 
-    label, table_row = "TF-KD (reg)", 4
+    label = "TF-KD (reg)"
 
     @classmethod
     def loss_terms(cls, hparams: TFKDRegConfig) -> set[str]:

@@ -2,7 +2,8 @@
 
 * Table 2: methods x (dataset, model), Top-1 error and macro F1;
 * Table 3: Top-5 error, ECE, and ECE after temperature scaling;
-* Table 4: the AI-KD ablation (which of L_G, L_P, L_A are on) with Top-1 error;
+* a method's own ablation of its loss terms, if it declares one (``Method.ablation``: AI-KD's Table 4,
+  which of L_G, L_P, L_A are on) with Top-1 error, and its steps between rows as paired differences;
 * paired differences to the Baseline: per-seed differences with a 95 % Student t
   interval (:mod:`aikd.report.stats`), starred where the interval excludes 0;
 * the training cost: wall time, phase 1 included, over the Baseline's on the same seed.
@@ -12,7 +13,8 @@ the best mean is bold and the second best underlined (lower is better, except
 macro F1), compared at the printed precision so equal-looking cells get equal
 marks. Rows are recipes: a config file's name without the model suffix
 (``aikd_no_adv_preact_resnet18.yaml`` -> ``aikd_no_adv``), named and ordered as their methods say
-(``Method.label``, ``table_row``, ``report_row``).
+(``aikd.methods.TABLE_ORDER``, ``Method.label``, ``recipe_rows``, ``report_row``). Everything the report
+shows about a method it reads from the method's registered class; it names no method but the Baseline.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aikd.errors import AikdError
 from aikd.report.stats import paired_difference
@@ -35,11 +37,14 @@ from aikd.report.summaries import mean_std
 from aikd.report.tables import pipe_table
 from aikd.run_files import read_saved_config, read_summary, teacher_path
 
-# Recipes that are not a setting of their method but a length of training: (place after the method's rows, name).
-RECIPE_ROWS = {"ce_equal_compute": (1, "CE, equal compute")}
-
+if TYPE_CHECKING:  # the report imports the methods (torch) only when it reads runs
+    from aikd.methods import Method
 
 DATASET_ORDER = ("cifar100", "tiny-imagenet", "cub200", "stanford-dogs", "mit67", "fgvc-aircraft", "fashion-mnist")
+
+
+# A row's sort key and name: the method's aikd.methods.table_rank (two values), the place among its rows, the name.
+RowKey = tuple[int, str, int, str]
 
 
 @dataclass
@@ -52,11 +57,12 @@ class Run:
     model: str
     seed: int
     metrics: dict[str, Any]
-    losses: tuple[bool, bool, bool] | None  # AI-KD's (L_G, L_P, L_A) switches; None for other methods
+    terms: frozenset[str] | None  # the loss terms it trained with (Method.loss_terms); None: method unknown
     folder: Path
     subset: int = 0  # data.subset_seed: which draw of the training images
-    row: tuple[int, int, str] = (1000, 0, "")  # (method's table_row, place among its rows, row name): from the method
+    row: RowKey = (0, "", 0, "")  # its row's place and name in the tables: from its method (MethodFacts.row)
     ablation: bool = False  # a setting that switches parts of its method off (AI-KD's Table 4 rows)
+    calibration_figure: bool = False  # drawn also after temperature scaling (Method.calibration_figure)
 
     @property
     def draw(self) -> tuple[int, int]:
@@ -166,8 +172,9 @@ def _read_run(path: Path, root: Path) -> Run:
     config = _saved_config(path.parent / "config.yaml")
     subset = int((config.get("data") or {}).get("subset_seed") or 0)
     recipe = summary.get("recipe") or method
-    switches, row, ablation = _method_facts(config, method, recipe)
-    return Run(recipe, method, dataset, model, seed, summary, switches, path.parent, subset, row, ablation)
+    facts = _method_facts(config, method, recipe)
+    return Run(recipe, method, dataset, model, seed, summary, facts.terms, path.parent, subset, facts.row,
+               facts.ablation, facts.calibration_figure)
 
 
 ALWAYS_MEASURED = ("top1_err", "top5_err", "macro_f1", "ece", "nll")  # null only in a damaged summary
@@ -221,17 +228,24 @@ def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
     return None
 
 
-TABLE4_TERMS = ("guide", "prev", "adv")  # the paper's Table 4 columns: L_G, L_P, L_A
+@dataclass(frozen=True)
+class MethodFacts:
+    """What a run's method says about the run's saved settings."""
+
+    terms: frozenset[str] | None  # the loss terms it trained with; None when the method or settings are unknown
+    row: RowKey  # its row: the method's place among methods, the row's among the method's, the row's name
+    ablation: bool = False  # Method.is_ablation: shown in the method's ablation table only
+    calibration_figure: bool = False  # the method's own recipe, with Method.calibration_figure
 
 
-def _method_facts(config: dict[str, Any], method: str, recipe: str
-                  ) -> tuple[tuple[bool, bool, bool] | None, tuple[int, int, str], bool]:
-    """What the run's method says about its saved settings: which of Table 4's loss terms it trained with (as
-    ``Method.loss_terms`` names them; None for a method whose terms are not Table 4's), its row in the tables
-    (``Method.report_row``, and a grid point's settings in brackets) and whether it is an ablation."""
+def _method_facts(config: dict[str, Any], method: str, recipe: str) -> MethodFacts:
+    """What the run's method says about its saved settings: the loss terms it trained with
+    (``Method.loss_terms``), its row in the tables (``table_rank``, ``Method.recipe_rows`` or
+    ``Method.report_row``, and a grid point's settings in brackets), whether it is an ablation, and whether
+    its reliability curve is drawn after temperature scaling too."""
     from aikd.config import from_dict
     from aikd.errors import ConfigError
-    from aikd.methods import METHODS
+    from aikd.methods import METHODS, table_rank
 
     base, bracket, variant = recipe.partition("[")
     grid = f" [{variant}" if bracket else ""
@@ -239,11 +253,10 @@ def _method_facts(config: dict[str, Any], method: str, recipe: str
         method_cls = METHODS.get(method)
         hparams = from_dict({**(config or {}), "method": method}, source="saved config").method_config()
     except ConfigError:  # a method no longer known, or a config that no longer validates: named by its recipe
-        return None, (1000, 0, recipe), False
-    place, name = RECIPE_ROWS.get(base) or method_cls.report_row(hparams)
-    terms = method_cls.loss_terms(hparams)
-    switches = tuple(term in terms for term in TABLE4_TERMS) if terms <= {"ce", *TABLE4_TERMS} else None
-    return switches, (method_cls.table_row, place, name + grid), method_cls.is_ablation(hparams)
+        return MethodFacts(None, (*table_rank(method), 0, recipe))
+    place, name = method_cls.recipe_rows.get(base) or method_cls.report_row(hparams)
+    return MethodFacts(frozenset(method_cls.loss_terms(hparams)), (*table_rank(method), place, name + grid),
+                       method_cls.is_ablation(hparams), method_cls.calibration_figure and recipe == method)
 
 
 # ---------------------------------------------------------------------------- building tables
@@ -270,10 +283,10 @@ class Rows:
         facts = {}
         for run in runs:
             facts.setdefault(run.recipe, run.row)
-        self._order = sorted(facts, key=lambda recipe: ("[" in recipe, *facts[recipe][:2], recipe))
+        self._order = sorted(facts, key=lambda recipe: ("[" in recipe, *facts[recipe][:3], recipe))
         self._names: dict[str, str] = {}
         for recipe in self._order:
-            name = facts[recipe][2]
+            name = facts[recipe][3]
             self._names[recipe] = f"{name} ({recipe})" if name in self._names.values() else name
 
     def label(self, recipe: str) -> str:
@@ -411,34 +424,21 @@ def _paired_cell(mine: dict[int, float], base: dict[int, float], metric: Metric)
                 n=diff.n, interval=interval)
 
 
-PAPER_ABLATION_ORDER = ("AI-KD", "No Adv", "Only Progressive", "Only Guide", "Baseline")  # CIFAR-100, Table 4
-
-
-def ablation_order_notes(table: Table) -> list[str]:
-    """Per column: the rows of the paper's Table 4 sorted by mean Top-1 error, and whether the paper's order holds."""
+def ablation_order_notes(table: Table, paper_order: Sequence[str]) -> list[str]:
+    """Per column: the rows the paper ranks (``paper_order``, best first) sorted by mean Top-1 error, and whether
+    the paper's order holds."""
     notes = []
     for col, group in enumerate(table.groups):
         means = {name: row[col].mean for name, row in zip(table.row_names, table.cells, strict=True)
-                 if name in PAPER_ABLATION_ORDER and row[col].mean is not None}
+                 if name in paper_order and row[col].mean is not None}
         if len(means) < 2:
             continue
         ours = sorted(means, key=lambda name: means[name])
-        paper = [name for name in PAPER_ABLATION_ORDER if name in means]
+        paper = [name for name in paper_order if name in means]
         verdict = "holds" if ours == paper else "does not hold"
         ranked = " < ".join(f"{name} {means[name]:.2f}" for name in ours)
         notes.append(f"{group}: {ranked}. The paper's order ({' < '.join(paper)}) {verdict}.")
     return notes
-
-
-# The paper's Table 4 as steps between neighbouring rows: (method, reference, the paper's difference in Top-1
-# error on CIFAR-100). AI-KD against CE trained as long is not in the paper; its claim implies a negative sign.
-TABLE4_STEPS: tuple[tuple[str, str, float | None], ...] = (
-    ("aikd", "aikd_no_adv", 19.87 - 20.34),
-    ("aikd_no_adv", "aikd_only_progressive", 20.34 - 21.26),
-    ("aikd_no_adv", "aikd_only_guide", 20.34 - 22.17),
-    ("aikd_only_guide", "ce", 22.17 - 23.97),
-    ("aikd", "ce_equal_compute", None),
-)
 
 
 def _draw_groups(runs: Sequence[Run]) -> list[tuple[str, Callable[[tuple[int, int]], bool]]]:
@@ -451,10 +451,12 @@ def _draw_groups(runs: Sequence[Run]) -> list[tuple[str, Callable[[tuple[int, in
     return [("subset 0", lambda draw: draw[1] == 0), ("other subsets", lambda draw: draw[1] != 0), every]
 
 
-def steps_table(runs: Sequence[Run], metric: Metric = TOP1) -> Table:
-    """The paper's Table 4 steps as paired differences (method - reference over the same seed and subset), and
-    for each a verdict on the paper's sign from the interval over every draw: confirmed, contradicted, or
-    unresolved with the interval's half-width."""
+def steps_table(runs: Sequence[Run], owner: type[Method], metric: Metric = TOP1) -> Table:
+    """The steps of ``owner``'s ablation (AI-KD's Table 4) as paired differences (recipe - reference over the same
+    seed and subset), and for each a verdict on the paper's sign from the interval over every draw: confirmed,
+    contradicted, or unresolved with the interval's half-width; a step not in the paper is held to the method's
+    claim, a negative sign."""
+    ablation = owner.ablation
     rows = Rows(runs)
     values: dict[tuple, dict[tuple[int, int], float]] = defaultdict(dict)
     for r in runs:
@@ -462,10 +464,10 @@ def steps_table(runs: Sequence[Run], metric: Metric = TOP1) -> Table:
             values[(r.recipe, r.dataset, r.model)][r.draw] = r.metrics[metric.key]
     draws = _draw_groups(runs)
     groups = [(g, d) for g in _group_order(runs) for d in draws]
-    table = Table(f"Table 4 steps: {metric.title}, method - reference over the same seed and subset, "
+    table = Table(f"{ablation.table} steps: {metric.title}, method - reference over the same seed and subset, "
                   f"mean [95 % CI], * excludes 0", [f"{_group_name(*g)}, {name}" for g, (name, _) in groups],
                   [metric])
-    for method, reference, paper in TABLE4_STEPS:
+    for method, reference, paper in ablation.steps:
         row, verdicts = [], []
         for (dataset, model), (draw_name, keep) in groups:
             mine = {d: v for d, v in values.get((method, dataset, model), {}).items() if keep(d)}
@@ -481,7 +483,7 @@ def steps_table(runs: Sequence[Run], metric: Metric = TOP1) -> Table:
         name = f"{rows.label(method)} - {rows.label(reference)}"
         table.row_names.append(name)
         table.cells.append(row)
-        paper_text = f"paper {paper:+.2f}" if paper is not None else "not in the paper; AI-KD's claim: < 0"
+        paper_text = f"paper {paper:+.2f}" if paper is not None else f"not in the paper; {owner.label}'s claim: < 0"
         table.notes.append(f"{name} ({paper_text}): {'; '.join(verdicts)}.")
     return table
 
@@ -498,29 +500,47 @@ def _verdict(diff, paper: float | None) -> str:
 
 
 def paper_tables(runs: Sequence[Run]) -> list[Table]:
-    """Tables 2, 3 and 4 of the paper for whatever runs there are (empty tables are left out)."""
-    rows = Rows(runs)
+    """Tables 2 and 3 of the paper, the ablation tables of the methods that declare one (AI-KD's Table 4), the
+    paired differences and the cost, for whatever runs there are (empty tables are left out)."""
     tables = [
         build_table("Table 2: Top-1 error (%) and macro F1", runs, [TOP1, MACRO_F1], lambda r: not r.ablation),
         build_table("Table 3: Top-5 error (%), ECE (%), ECE after temperature scaling, NLL, and the final epoch's "
                     "training accuracy (%, not ranked)", runs, [TOP5, ECE, ECE_TS, NLL, TRAIN_ACC],
                     lambda r: not r.ablation),
     ]
-    ablation = build_table("Table 4: AI-KD ablation, Top-1 error (%)", runs, [TOP1],
-                           lambda r: r.losses is not None)  # CE and AI-KD runs carry switches
-    if any(r.method == "aikd" for r in runs):
-        switches = {rows.label(r.recipe): r.losses for r in runs if r.losses is not None}
-        ablation.lead = ["L_G", "L_P", "L_A"]
-        ablation.lead_cells = [["✓" if on else "" for on in switches[name]] for name in ablation.row_names]
-        ablation.notes = ablation_order_notes(ablation)
-        tables.append(ablation)
-        tables.append(steps_table(runs))
+    for owner in _ablation_owners(runs):
+        tables += [ablation_table(runs, owner), steps_table(runs, owner)]
     if any(r.recipe == BASELINE for r in runs):
         tables.append(paired_table(runs))
         cost = cost_table(runs)
         if any(cell.n for row in cost.cells for cell in row):  # summaries without wall times: no such table
             tables.append(cost)
     return [t for t in tables if t.row_names]
+
+
+def _ablation_owners(runs: Sequence[Run]) -> list[type[Method]]:
+    """The registered methods of these runs that declare an ablation table (``Method.ablation``), in table order."""
+    from aikd.methods import METHODS, table_rank
+
+    names = sorted({r.method for r in runs if r.method in METHODS}, key=table_rank)
+    return [cls for cls in map(METHODS.get, names) if cls.ablation is not None]
+
+
+def ablation_table(runs: Sequence[Run], owner: type[Method]) -> Table:
+    """``owner``'s ablation (AI-KD's Table 4): its runs and its reference methods' (CE: every term off), with Top-1
+    error, a check column per ablated term, and notes on the paper's order of the rows."""
+    ablation = owner.ablation
+    rows = Rows(runs)
+
+    def member(run: Run) -> bool:
+        return run.terms is not None and (run.method == owner.name or run.method in ablation.references)
+
+    table = build_table(f"{ablation.table}: {owner.label} ablation, Top-1 error (%)", runs, [TOP1], member)
+    switches = {rows.label(r.recipe): ablation.switches(r.terms) for r in runs if member(r)}
+    table.lead = list(ablation.columns)
+    table.lead_cells = [["✓" if on else "" for on in switches[name]] for name in table.row_names]
+    table.notes = ablation_order_notes(table, ablation.paper_order)
+    return table
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -596,7 +616,8 @@ def reliability_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
     """One reliability diagram per (dataset, model), like the paper's Figures 4-5.
 
     Each recipe with calibrated runs is one line (its test-set bins pooled over
-    seeds); AI-KD also gets its line after temperature scaling.
+    seeds); a method with ``calibration_figure`` (AI-KD) also gets its own recipe's line after temperature
+    scaling.
     """
     from aikd.metrics.calibration import ReliabilityBins
     from aikd.metrics.reliability import reliability_diagram
@@ -610,7 +631,7 @@ def reliability_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
         data = json.loads(path.read_text())
         curves = pooled[(run.dataset, run.model)]
         row = rows.label(run.recipe)
-        entries = [(row, data["raw"])] + ([(f"{row} + TS", data["ts"])] if run.recipe == "aikd" else [])
+        entries = [(row, data["raw"])] + ([(f"{row} + TS", data["ts"])] if run.calibration_figure else [])
         for name, bins in entries:
             bins = ReliabilityBins.from_dict(bins)
             curves[name] = curves[name] + bins if name in curves else bins
