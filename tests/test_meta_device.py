@@ -9,7 +9,9 @@ the host wait for the device, or fails. Each method is built as the engine build
 process) and runs what the loop runs (src/aikd/engine/loop.py): the training step, the guard's
 record, the critic's step (``update_auxiliary``), backward and the optimizer step, the buffer and
 EMA writes (``on_step_end``), the epoch hooks and the epoch's sums; then evaluation's forward, and
-``state_dict`` / ``load_state_dict`` into a method built afresh. Two epochs of two steps cover each
+``state_dict`` / ``load_state_dict`` into a method built afresh. The loss terms of every step are held to
+the ones the method declares (``Method.loss_terms``, what ``aikd report`` reads), for every registered
+method, so the two cannot disagree unseen. Two epochs of two steps cover each
 source's switch (the snapshot from epoch 1, the in-run superior models from epoch 1 of 2, BSS's attack
 in epoch 0 only) and both of the critic's Adam paths (its first ``step()``, then the fused kernel).
 
@@ -46,7 +48,7 @@ from aikd.config import TrainConfig
 from aikd.engine.guards import NonFiniteWatch
 from aikd.engine.loop import EpochSums
 from aikd.engine.optim import build_optimizer
-from aikd.methods import METHODS, Batch, Method, MethodContext
+from aikd.methods import METHODS, Batch, Method, MethodContext, StepOutput
 from aikd.methods.ce import CrossEntropy
 from aikd.models import build_model
 from aikd.strategy import SINGLE_PROCESS
@@ -140,7 +142,12 @@ def on_meta(tensors: dict[str, Tensor]) -> list[str]:
 
 
 def train_on_meta(method_cls: type[Method], hparams: Any) -> tuple[Method, nn.Module]:
-    """EPOCHS x STEPS steps as src/aikd/engine/loop.py runs them; returns the method and the student."""
+    """EPOCHS x STEPS steps as src/aikd/engine/loop.py runs them; returns the method and the student.
+
+    Each step's loss terms (after ``update_auxiliary``, as the loop sums them) are checked against the terms the
+    method declares (``Method.loss_terms``, which the report reads): no step returns a term it does not declare,
+    and every step of the last epoch, when an in-run superior model has switched on, returns them all."""
+    declared = method_cls.loss_terms(hparams)
     torch.manual_seed(0)
     student = build_model("small_cnn", CLASSES, 1, SIZE).to(META)
     method = build_on_meta(method_cls, hparams, student)
@@ -155,6 +162,9 @@ def train_on_meta(method_cls: type[Method], hparams: Any) -> tuple[Method, nn.Mo
             out = method.training_step(student, batch)
             watch.record(out.losses, number)
             method.update_auxiliary(batch, out)
+            assert set(out.losses) <= declared, f"undeclared loss terms {set(out.losses) - declared}"
+            assert epoch < EPOCHS - 1 or set(out.losses) == declared, (
+                f"declared loss terms {declared - set(out.losses)} not returned")
             loss = sum(out.losses.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -205,6 +215,30 @@ PLANTED = {  # what a GPU would wait for, or fail on, planted in CE's step
     "nonzero": lambda logits: logits[logits.argmax(1) == 0].sum(),
     "cpu tensor": lambda logits: (logits + torch.zeros(CLASSES)).sum(),
 }
+
+
+class UndeclaredTerm(CrossEntropy):
+    """CE with a second term its loss_terms() does not name."""
+
+    def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
+        out = super().training_step(model, batch)
+        out.losses["extra"] = 0.0 * out.logits.sum()
+        return out
+
+
+class MissingTerm(CrossEntropy):
+    """CE that declares a term its step never returns."""
+
+    @classmethod
+    def loss_terms(cls, hparams: Any) -> set[str]:
+        return {"ce", "never"}
+
+
+@pytest.mark.parametrize("method_cls", [UndeclaredTerm, MissingTerm], ids=lambda c: c.__name__)
+def test_loss_terms_that_differ_from_the_steps_fail(method_cls):
+    """The harness can fail on the loss terms: a step's extra term, or a declared term no step returns."""
+    with pytest.raises(AssertionError, match="loss terms"):
+        train_on_meta(method_cls, CrossEntropy.Config())
 
 
 @pytest.mark.parametrize("plant", sorted(PLANTED))
