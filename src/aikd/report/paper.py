@@ -45,6 +45,7 @@ DATASET_ORDER = ("cifar100", "tiny-imagenet", "cub200", "stanford-dogs", "mit67"
 
 # A row's sort key and name: the method's aikd.methods.table_rank (two values), the place among its rows, the name.
 RowKey = tuple[int, str, int, str]
+UNPLACED: RowKey = (1_000_000, "", 0, "")  # a run that no method placed: after every method's rows
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Run:
     terms: frozenset[str] | None  # the loss terms it trained with (Method.loss_terms); None: method unknown
     folder: Path
     subset: int = 0  # data.subset_seed: which draw of the training images
-    row: RowKey = (0, "", 0, "")  # its row's place and name in the tables: from its method (MethodFacts.row)
+    row: RowKey = UNPLACED  # its row's place and name in the tables: from its method (MethodFacts.row)
     ablation: bool = False  # a setting that switches parts of its method off (AI-KD's Table 4 rows)
     calibration_figure: bool = False  # drawn also after temperature scaling (Method.calibration_figure)
 
