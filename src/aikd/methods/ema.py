@@ -14,6 +14,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from aikd.compiling import compiled_forward
 from aikd.methods.base import Batch, Part
 
 
@@ -101,11 +102,13 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
 
 class FrozenCopy(Part):
     """A frozen copy of a model (``self.model``) that always answers in eval mode (BatchNorm's running
-    statistics, no dropout), whatever mode its owner is put in."""
+    statistics, no dropout), whatever mode its owner is put in. With ``compile`` (``train.compile``) its
+    forward runs compiled; the compiled wrapper is not a sub-module, so ``state_dict()`` keys do not change."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, compile: bool = False) -> None:
         super().__init__()
         self.model = frozen_copy(model)
+        self._forward = compiled_forward(self.model, compile, "train.compile (frozen copy)")
 
     def train(self, mode: bool = True) -> FrozenCopy:
         super().train(mode)
@@ -115,7 +118,7 @@ class FrozenCopy(Part):
     def logits(self, images: Tensor) -> Tensor:
         """The copy's logits: float32, no gradient (an ordinary tensor, which losses may save for backward)."""
         with torch.inference_mode():
-            logits = self.model(images)
+            logits = (self._forward or self.model)(images)
         return logits.to(torch.float32, copy=True)
 
     def copy_from(self, model: nn.Module) -> None:
@@ -125,8 +128,8 @@ class FrozenCopy(Part):
 class EMAModel(FrozenCopy):
     """An exponential moving average of a model's weights, updated after every optimizer step (decay ``decay``)."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        super().__init__(model)
+    def __init__(self, model: nn.Module, decay: float, compile: bool = False) -> None:
+        super().__init__(model, compile)
         self.decay = decay
 
     def update(self, model: nn.Module) -> None:
