@@ -299,7 +299,7 @@ def critic_steps(critic: Critic, adam: AdamSettings, real: Tensor, fake: Tensor,
     for k in range(eps.shape[0]):
         grad, stats = critic.loss_and_grad(real, fake, eps[k], gp_weight, theta=theta)
         grad = strategy.mean_(grad)
-        ok = torch.logical_not(strategy.any_rank(torch.logical_not(torch.isfinite(stats.loss))))
+        ok = _not_finite(stats.loss, strategy) == 0
         theta, m, v, t = adam_update(theta, grad, m, v, t, ok, adam)
     critic.theta.detach().copy_(theta)
     adam.exp_avg.copy_(m)
@@ -336,12 +336,9 @@ def train_critic(critic: Critic, optimizer: torch.optim.Optimizer, superior_logi
         for step in range(steps):
             grad, stats = loss_and_grad(real, fake, eps[step], gp_weight)
             grad = strategy.mean_(grad)  # one all-reduce for all the critic's weights
-            ok = torch.isfinite(stats.loss)
-            skip = strategy.any_rank(torch.logical_not(ok))  # float32, as GradScaler's found_inf
-            if strategy.distributed:
-                ok = skip == 0
+            skip = _not_finite(stats.loss, strategy)
             if fused_step is not None:
-                fused_step(grad, ok, skip)
+                fused_step(grad, skip)
                 continue
             critic.theta.grad = grad
             if optimizer.defaults.get("fused", False):  # its first step: step() creates the state
@@ -380,15 +377,26 @@ class Adversary(Part):
         self.optimizer.load_state_dict(state)
 
 
-def _fused_adam(optimizer: torch.optim.Optimizer, theta: Tensor) -> Callable[[Tensor, Tensor, Tensor], None] | None:
-    """``optimizer.step()`` for a fused Adam over the one tensor ``theta`` as a function of (gradient, ok, skip):
-    the step is skipped on the device where ``ok`` is false (``skip``, its float32 negation, is 1). None before
-    Adam holds its state, for an Adam that is not fused, and for a build without the kernel: call ``step()``.
+def _not_finite(loss: Tensor, strategy: Strategy) -> Tensor:
+    """1.0 where ``loss`` (on any rank) is not finite, else 0.0: float32, as GradScaler's ``found_inf``.
+
+    ``loss * 0 != 0`` is true exactly for inf and NaN: two operations where ``isfinite`` is five on the CPU
+    (and then a negation and a cast), in a loop where each costs more to launch than to compute.
+    """
+    if strategy.distributed:
+        return strategy.any_rank(loss.mul(0).ne(0))
+    return loss.mul(0).ne_(0).float()  # ne_ keeps loss's dtype: 0.0 or 1.0
+
+
+def _fused_adam(optimizer: torch.optim.Optimizer, theta: Tensor) -> Callable[[Tensor, Tensor], None] | None:
+    """``optimizer.step()`` for a fused Adam over the one tensor ``theta`` as a function of (gradient, skip): the
+    step is skipped on the device where ``skip`` (float32) is 1. None before Adam holds its state, for an Adam
+    that is not fused, and for a build without the kernel: call ``step()``.
 
     It calls the fused kernel that ``step()`` would call, with the same state tensors, and leaves out the
     Python around it (about 0.15 ms a call here, as much as a third of a critic step). ``step()`` adds 1 to
-    the step count, runs the kernel with ``found_inf`` and subtracts ``found_inf``; adding ``ok`` before the
-    kernel leaves the same count (one operation fewer), and a skipped step's kernel writes nothing.
+    the step count, runs the kernel with ``found_inf`` and subtracts ``found_inf``; doing both before the kernel
+    leaves the same count, and a skipped step's kernel writes nothing.
     """
     state, group = optimizer.state.get(theta), optimizer.param_groups[0]
     kernel = getattr(torch, "_fused_adam_", None)
@@ -398,8 +406,8 @@ def _fused_adam(optimizer: torch.optim.Optimizer, theta: Tensor) -> Callable[[Te
     step, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
     (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
 
-    def fused_step(grad: Tensor, ok: Tensor, skip: Tensor) -> None:
-        step.add_(ok)
+    def fused_step(grad: Tensor, skip: Tensor) -> None:
+        step.sub_(skip).add_(1)
         kernel([theta], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=beta1, beta2=beta2,
                weight_decay=0.0, eps=eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=skip)
 
