@@ -96,8 +96,9 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
     means, lives = pairs.tensors(pairs.floats)
     if means:
         torch._foreach_lerp_(means, lives, 1 - decay)
-    for mean, live in zip(*pairs.tensors(pairs.others), strict=True):
-        mean.copy_(live)
+    means, lives = pairs.tensors(pairs.others)
+    if means:
+        torch._foreach_copy_(means, lives)
 
 
 class FrozenCopy(Part):
