@@ -212,3 +212,91 @@ def test_compiled_critic_step_equals_eager():
     expected_grad, expected = critic.loss_and_grad(real, fake, eps, 10.0)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(stats.loss, expected.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_explicit_adam_update_equals_torch_adam_and_skips_where_not_ok(weight_decay):
+    """adam_update (the compiled critic's Adam) against torch.optim.Adam's own step, in float64; a step that is
+    not ok changes nothing, the step count included."""
+    from aikd.methods.critic import adam_settings, adam_update
+
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(50, dtype=F64, generator=gen)
+    grads = [torch.randn(50, dtype=F64, generator=gen) for _ in range(4)]
+    reference = theta.clone().requires_grad_(True)
+    adam = torch.optim.Adam([reference], lr=0.05, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay,
+                            foreach=False)
+    reference.grad = grads[0]
+    adam.step()  # the state, in torch's format
+    settings = adam_settings(adam, reference)
+    values = reference.detach().clone(), settings.exp_avg.clone(), settings.exp_avg_sq.clone(), settings.step.clone()
+    for i, grad in enumerate(grads[1:]):
+        ok = torch.tensor(i != 1)  # the second of these steps is skipped
+        values = adam_update(values[0], grad, *values[1:], ok, settings)
+        if i != 1:
+            reference.grad = grad
+            adam.step()
+    state = adam.state[reference]
+    assert float(values[3]) == float(state["step"]) == 3
+    torch.testing.assert_close(values[0], reference.detach(), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(values[1], state["exp_avg"], rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(values[2], state["exp_avg_sq"], rtol=1e-13, atol=1e-14)
+    assert (values[0] - theta).abs().max() > 0.05  # it moved
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_critic_steps_in_one_function_equal_the_autograd_critic(norm):
+    """critic_steps (what train.compile compiles; here eager) after a first step through torch.optim.Adam: the
+    same weights as double-backward autograd with torch's Adam, and the interpolation weights drawn in the same
+    order from the global generator. The optimizer's state keeps torch's format and count."""
+    from functools import partial
+
+    from aikd.methods.critic import critic_steps
+
+    critic = random_critic(10, norm, seed=4)
+    reference = ReferenceCritic(critic)
+    real, fake = logits(32, 10, 2.0, 5), logits(32, 10, 1.0, 6)
+    steps, lr = 6, 1e-2
+    torch.manual_seed(11)
+    expected = reference_steps(reference, real, fake, torch.rand(steps, 32, 1, dtype=F64), 10.0, lr, betas=(0.5, 0.9))
+
+    optimizer = critic_optimizer(critic, lr, (0.5, 0.9))
+    torch.manual_seed(11)
+    train_critic(critic, optimizer, real, fake, steps=1)
+    state_keys = set(optimizer.state_dict()["state"][0])
+    stats = train_critic(critic, optimizer, real, fake, steps=steps - 1, fused_steps=partial(critic_steps, critic))
+
+    torch.testing.assert_close(critic.theta.detach(), reference.flat(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(stats.loss, expected[-1][0], rtol=1e-9, atol=1e-12)
+    assert set(optimizer.state_dict()["state"][0]) == state_keys and float(optimizer.state[critic.theta]["step"]) == 6
+    # a non-finite batch: every step skipped, on the device, nothing changed
+    before = critic.theta.detach().clone(), optimizer.state[critic.theta]["exp_avg"].clone()
+    nan = torch.full_like(fake, float("nan"))
+    stats = train_critic(critic, optimizer, real, nan, steps=3, fused_steps=partial(critic_steps, critic))
+    assert not torch.isfinite(stats.loss) and float(optimizer.state[critic.theta]["step"]) == 6
+    assert torch.equal(critic.theta, before[0]) and torch.equal(optimizer.state[critic.theta]["exp_avg"], before[1])
+
+
+@pytest.mark.slow
+def test_compiled_critic_steps_equal_eager():
+    """The K critic steps and Adam's updates compiled as one region (train.compile, Adversary): really compiled,
+    and the same weights as the eager step-by-step loop with the fused Adam kernel. In float64: Adam divides by
+    the root of the squared gradients, so a weight whose gradient is near zero (BatchNorm's first bias: zero
+    but for rounding) steps by about lr whatever the gradient's rounding; float64 keeps that rounding far
+    below any gradient here."""
+    from aikd.methods.critic import Adversary
+
+    critic = random_critic(10, "batch")
+    compiled, eager = Adversary(critic, 1e-2, steps=3, compile=True), Adversary(copy.deepcopy(critic), 1e-2, steps=3)
+    real, fake = logits(64, 10, 2.0, 1), logits(64, 10, 1.0, 2)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for _ in range(3):  # the first call creates Adam's state step by step; the next two are compiled
+        torch.manual_seed(5)
+        got = compiled.learn(real, fake)
+        torch.manual_seed(5)
+        expected = eager.learn(real, fake)
+    assert compiled.fused_steps.failed is None
+    assert (compiled.disc.theta - random_critic(10, "batch").theta).abs().max() > 1e-2  # it moved
+    torch.testing.assert_close(compiled.disc.theta, eager.disc.theta, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-9, atol=1e-9)
+    assert compiled.optimizer_state()["state"][0]["step"] == eager.optimizer_state()["state"][0]["step"] == 9

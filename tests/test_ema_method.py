@@ -25,7 +25,7 @@ from aikd.engine import Trainer
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.methods import METHODS, Batch, Method, MethodContext, StepOutput, register_method
 from aikd.methods.base import positive, weight
-from aikd.methods.ema import EMAModel
+from aikd.methods.ema import EMAModel, ema_update
 from aikd.methods.functional import distillation_kl
 
 NAME = "ema_teacher_test"
@@ -77,6 +77,41 @@ def ema_method():
     register()
     yield
     METHODS.remove(NAME)  # keep the registry-driven tests of other files to the shipped methods
+
+
+def linear_bn(weight: float, bias: float, mean: float, var: float, batches: int) -> nn.Sequential:
+    """Linear(1, 1) then BatchNorm1d(1), every tensor set to a known number."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(weight)
+        model[0].bias.fill_(bias)
+        model[1].running_mean.fill_(mean)
+        model[1].running_var.fill_(var)
+        model[1].num_batches_tracked.fill_(batches)
+    return model
+
+
+def test_ema_update_by_hand_and_after_loads_and_moves():
+    average, live = linear_bn(1.0, 2.0, 10.0, 4.0, 3), linear_bn(3.0, -2.0, 0.0, 1.0, 7)
+    ema_update(average, live, 0.9)  # 0.9 average + 0.1 live; an update with the weights swapped gives 2.8, 9.0
+    assert average[0].weight.item() == pytest.approx(1.2, abs=1e-6)
+    assert average[0].bias.item() == pytest.approx(1.6, abs=1e-6)
+    assert average[1].running_mean.item() == pytest.approx(9.0, abs=1e-5)
+    assert average[1].running_var.item() == pytest.approx(3.7, abs=1e-6)
+    assert average[1].num_batches_tracked.item() == 7  # integer buffers are copied
+    # load_state_dict() copies into the same tensors, which the next update must read
+    live.load_state_dict(linear_bn(5.0, 0.0, 20.0, 2.0, 8).state_dict())
+    ema_update(average, live, 0.5)
+    assert average[0].weight.item() == pytest.approx(3.1, abs=1e-6)
+    assert average[1].running_mean.item() == pytest.approx(14.5, abs=1e-5)
+    assert average[1].num_batches_tracked.item() == 8
+    # .to() replaces the buffers (and parameters' data): the update must follow the new tensors
+    average.to(torch.float64)
+    live[1].running_mean = torch.tensor([30.0])  # a replaced buffer of the live model
+    ema_update(average, live, 0.5)
+    assert average[1].running_mean.dtype == torch.float64
+    assert average[1].running_mean.item() == pytest.approx(22.25, abs=1e-5)
+    assert average[0].weight.item() == pytest.approx(4.05, abs=1e-6)
 
 
 def test_ema_teacher_follows_the_student_after_every_step(tmp_path, ema_method, one_thread):

@@ -3,6 +3,7 @@ and short end-to-end runs on scikit-learn digits (both direct and through ``aikd
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -591,3 +592,55 @@ def test_buffer_costs_two_bytes_per_class_and_marks_unwritten_rows():
     restored = PredictionBuffer(4, 3)
     restored.load_state_dict(buffer.state_dict())
     assert restored.filled.tolist() == [True, False, True, False]
+
+
+
+def compile_contexts(teacher: nn.Module, student: nn.Module) -> tuple[MethodContext, MethodContext]:
+    """The same method context with train.compile off and on."""
+    ctx = MethodContext(num_classes=4, num_train=6, epochs=2, teacher=teacher, student=student)
+    return ctx, dataclasses.replace(ctx, compile=True)
+
+
+ONLINE = {"adv_weight": 0.0, "superior": "ema", "superior_start": 0.5, "prev": "snapshot"}
+
+
+def test_train_compile_wraps_frozen_forwards_outside_the_state_dict():
+    """Under train.compile the teacher (KD) and AI-KD's EMA and snapshot copies get a compiled forward, kept
+    out of state_dict(): the same keys, so checkpoints load either way. Nothing is compiled until a call."""
+    from aikd.compiling import CompiledOrEager
+    from aikd.methods.aikd import AIKD, AIKDConfig
+    from aikd.methods.kd import KD, KDConfig
+
+    teacher, student = build_model("small_cnn", 4, 1, 8).eval(), build_model("small_cnn", 4, 1, 8)
+    off, on = compile_contexts(teacher, student)
+    eager, compiled = KD(KDConfig(), off), KD(KDConfig(), on)
+    assert eager._teacher_forward is None and isinstance(compiled._teacher_forward, CompiledOrEager)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    eager, compiled = AIKD(AIKDConfig(**ONLINE), off), AIKD(AIKDConfig(**ONLINE), on)
+    assert eager.superior._forward is None and eager.previous._forward is None
+    assert isinstance(compiled.superior._forward, CompiledOrEager)
+    assert isinstance(compiled.previous._forward, CompiledOrEager)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+
+
+@pytest.mark.slow
+def test_teacher_and_frozen_copy_forwards_run_compiled_under_train_compile():
+    """With ``compile`` on, KD's teacher and AI-KD's EMA copy run through torch.compile (really compiled: this
+    machine has the toolchain) and give eager's logits. About 30 s on 2 CPU cores."""
+    from aikd.methods.aikd import AIKD, AIKDConfig
+    from aikd.methods.kd import KD, KDConfig
+
+    torch.manual_seed(0)
+    teacher, student = build_model("small_cnn", 4, 1, 8).eval().requires_grad_(False), build_model("small_cnn", 4, 1, 8)
+    images = torch.randn(6, 1, 8, 8)
+    off, on = compile_contexts(teacher, student)
+    for eager, compiled in ((KD(KDConfig(), off), KD(KDConfig(), on)),
+                            (AIKD(AIKDConfig(**ONLINE), off), AIKD(AIKDConfig(**ONLINE), on))):
+        forward = compiled._teacher_forward if isinstance(compiled, KD) else compiled.superior._forward
+        calls, inner = [], forward.compiled
+        forward.compiled = lambda *args, inner=inner, calls=calls: calls.append(1) or inner(*args)
+        logits = compiled.teacher_logits if isinstance(compiled, KD) else compiled.superior.logits
+        expected = eager.teacher_logits if isinstance(eager, KD) else eager.superior.logits
+        torch.testing.assert_close(logits(images), expected(images), rtol=1e-5, atol=1e-5)
+        assert calls and forward.failed is None  # it went through torch.compile, which did not fall back

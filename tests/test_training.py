@@ -122,6 +122,33 @@ def test_method_parameters_get_their_own_learning_rate():
     assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(1e-3), pytest.approx(1e-5)]
 
 
+def test_sgd_is_fused_on_cuda_only_and_a_resume_keeps_the_runs_choice():
+    """CPU runs keep the plain SGD loop (the fused CPU kernel rounds differently), CUDA ones fuse; a checkpoint's
+    groups do not switch the implementation either way."""
+    from torch import nn
+
+    from aikd.compat import sgd_fused_kwargs
+    from aikd.config import TrainConfig
+    from aikd.engine.optim import build_optimizer, fused_sgd_kwargs, load_optimizer_state
+
+    assert fused_sgd_kwargs({"cuda"}) == sgd_fused_kwargs("cuda")
+    if not fused_sgd_kwargs({"cuda"}):
+        pytest.skip("this torch's SGD has no fused CUDA kernel")
+    assert fused_sgd_kwargs({"cuda"}) == {"fused": True}
+    assert fused_sgd_kwargs({"cpu"}) == fused_sgd_kwargs({"meta"}) == fused_sgd_kwargs({"cpu", "cuda"}) == {}
+    cfg = TrainConfig(lr=0.1, weight_decay=0.5, momentum=0.9)
+    plain = build_optimizer(nn.Linear(3, 2), cfg)
+    assert not plain.param_groups[0]["fused"]
+    if not sgd_fused_kwargs("cpu"):
+        return
+    model = nn.Linear(3, 2)
+    fused = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)  # as a GPU run builds it
+    load_optimizer_state(plain, fused.state_dict())
+    assert not plain.param_groups[0]["fused"] and plain.param_groups[0]["momentum"] == 0.9
+    load_optimizer_state(fused, build_optimizer(nn.Linear(3, 2), cfg).state_dict())
+    assert fused.param_groups[0]["fused"] is True and fused.param_groups[0]["weight_decay"] == 0.5
+
+
 def _digits_trainer(tmp_path, *overrides: str):
     cfg = load_config(None, ["data.name=digits", "model.name=small_cnn", "train.epochs=1", "device=cpu",
                              "data.batch_size=64", *overrides])

@@ -17,6 +17,8 @@ Differences bridged:
   knows only the latter, whose ``False`` also leaves the buffers out of the broadcast at construction.
   :func:`distributed_data_parallel` gives both the newer behaviour: buffers broadcast from rank 0 once,
   at construction, never per forward.
+* SGD's fused kernel (``torch.optim.SGD(fused=True)``): :func:`sgd_fused_kwargs` asks SGD's signature and
+  the optimizers' list of devices with fused kernels (a private function: absent, nothing is fused).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from aikd.errors import AikdError
 if TYPE_CHECKING:
     from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["ddp_buffer_kwargs", "ddp_parameters", "distributed_data_parallel"]
+__all__ = ["ddp_buffer_kwargs", "ddp_parameters", "distributed_data_parallel", "sgd_fused_kwargs"]
 
 
 def ddp_parameters() -> frozenset[str]:
@@ -75,3 +77,14 @@ def distributed_data_parallel(model: nn.Module, device_ids: list[int] | None, **
             for buffer in model.buffers():
                 dist.broadcast(buffer, src=0)
     return wrapped
+
+
+def sgd_fused_kwargs(device_type: str) -> dict[str, bool]:
+    """``{"fused": True}`` where this torch's SGD has a fused kernel for ``device_type``, else nothing."""
+    if "fused" not in inspect.signature(torch.optim.SGD).parameters:
+        return {}
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    except ImportError:
+        return {}
+    return {"fused": True} if device_type in _get_fused_kernels_supported_devices() else {}

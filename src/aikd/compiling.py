@@ -44,3 +44,13 @@ class CompiledOrEager:
 
 def compiled_or_eager(fn: Callable[..., Any], what: str) -> CompiledOrEager:
     return CompiledOrEager(fn, what)
+
+
+def compiled_forward(model: torch.nn.Module | None, compile: bool, what: str) -> CompiledOrEager | None:
+    """A frozen model's forward compiled under ``train.compile`` (``compile``), else None: call the model itself.
+
+    Kept by its owner as a plain attribute, never as a sub-module, so that the owner's ``state_dict()`` keys
+    (and with them every checkpoint) are the same with and without compiling. The compiled forward reads
+    the model's own tensors, so an in-place update (an EMA step, ``load_state_dict``) is seen by the next call.
+    """
+    return CompiledOrEager(model, what) if compile and model is not None else None

@@ -62,8 +62,10 @@ class TrainConfig:
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on CUDA, off elsewhere
     # auto: on for CUDA and CPU (small_cnn trains 1.55x faster on a 2-core CPU in channels_last), off on MPS
     channels_last: Literal["auto", "on", "off"] = "auto"
-    # torch.compile the student's training forward (worth it on GPUs for long runs); a model or
-    # machine it fails on falls back to eager mode with a warning.
+    # torch.compile everything a training step runs: the student's training forward, a frozen teacher's and
+    # AI-KD's EMA / milestone / snapshot copies' forwards, and the critic's K steps with Adam's updates as one
+    # region (worth it on GPUs for long runs); a model or machine it fails on falls back to eager mode with a
+    # warning.
     compile: bool = False
     eval_every: int = 1
     keep_last: int = 1  # epoch checkpoints kept: last.safetensors plus keep_last - 1 older epoch-NNNN ones

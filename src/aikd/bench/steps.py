@@ -32,7 +32,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "aikd_no_adv": ("aikd", ["aikd.adv_weight=0"]),
     # The critic of a CPU-length run (critic_schedule=run_length in configs/fmnist_proxy): 10 steps per student step.
     "aikd_critic10": ("aikd", ["aikd.critic_steps=10"]),
-    # The whole AI-KD step compiled (train.compile: the student and the critic's closed-form step), against eager.
+    # The whole AI-KD step compiled (train.compile: the student, the frozen forwards, the critic's K steps and Adam
+    # as one region), against eager.
     "aikd_critic10_compiled": ("aikd", ["aikd.critic_steps=10", "train.compile=true"]),
     # Online AI-KD, its superior model switched on from the first step: the EMA's forward and update, or the
     # milestone copy's forward (docs/methods/aikd.md).

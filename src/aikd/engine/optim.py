@@ -7,7 +7,16 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from aikd.compat import sgd_fused_kwargs
 from aikd.config import TrainConfig
+
+# Devices whose SGD runs fused: CUDA. Not the CPU: its fused SGD (torch 2.14) rounds differently from the plain
+# loop (1e-9 apart after five small_cnn steps), and CPU runs keep their numbers bit for bit
+# (scripts/bit_identity.sh). Not meta either (tests/test_meta_device.py's stand-in for a GPU): torch has no
+# meta kernel for the fused SGD, so the meta runs take the plain loop.
+FUSED_SGD_DEVICES = ("cuda",)
+# Settings that choose an implementation, not the update: a resumed run keeps its own (see load_optimizer_state).
+IMPLEMENTATION_KEYS = ("fused", "foreach")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, extra: Iterable[nn.Parameter] = (),
@@ -16,14 +25,43 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, extra: Iterable[nn.Param
 
     ``extra`` adds training-only parameters a method owns, in a second group whose
     learning rate is ``extra_lr_scale`` times the model's (the schedule scales both).
+    Fused (one kernel for every parameter, where torch has it for :data:`FUSED_SGD_DEVICES`): besides the
+    launches it saves, a fused optimizer lets GradScaler.step under fp16 skip a step on the device
+    instead of reading ``found_inf`` on the host (``.item()``) before every step.
     """
     groups = [{"params": list(model.parameters())}]
     extra = list(extra)
     if extra:
         groups.append({"params": extra, "lr": cfg.lr * extra_lr_scale})
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov and cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay)
+    settings = {"lr": cfg.lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov and cfg.momentum > 0,
+                "weight_decay": cfg.weight_decay}
+    fused = fused_sgd_kwargs({p.device.type for group in groups for p in group["params"]})
+    if fused:
+        try:
+            return torch.optim.SGD(groups, **settings, **fused)
+        except (RuntimeError, ValueError):  # a parameter the fused kernel does not take (a dtype)
+            pass
+    return torch.optim.SGD(groups, **settings)
+
+
+def fused_sgd_kwargs(device_types: set[str]) -> dict[str, bool]:
+    """``{"fused": True}`` for parameters all on one device of :data:`FUSED_SGD_DEVICES` that this torch's SGD
+    fuses, else nothing (the plain loop)."""
+    if len(device_types) != 1 or not device_types <= set(FUSED_SGD_DEVICES):
+        return {}
+    return sgd_fused_kwargs(next(iter(device_types)))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this optimizer's implementation (fused or not).
+
+    load_state_dict() takes every group setting from the saved state, these too: a checkpoint of a CPU run
+    (not fused) would leave a GPU run unfused, and a GPU checkpoint would fuse a CPU run, changing its rounding.
+    """
+    chosen = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, keep in zip(optimizer.param_groups, chosen, strict=True):
+        group.update(keep)
 
 
 def milestone_steps(cfg: TrainConfig, steps_per_epoch: int) -> list[int]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from aikd.config import normalized, same_teacher
 from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from aikd.engine.optim import load_optimizer_state
 from aikd.errors import RESUME_TRAIN, CheckpointError, ConfigError, DiskFullError
 from aikd.methods.base import Method
 from aikd.strategy import SINGLE_PROCESS, Strategy
@@ -190,7 +191,7 @@ class RunCheckpoints:
             )
         try:
             t.model.load_state_dict(ckpt.model)
-            t.optimizer.load_state_dict(ckpt.state["optimizer"])
+            load_optimizer_state(t.optimizer, ckpt.state["optimizer"])
             t.scheduler.load_state_dict(ckpt.state["scheduler"])
             t.scaler.load_state_dict(ckpt.state["scaler"])
             t.method.load_state_dict(ckpt.state["method"])

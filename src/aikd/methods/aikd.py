@@ -264,7 +264,7 @@ class AIKD(Method):
     def _previous_source(self) -> BufferPrevious | SnapshotPrevious:
         if self.hparams.prev == "buffer":
             return BufferPrevious(self.ctx.num_train, self.ctx.num_classes, self.ctx.gather_step_rows)
-        return SnapshotPrevious(self._student("aikd.prev=snapshot"))
+        return SnapshotPrevious(self._student("aikd.prev=snapshot"), self.ctx.compile)
 
     def _superior_source(self) -> PretrainedSuperior | EMASuperior | MilestoneSuperior:
         h = self.hparams
@@ -272,8 +272,8 @@ class AIKD(Method):
             return PretrainedSuperior(self.teacher_logits)
         start_epoch = round(h.superior_start * self.ctx.epochs)
         student = self._student(f"aikd.superior={h.superior}")
-        return EMASuperior(student, h.ema_decay, start_epoch) if h.superior == "ema" else \
-            MilestoneSuperior(student, start_epoch)
+        return EMASuperior(student, h.ema_decay, start_epoch, self.ctx.compile) if h.superior == "ema" else \
+            MilestoneSuperior(student, start_epoch, self.ctx.compile)
 
     def _student(self, what: str) -> nn.Module:
         if self.ctx.student is None:

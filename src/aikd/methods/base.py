@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from aikd.checks import non_negative, positive, require, weight  # noqa: F401 (re-exported: methods import them here)
+from aikd.compiling import compiled_forward
 from aikd.registry import METHOD_CONFIGS, Registry
 from aikd.strategy import SingleProcess, Strategy
 
@@ -85,7 +86,7 @@ class MethodContext:
     steps_per_epoch: int | None = None  # optimizer steps per epoch, for rules that scale with run length
     student: nn.Module | None = None  # the bare student (no DDP or compile wrapper), on ``device``
     strategy: Strategy = field(default_factory=SingleProcess)  # the run's processes (aikd.distributed)
-    compile: bool = False  # train.compile: a method may compile its own steps too (AI-KD's critic)
+    compile: bool = False  # train.compile: a method compiles its own steps too (AI-KD's critic, frozen models)
     step_rows: int | None = None  # the most samples one process's step holds (its share of the batch), if known
 
     def gather_step_rows(self, tensor: Tensor) -> Tensor:
@@ -152,6 +153,9 @@ class Method(nn.Module):
         super().__init__()
         self.hparams = hparams
         self.ctx = ctx
+        # Under train.compile the teacher's forward is compiled like the student's (a plain attribute: the
+        # teacher is not the method's state, and its state_dict() keys stay the same).
+        self._teacher_forward = compiled_forward(ctx.teacher, ctx.compile, "train.compile (teacher)")
 
     @classmethod
     def needs_teacher(cls, hparams: Any) -> bool:
@@ -212,7 +216,7 @@ class Method(nn.Module):
         if images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            logits = self.ctx.teacher(images)
+            logits = (self._teacher_forward or self.ctx.teacher)(images)
         return logits.to(torch.float32, copy=True)
 
     def student_parameters(self) -> list[nn.Parameter]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -114,13 +115,23 @@ class Critic(nn.Module):
     def _out_scale(self) -> float:
         return 1.0 / self.out_features if self.reduce == "mean" else 1.0
 
-    def _head(self) -> Tensor:
-        """w: the second layer and the mean (or sum) over its outputs in one, D = h w + c."""
-        return self.weight2.sum(0).mul_(self._out_scale)
+    def _weights(self, theta: Tensor | None = None) -> tuple[Tensor | None, ...]:
+        """(W1, b1, gamma, beta, W2, b2): the fixed views, or views of ``theta`` (a value inside a compiled region,
+        which must not read the module's views of a tensor it updates)."""
+        if theta is None:
+            norm = self.norm != "none"
+            return (self.weight1, self.bias1, self.gamma if norm else None, self.beta if norm else None,
+                    self.weight2, self.bias2)
+        return self._split(theta)
 
-    def _hidden(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _head(self, weight2: Tensor | None = None) -> Tensor:
+        """w: the second layer and the mean (or sum) over its outputs in one, D = h w + c."""
+        return (self.weight2 if weight2 is None else weight2).sum(0).mul_(self._out_scale)
+
+    def _hidden(self, x: Tensor, weights: tuple[Tensor | None, ...] | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(a_hat, s, y) for rows x of shape (..., N, C), normalised per leading group."""
-        a = torch.addmm(self.bias1, x.reshape(-1, x.shape[-1]), self.weight1.T).view(*x.shape[:-1], self.hidden)
+        weight1, bias1, gamma, beta, _, _ = weights or self._weights()
+        a = torch.addmm(bias1, x.reshape(-1, x.shape[-1]), weight1.T).view(*x.shape[:-1], self.hidden)
         if self.norm == "none":
             return a, a.new_ones(()), a
         dim = -2 if self.norm == "batch" else -1
@@ -129,7 +140,7 @@ class Critic(nn.Module):
         # 1 / sqrt(biased variance + eps), as the layers compute it
         scale = centred.square().sum(dim, keepdim=True).mul_(1 / k).add_(NORM_EPS).rsqrt_()
         normed = centred * scale
-        return normed, scale, torch.addcmul(self.beta, normed, self.gamma)
+        return normed, scale, torch.addcmul(beta, normed, gamma)
 
     def forward(self, logits: Tensor) -> Tensor:
         """D(logits): one score per row (differentiable in the logits; the critic's own weights are constants).
@@ -143,18 +154,22 @@ class Critic(nn.Module):
             return nn.functional.leaky_relu(y, self.negative_slope) @ self._head() + \
                 self.bias2.sum() * self._out_scale
 
-    def loss_and_grad(self, real: Tensor, fake: Tensor, eps: Tensor, gp_weight: float) -> tuple[Tensor, CriticStats]:
+    def loss_and_grad(self, real: Tensor, fake: Tensor, eps: Tensor, gp_weight: float, theta: Tensor | None = None
+                      ) -> tuple[Tensor, CriticStats]:
         """L_D's gradient in ``theta``'s layout, and L_D with its parts, for interpolation weights ``eps`` (N, 1).
 
         Written for few operations (each costs more to launch than to compute at these sizes): the three
         groups of rows go through the first layer together, and sums stand where means would cost two.
+        ``theta`` evaluates at other weights than the critic's own (:func:`critic_steps`).
         """
         n, slope, lam = real.shape[0], self.negative_slope, gp_weight
+        weights = self._weights(theta)
+        weight1, _, gamma, _, weight2, _ = weights
         x = torch.stack((real, fake, torch.lerp(fake, real, eps)))  # (3, N, C): real, fake, x_hat
-        normed, scale, y = self._hidden(x)
+        normed, scale, y = self._hidden(x, weights)
         h = nn.functional.leaky_relu(y, slope)
         slopes = torch.ops.aten.leaky_relu_backward(torch.ones_like(y), y, slope, False)  # phi'(y)
-        w = self._head()  # D = h w + c; c cancels in L_D
+        w = self._head(weight2)  # D = h w + c; c cancels in L_D
         h_sum = h.sum(1)  # (3, H)
         h_gap = torch.sub(h_sum[1], h_sum[0]).mul_(1 / n)  # mean h over fake rows - over real rows
         fake_minus_real = h_gap @ w  # E[D(fake)] - E[D(real)]
@@ -163,9 +178,9 @@ class Critic(nn.Module):
 
         # The penalty at x_hat: G = d sum_i D(x_hat_i) / d x_hat, per row.
         g_y = slopes_x * w
-        g_hat = g_y * self.gamma if norm else g_y
+        g_hat = g_y * gamma if norm else g_y
         g_a, g_hat_along = _project(g_hat, normed_x, scale_x, self._norm_dim) if norm else (g_hat, None)
-        grad_x = g_a @ self.weight1
+        grad_x = g_a @ weight1
         norms = torch.linalg.vector_norm(grad_x, dim=1)
         off = norms - 1
         gp = (off @ off).mul_(1 / n)
@@ -173,11 +188,11 @@ class Critic(nn.Module):
 
         # Backward: dL/dG, then back through G = g_a W1 and the normalisation's Jacobian.
         d_grad_x = grad_x * off.div_(norms).mul_(2 * lam / n).unsqueeze(1)
-        d_g_a = d_grad_x @ self.weight1.T
+        d_g_a = d_grad_x @ weight1.T
         # The critic's scores: dL/dD = +1/N for fake rows, -1/N for real ones (x_hat's scores do not enter L_D).
         d_y = slopes[:2] * (w / n)  # (2, N, H)
         d_y[0].neg_()
-        grad = torch.empty_like(self.theta)
+        grad = torch.empty_like(self.theta if theta is None else theta)
         d_weight1, d_bias1, d_gamma, d_beta, d_weight2, d_bias2 = self._split(grad)
         torch.mm(g_a.T, d_grad_x, out=d_weight1)
         if norm:
@@ -187,8 +202,8 @@ class Critic(nn.Module):
             # a_hat's two appearances in g_a, through -a_hat mean(g_hat a_hat):
             d_normed_x = (d_g_a * g_hat_along).addcmul_(g_hat, d_g_a_along).mul_(scale_x * (-1 / k))
             d_scale_x = (d_g_a * g_a).sum(dim, keepdim=True).div_(scale_x)  # g_a's factor s
-            d_g_y = d_g_hat * self.gamma
-            d_normed = torch.cat((d_y * self.gamma, d_normed_x.unsqueeze(0)))
+            d_g_y = d_g_hat * gamma
+            d_normed = torch.cat((d_y * gamma, d_normed_x.unsqueeze(0)))
             d_a, _ = _project(d_normed, normed, scale, dim + 1)
             d_a[2].addcmul_(normed_x, scale_x.square().mul_(d_scale_x), value=-1 / k)  # d var / d a for x_hat
             torch.add((d_y * normed[:2]).sum((0, 1)), (d_g_hat * g_y).sum(0), out=d_gamma)
@@ -222,9 +237,81 @@ def critic_optimizer(critic: Critic, lr: float, betas: tuple[float, float] = (0.
         return torch.optim.Adam([critic.theta], lr=lr, betas=betas)
 
 
+@dataclass
+class AdamSettings:
+    """A torch.optim.Adam's numbers for the one tensor it trains, and its state tensors (updated in place)."""
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    step: Tensor
+    lr: float | Tensor
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+
+
+def adam_settings(optimizer: torch.optim.Optimizer, theta: Tensor) -> AdamSettings | None:
+    """What :func:`adam_update` needs from ``optimizer``, once it holds state for ``theta`` (its first ``step()``
+    creates the state in torch's own format); None before, and for options the explicit update leaves out."""
+    state, group = optimizer.state.get(theta), optimizer.param_groups[0]
+    if not isinstance(optimizer, torch.optim.Adam) or not state or group["amsgrad"] or group["maximize"] or \
+            group.get("decoupled_weight_decay") or group.get("differentiable"):
+        return None
+    return AdamSettings(state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"], tuple(group["betas"]),
+                        group["eps"], group["weight_decay"])
+
+
+def adam_update(theta: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, ok: Tensor,
+                adam: AdamSettings) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torch.optim.Adam's step (L2 weight decay; no amsgrad, no maximize) as pure tensor operations: the new
+    (theta, exp_avg, exp_avg_sq, step), or the old ones where ``ok`` is false (a non-finite step does not
+    count, as with GradScaler's ``found_inf``). Written out so torch.compile can fuse it with the critic's
+    step; the state itself is :class:`AdamSettings`', so checkpoints keep torch's format.
+
+        m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,  t = t + 1,
+        theta = theta - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    """
+    beta1, beta2 = adam.betas
+    if adam.weight_decay:
+        grad = grad.add(theta, alpha=adam.weight_decay)
+    counted = step + 1
+    m = torch.lerp(exp_avg, grad, 1 - beta1)
+    v = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    t = counted.to(theta.dtype)  # the count is float32: bias corrections in the weights' precision
+    bias1, bias2 = 1 - torch.pow(beta1, t), 1 - torch.pow(beta2, t)
+    denom = v.sqrt().div_(bias2.sqrt()).add_(adam.eps)
+    moved = theta - m.div(denom).mul_(adam.lr / bias1)
+    return (torch.where(ok, moved, theta), torch.where(ok, m, exp_avg), torch.where(ok, v, exp_avg_sq),
+            torch.where(ok, counted, step))
+
+
+def critic_steps(critic: Critic, adam: AdamSettings, real: Tensor, fake: Tensor, eps: Tensor, gp_weight: float,
+                 strategy: Strategy = SINGLE_PROCESS) -> CriticStats:
+    """``len(eps)`` critic steps with Adam's update, as one function of tensors (what train.compile compiles into
+    one region); ``critic.theta`` and Adam's state are written once, at the end. The last step's numbers.
+
+    The weights travel as values from step to step (not through the critic's views of ``theta``, which a
+    compiled region must not read while it writes ``theta``). The same numbers as :func:`train_critic`'s
+    step-by-step loop up to float rounding (a different order of operations than the fused Adam kernel).
+    """
+    theta, m, v, t = critic.theta.detach(), adam.exp_avg, adam.exp_avg_sq, adam.step
+    stats = None
+    for k in range(eps.shape[0]):
+        grad, stats = critic.loss_and_grad(real, fake, eps[k], gp_weight, theta=theta)
+        grad = strategy.mean_(grad)
+        ok = _not_finite(stats.loss, strategy) == 0
+        theta, m, v, t = adam_update(theta, grad, m, v, t, ok, adam)
+    critic.theta.detach().copy_(theta)
+    adam.exp_avg.copy_(m)
+    adam.exp_avg_sq.copy_(v)
+    adam.step.copy_(t)
+    return stats
+
+
 def train_critic(critic: Critic, optimizer: torch.optim.Optimizer, superior_logits: Tensor, student_logits: Tensor,
                  steps: int = 1, gp_weight: float = 10.0, strategy: Strategy = SINGLE_PROCESS,
-                 loss_and_grad: Callable[..., tuple[Tensor, CriticStats]] | None = None) -> CriticStats:
+                 loss_and_grad: Callable[..., tuple[Tensor, CriticStats]] | None = None,
+                 fused_steps: Callable[..., CriticStats] | None = None) -> CriticStats:
     """``steps`` Adam steps of the critic on L_D for one batch of detached logits; the last step's numbers.
 
     Each step draws its own interpolation weights e ~ U(0, 1) per sample, from the global generator (all
@@ -232,7 +319,9 @@ def train_critic(critic: Critic, optimizer: torch.optim.Optimizer, superior_logi
     student) is skipped, so it cannot poison the critic; with a fused Adam the skip is decided on the
     device (GradScaler's ``found_inf``), so no step waits for the host. In a data-parallel run pass the
     run's ``strategy``: it averages the gradient over the ranks and makes them skip together.
-    ``loss_and_grad`` replaces ``critic.loss_and_grad`` (a compiled copy of it).
+    ``loss_and_grad`` replaces ``critic.loss_and_grad`` (a compiled copy of it). ``fused_steps`` (a compiled
+    :func:`critic_steps`, train.compile) runs all the steps at once, once Adam holds its state (the first call
+    goes step by step, so that ``optimizer.step()`` creates that state in torch's format).
     """
     loss_and_grad = loss_and_grad or critic.loss_and_grad
     dtype = critic.theta.dtype
@@ -240,13 +329,22 @@ def train_critic(critic: Critic, optimizer: torch.optim.Optimizer, superior_logi
     with torch.autocast(superior_logits.device.type, enabled=False):
         real, fake = superior_logits.detach().to(dtype), student_logits.detach().to(dtype)
         eps = torch.rand(steps, real.shape[0], 1, dtype=dtype, device=real.device)
-        fused = optimizer.defaults.get("fused", False)
+        adam = adam_settings(optimizer, critic.theta) if fused_steps is not None else None
+        if adam is not None:
+            return fused_steps(adam, real, fake, eps, gp_weight, strategy)
+        fused_step = _fused_adam(optimizer, critic.theta)
         for step in range(steps):
             grad, stats = loss_and_grad(real, fake, eps[step], gp_weight)
-            critic.theta.grad = strategy.mean_(grad)  # one all-reduce for all the critic's weights
-            skip = strategy.any_rank(~torch.isfinite(stats.loss))
-            if fused:
-                _fused_adam_step(optimizer, critic.theta, skip)
+            grad = strategy.mean_(grad)  # one all-reduce for all the critic's weights
+            skip = _not_finite(stats.loss, strategy)
+            if fused_step is not None:
+                fused_step(grad, skip)
+                continue
+            critic.theta.grad = grad
+            if optimizer.defaults.get("fused", False):  # its first step: step() creates the state
+                optimizer.found_inf = skip
+                optimizer.step()
+                fused_step = _fused_adam(optimizer, critic.theta)
             elif not bool(skip):
                 optimizer.step()
     return stats
@@ -263,13 +361,14 @@ class Adversary(Part):
         self.disc = critic
         self.optimizer = critic_optimizer(critic, lr, betas)
         self.steps, self.gp_weight, self.strategy = steps, gp_weight, strategy
-        # With train.compile the critic's closed-form step is compiled too (it has no double backward).
-        self.loss_and_grad = compiled_or_eager(critic.loss_and_grad, "train.compile (critic)") if compile \
-            else critic.loss_and_grad
+        # With train.compile the critic's K closed-form steps (no double backward) and Adam's updates are one
+        # compiled region. A plain function, not a sub-module: state_dict() keys do not change.
+        self.fused_steps = compiled_or_eager(partial(critic_steps, critic), "train.compile (critic)") if compile \
+            else None
 
     def learn(self, superior_logits: Tensor, student_logits: Tensor) -> CriticStats:
         return train_critic(self.disc, self.optimizer, superior_logits, student_logits, self.steps, self.gp_weight,
-                            self.strategy, self.loss_and_grad)
+                            self.strategy, fused_steps=self.fused_steps)
 
     def optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
@@ -278,23 +377,38 @@ class Adversary(Part):
         self.optimizer.load_state_dict(state)
 
 
-def _fused_adam_step(optimizer: torch.optim.Adam, theta: Tensor, skip: Tensor) -> None:
-    """``optimizer.step()`` for a fused Adam over the one tensor ``theta``, skipped where ``skip`` is 1.
+def _not_finite(loss: Tensor, strategy: Strategy) -> Tensor:
+    """1.0 where ``loss`` (on any rank) is not finite, else 0.0: float32, as GradScaler's ``found_inf``.
 
-    Once Adam holds its state, this calls the fused kernel that ``step()`` would call, with the same state
-    tensors, and leaves out the Python around it (about 0.15 ms a call here, as much as a third of a critic
-    step). The first step, and any build without that kernel, go through ``step()``.
+    ``loss * 0 != 0`` is true exactly for inf and NaN: two operations where ``isfinite`` is five on the CPU
+    (and then a negation and a cast), in a loop where each costs more to launch than to compute.
+    """
+    if strategy.distributed:
+        return strategy.any_rank(loss.mul(0).ne(0))
+    return loss.mul(0).ne_(0).float()  # ne_ keeps loss's dtype: 0.0 or 1.0
+
+
+def _fused_adam(optimizer: torch.optim.Optimizer, theta: Tensor) -> Callable[[Tensor, Tensor], None] | None:
+    """``optimizer.step()`` for a fused Adam over the one tensor ``theta`` as a function of (gradient, skip): the
+    step is skipped on the device where ``skip`` (float32) is 1. None before Adam holds its state, for an Adam
+    that is not fused, and for a build without the kernel: call ``step()``.
+
+    It calls the fused kernel that ``step()`` would call, with the same state tensors, and leaves out the
+    Python around it (about 0.15 ms a call here, as much as a third of a critic step). ``step()`` adds 1 to
+    the step count, runs the kernel with ``found_inf`` and subtracts ``found_inf``; doing both before the kernel
+    leaves the same count, and a skipped step's kernel writes nothing.
     """
     state, group = optimizer.state.get(theta), optimizer.param_groups[0]
     kernel = getattr(torch, "_fused_adam_", None)
-    if not state or kernel is None or group["amsgrad"] or group["weight_decay"] or group["maximize"]:
-        optimizer.found_inf = skip  # float32, as GradScaler passes it
-        optimizer.step()
-        return
-    step = state["step"]
-    step.add_(1)
-    beta1, beta2 = group["betas"]
-    kernel([theta], [theta.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step], lr=group["lr"],
-           beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False,
-           grad_scale=None, found_inf=skip)
-    step.sub_(skip)  # a skipped step does not count, as in step()
+    if not state or kernel is None or not group.get("fused") or group["amsgrad"] or group["weight_decay"] or \
+            group["maximize"]:
+        return None
+    step, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+
+    def fused_step(grad: Tensor, skip: Tensor) -> None:
+        step.sub_(skip).add_(1)
+        kernel([theta], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=beta1, beta2=beta2,
+               weight_decay=0.0, eps=eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=skip)
+
+    return fused_step

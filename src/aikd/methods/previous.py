@@ -42,8 +42,8 @@ class SnapshotPrevious(FrozenCopy):
     epoch, a number the host has, decides, not ``ready``, which a GPU would have to be asked for every step.
     """
 
-    def __init__(self, student: nn.Module) -> None:
-        super().__init__(student)
+    def __init__(self, student: nn.Module, compile: bool = False) -> None:
+        super().__init__(student, compile)
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:

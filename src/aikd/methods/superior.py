@@ -33,8 +33,8 @@ class PretrainedSuperior(Part):
 class EMASuperior(EMAModel):
     """The student's EMA (updated after every optimizer step from the start), answering from ``start_epoch`` on."""
 
-    def __init__(self, student: nn.Module, decay: float, start_epoch: int) -> None:
-        super().__init__(student, decay)
+    def __init__(self, student: nn.Module, decay: float, start_epoch: int, compile: bool = False) -> None:
+        super().__init__(student, decay, compile)
         self.start_epoch = start_epoch
 
     def for_batch(self, batch: Batch) -> Tensor | None:
@@ -44,8 +44,8 @@ class EMASuperior(EMAModel):
 class MilestoneSuperior(FrozenCopy):
     """A frozen copy of the student taken when epoch ``start_epoch`` starts, answering from then on."""
 
-    def __init__(self, student: nn.Module, start_epoch: int) -> None:
-        super().__init__(student)
+    def __init__(self, student: nn.Module, start_epoch: int, compile: bool = False) -> None:
+        super().__init__(student, compile)
         self.start_epoch = start_epoch
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
 
