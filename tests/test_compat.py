@@ -79,6 +79,7 @@ RANK_SCRIPT = textwrap.dedent("""
     wrapped(torch.full((4, 3), float(info.rank))).square().sum().backward()
     first, second = everyone(model[0].weight.grad)
     assert torch.equal(first, second), "gradients were not averaged"
+    dist.barrier()  # neither rank tears gloo down while the other still sends (an abort at exit otherwise)
     dist.destroy_process_group()
     print(f"rank {info.rank} ok")
 """)
