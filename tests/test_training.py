@@ -149,6 +149,38 @@ def test_sgd_is_fused_on_cuda_only_and_a_resume_keeps_the_runs_choice():
     assert fused.param_groups[0]["fused"] is True and fused.param_groups[0]["weight_decay"] == 0.5
 
 
+def test_a_resumed_channels_last_run_keeps_its_momentum_in_the_weights_layout(tmp_path):
+    """A checkpoint stores the momentum contiguous; loaded back into a channels_last model it must take the weights'
+    strides again, which CUDA's fused SGD requires (a resumed GPU run crashed in ``_fused_sgd_`` on an H200)."""
+    from aikd.config import TrainConfig
+    from aikd.engine.checkpoint import load_checkpoint, save_checkpoint
+    from aikd.engine.optim import build_optimizer, load_optimizer_state
+
+    def step(model, optimizer):
+        model(torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 5, 3).to(memory_format=torch.channels_last)
+    cfg = TrainConfig(lr=0.1, weight_decay=5e-4, momentum=0.9)
+    optimizer = build_optimizer(model, cfg)
+    step(model, optimizer)
+    saved = save_checkpoint(tmp_path / "last.safetensors", model.state_dict(), {},
+                            {"optimizer": optimizer.state_dict()})
+    ckpt = load_checkpoint(saved)
+    before = optimizer.state[model.weight]["momentum_buffer"]
+    assert ckpt.state["optimizer"]["state"][0]["momentum_buffer"].is_contiguous()  # what a checkpoint holds
+
+    resumed = build_optimizer(model, cfg)
+    load_optimizer_state(resumed, ckpt.state["optimizer"])
+    after = resumed.state[model.weight]["momentum_buffer"]
+    assert not model.weight.is_contiguous() and after.stride() == model.weight.stride()
+    assert torch.equal(after, before)
+    step(model, resumed)  # and it still steps
+    assert torch.isfinite(model.weight).all()
+
+
 def _digits_trainer(tmp_path, *overrides: str):
     cfg = load_config(None, ["data.name=digits", "model.name=small_cnn", "train.epochs=1", "device=cpu",
                              "data.batch_size=64", *overrides])

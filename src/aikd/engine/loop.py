@@ -203,10 +203,11 @@ def end_epoch(run: Epoch, epoch: int, sums: EpochSums, elapsed: float, skipped: 
     p, state = run.parts, run.state
     sums.over_ranks(p)
     state.train_times.append(elapsed)
-    state.train_acc = float(sums.values["train.acc"]) / max(sums.seen, 1)
+    on_host = dict(zip(sums.values, torch.stack(list(sums.values.values())).tolist(), strict=True))  # one copy
+    state.train_acc = on_host["train.acc"] / max(sums.seen, 1)
     record = {"epoch": epoch + 1, "epochs": p.epochs, "lr": p.optimizer.param_groups[0]["lr"],
               "time_s": elapsed, "skipped_steps": skipped}
-    record.update({k: float(v) / max(sums.seen, 1) for k, v in sums.values.items()})
+    record.update({k: v / max(sums.seen, 1) for k, v in on_host.items()})
     bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         last = run.checkpoints.last

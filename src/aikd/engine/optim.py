@@ -62,6 +62,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     optimizer.load_state_dict(state)
     for group, keep in zip(optimizer.param_groups, chosen, strict=True):
         group.update(keep)
+    match_parameter_layout(optimizer)
+
+
+def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (SGD's momentum, Adam's moments) its parameter's strides.
+
+    A checkpoint stores tensors contiguous, so a channels_last model resumes with momentum buffers of another
+    layout than its weights and gradients. The plain and foreach SGD accept that; CUDA's fused SGD refuses it
+    ("check_fast_path_restrictions"), which crashed every resumed channels_last run on a GPU. Same values, same
+    bits: only the memory layout changes.
+    """
+    for param, slots in optimizer.state.items():
+        for key, value in slots.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                slots[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def milestone_steps(cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
