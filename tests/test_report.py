@@ -539,3 +539,54 @@ def test_report_of_several_folders_pairs_their_seeds(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert md_row(done.stdout, "Paired difference", "No Adv")[1] == "**-1.00 [-1.00, -1.00]***"
+
+
+def test_tradeoff_map_places_each_method_at_its_paired_error_ece_and_cost(sweep, tmp_path):
+    """Each point of the error-calibration map sits at the paired table's mean differences, spans its intervals,
+    and is labelled with the cost table's ratio; checked against the rendered report's numbers."""
+    import re
+
+    import matplotlib.pyplot as plt
+
+    from aikd.report.paper import tradeoff_data, tradeoff_figures
+    from aikd.report.plots import tradeoff_figure
+
+    # ECE and wall time vary by seed so that the intervals and the costs are not all the same.
+    for seed, (ece_ce, ece_pskd, t_ce, t_pskd) in enumerate([(5.0, 3.0, 100, 110), (6.0, 3.5, 100, 130),
+                                                             (7.0, 3.0, 200, 240)]):
+        for folder, ece, total in ((f"superior/run{seed}", ece_ce, t_ce), (f"c/pskd/seed{seed}/student", ece_pskd,
+                                                                            t_pskd)):
+            path = sweep / folder / "summary.json"
+            summary = json.loads(path.read_text())
+            path.write_text(json.dumps({**summary, "ece": ece, "train_time_s": total}))
+    runs, _ = collect_runs(sweep)
+    text = render(paper_tables(runs), "md")
+    points = tradeoff_data(runs)[("cifar100", "resnet18")]
+    assert [p.name for p in points] == ["PS-KD", "No Adv", "AI-KD"]
+    fig = tradeoff_figure(points)
+    ax = fig.axes[0]
+    paired = text.split("### Paired difference")[1].split("###")[0]
+    for name in ("PS-KD", "AI-KD"):
+        error_cell, ece_cell = _paired_md(paired, name)[:2]
+        error, error_low, error_high = (float(v) for v in re.findall(r"[-+]?\d+\.\d+", error_cell)[:3])
+        ece, ece_low, ece_high = (float(v) for v in re.findall(r"[-+]?\d+\.\d+", ece_cell)[:3])
+        dot = next(line for line in ax.get_lines() if line.get_gid() == name and line.get_marker() == "o")
+        assert (dot.get_xdata()[0], dot.get_ydata()[0]) == (pytest.approx(error, abs=0.006),
+                                                            pytest.approx(ece, abs=0.006))
+        spans = [coll.get_segments()[0] for coll in ax.collections if coll.get_gid() == name]
+        if name == "PS-KD":  # Top-1 error differs by -1, -1, -3: an interval on both axes
+            (x0, y0), (x1, y1) = spans[0]
+            assert (x0, x1) == (pytest.approx(error_low, abs=0.006), pytest.approx(error_high, abs=0.006))
+            assert y0 == y1 == pytest.approx(ece, abs=0.006)
+            (x0, y0), (x1, y1) = spans[1]
+            assert (y0, y1) == (pytest.approx(ece_low, abs=0.006), pytest.approx(ece_high, abs=0.006))
+    # PS-KD's cost by hand: 110/100, 130/100, 240/200 = 1.1, 1.3, 1.2 -> mean 1.20; label and cost table agree.
+    label = next(t.get_text() for t in ax.texts if t.get_gid() == "PS-KD")
+    assert label == "PS-KD (1.20x)" and md_row(text, "Training cost", "PS-KD")[1].startswith("1.20x")
+    pskd_dot = next(line for line in ax.get_lines() if line.get_gid() == "PS-KD")
+    aikd_dot = next(line for line in ax.get_lines() if line.get_gid() == "AI-KD")
+    assert pskd_dot.get_markersize() == pytest.approx(7.0 * 1.2 ** 0.5)  # area proportional to the cost
+    assert aikd_dot.get_markersize() == 5.0  # no recorded time: the plain marker, and no cost in its label
+    assert next(t.get_text() for t in ax.texts if t.get_gid() == "AI-KD") == "AI-KD"
+    plt.close(fig)
+    assert [p.name for p in tradeoff_figures(runs, tmp_path / "figs")] == ["tradeoff_cifar100_resnet18.png"]

@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format", choices=("md", "csv", "latex"), default="md", help="output format")
     p.add_argument("-o", "--out", help="write the tables to this file instead of printing them")
     p.add_argument("--plots", help="also write, per dataset and model, a reliability diagram, learning curves "
-                                   "(test error and ECE against epoch, mean over seeds with a band) and a forest plot "
-                                   "of the paired differences to the Baseline into this folder")
+                                   "(test error and ECE against epoch, mean over seeds with a band), a forest plot "
+                                   "of the paired differences to the Baseline and a map of every method's paired "
+                                   "error against its ECE, sized by cost, into this folder")
 
     p = _command(
         sub, "tsne", help="t-SNE map of penultimate features of chosen classes, one panel per model",
@@ -435,6 +436,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         paper_tables,
         reliability_figures,
         render,
+        tradeoff_figures,
     )
 
     if args.out:
@@ -452,7 +454,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(text)
     if args.plots:
         for path in [*reliability_figures(runs, args.plots), *learning_curve_figures(runs, args.plots),
-                     *forest_figures(runs, args.plots)]:
+                     *forest_figures(runs, args.plots), *tradeoff_figures(runs, args.plots)]:
             print(f"aikd report: wrote {path}", file=sys.stderr)
     return 0
 

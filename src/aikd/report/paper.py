@@ -39,6 +39,7 @@ from aikd.run_files import read_saved_config, read_summary, teacher_path
 
 if TYPE_CHECKING:  # the report imports the methods (torch) only when it reads runs
     from aikd.methods import Method
+    from aikd.report.plots import TradeoffPoint
 
 DATASET_ORDER = ("cifar100", "tiny-imagenet", "cub200", "stanford-dogs", "mit67", "fgvc-aircraft", "fashion-mnist")
 
@@ -725,6 +726,39 @@ def forest_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
 
     return [forest_plot(panels, Path(out_dir) / _figure_name("forest", dataset, model), f"{dataset} / {model}")
             for (dataset, model), panels in forest_data(runs).items()]
+
+
+TRADEOFF_METRICS = (TOP1, ECE)
+
+
+def tradeoff_data(runs: Sequence[Run]) -> dict[tuple[str, str], list[TradeoffPoint]]:
+    """Per (dataset, model), every recipe paired with the Baseline as one point of
+    :func:`aikd.report.plots.tradeoff_figure`: the paired table's mean differences in Top-1 error and ECE with
+    their 95 % intervals, and the cost table's mean wall-time ratio (None where no run recorded its time)."""
+    from aikd.report.plots import TradeoffPoint
+
+    paired, costs = paired_table(runs, TRADEOFF_METRICS), cost_table(runs)
+    cost_rows = dict(zip(costs.row_names, costs.cells, strict=True))
+    out: dict[tuple[str, str], list[TradeoffPoint]] = {}
+    for g, (dataset, model) in enumerate(_group_order(runs)):
+        points = []
+        for name, row in zip(paired.row_names, paired.cells, strict=True):
+            error, ece = row[g * len(TRADEOFF_METRICS):(g + 1) * len(TRADEOFF_METRICS)]
+            if error.mean is None or ece.mean is None:
+                continue
+            cost = cost_rows[name][g].mean if name in cost_rows else None
+            points.append(TradeoffPoint(name, error.mean, error.interval, ece.mean, ece.interval, cost))
+        if points:
+            out[(dataset, model)] = points
+    return out
+
+
+def tradeoff_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
+    """Each method as a point of error against calibration, sized by cost: one PNG per (dataset, model)."""
+    from aikd.report.plots import tradeoff_plot
+
+    return [tradeoff_plot(points, Path(out_dir) / _figure_name("tradeoff", dataset, model), f"{dataset} / {model}")
+            for (dataset, model), points in tradeoff_data(runs).items()]
 
 
 def _figure_name(kind: str, dataset: str, model: str) -> str:

@@ -1,5 +1,6 @@
-"""PNG figures of reports: learning curves, forest plots and t-SNE maps (Figure 6); the reliability diagram
-(Figures 4-5), which every run writes, lives with the calibration metrics (:mod:`aikd.metrics.reliability`).
+"""PNG figures of reports: learning curves, forest plots, the error-calibration-cost map and t-SNE maps
+(Figure 6); the reliability diagram (Figures 4-5), which every run writes, lives with the calibration metrics
+(:mod:`aikd.metrics.reliability`).
 
 matplotlib runs on its file-only Agg backend, so plots work on machines
 without a display.
@@ -8,6 +9,7 @@ without a display.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,54 @@ def forest_figure(panels: Mapping[str, Sequence[ForestRow]], title: str = ""):
 def forest_plot(panels: Mapping[str, Sequence[ForestRow]], path: str | Path, title: str = "") -> Path:
     """:func:`forest_figure`, saved as a PNG."""
     return save_figure(forest_figure(panels, title), path)
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One method in :func:`tradeoff_figure`: its paired differences to the Baseline and its cost."""
+
+    name: str
+    error: float  # mean paired difference in Top-1 error (points)
+    error_interval: tuple[float, float] | None  # its 95 % interval (None: one seed)
+    ece: float  # mean paired difference in ECE (points)
+    ece_interval: tuple[float, float] | None
+    cost: float | None  # mean training wall time over the Baseline's on the same seed, if recorded
+
+
+def tradeoff_figure(points: Sequence[TradeoffPoint], title: str = ""):
+    """Every method as a point: its paired difference to the Baseline in Top-1 error (x) against ECE (y), each
+    on its 95 % interval, the marker's area proportional to its training cost, and a label with the cost.
+
+    The question a user brings to the proxy table is which method to train; better is down and to the left,
+    and a method far from the Baseline at a small marker is cheap for its gain. Each point's artists carry its
+    name as their ``gid`` (the dot, its two interval lines and its label), so a reader of the figure (and its
+    test) finds them. Returns the matplotlib figure."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 5.4), dpi=120)
+    colours = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")
+    for i, p in enumerate(points):
+        colour = colours(i % colours.N)
+        if p.error_interval is not None:
+            ax.hlines(p.ece, *p.error_interval, color=colour, linewidth=1.2, alpha=0.7, gid=p.name)
+        if p.ece_interval is not None:
+            ax.vlines(p.error, *p.ece_interval, color=colour, linewidth=1.2, alpha=0.7, gid=p.name)
+        size = 7.0 * np.sqrt(p.cost) if p.cost is not None else 5.0
+        ax.plot([p.error], [p.ece], "o", color=colour, markersize=size, markeredgecolor="black",
+                markeredgewidth=0.5, alpha=0.85, gid=p.name)
+        label = p.name if p.cost is None else f"{p.name} ({p.cost:.2f}x)"
+        ax.annotate(label, (p.error, p.ece), xytext=(6, 5), textcoords="offset points", fontsize=8, gid=p.name)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set(xlabel="Top-1 error: method - Baseline (points; left is better)",
+           ylabel="ECE: method - Baseline (points; down is better)",
+           title=(f"{title}: " if title else "") + "paired differences, 95 % intervals; marker area = cost")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def tradeoff_plot(points: Sequence[TradeoffPoint], path: str | Path, title: str = "") -> Path:
+    """:func:`tradeoff_figure`, saved as a PNG."""
+    return save_figure(tradeoff_figure(points, title), path)
 
 
 def tsne_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str],
