@@ -139,7 +139,7 @@ class Method(nn.Module):
     # methods is aikd.methods.TABLE_ORDER, where a method not listed follows the listed ones by name):
     # - label: the method's row name in the tables (default: its registered name); report_row() names and
     #   places the rows of its settings (AI-KD's ablations) and is_ablation() keeps a setting out of Tables 2-3;
-    # - recipe_rows: recipes that are a length of training, not a setting (recipe -> (place, row name));
+    # - recipe_rows: recipes that are other runs of the method, not its settings (recipe -> (place, row name));
     # - loss_terms(): the terms its runs trained with (tests/test_meta_device.py holds them to the step's);
     # - ablation: a table of its own that switches its loss terms on and off (AI-KD's Table 4), or None;
     # - calibration_figure: its own recipe (named after it) is drawn also after temperature scaling in the
