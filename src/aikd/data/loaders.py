@@ -220,33 +220,43 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> tuple[Tensor, int, int]:
+        epoch, index, repeat = (*key, 0)[:3] if isinstance(key, tuple) else (0, key, 0)
         path: Path = self.split.paths[index]
         img = read_rgb(path)
         if self.seed is None:
             return self.transform(img), int(self.split.labels[index]), index
         with torch.random.fork_rng(devices=[]):  # the process's own stream (the main one, without workers) stays
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.manual_seed(sample_seed(self.seed, epoch, index, repeat))
             return self.transform(img), int(self.split.labels[index]), index
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's augmentation in one epoch: distinct for every (seed, epoch, index)."""
-    return ((seed * 1_000_003 + epoch) * 2_147_483_659 + index) % 2**63
+def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
+    """The seed of one sample's augmentation in one epoch: distinct for every (seed, epoch, index), and for
+    every ``repeat``, the sample's earlier copies in the same batch (DDGSD's two views, a CS-KD partner that
+    is its anchor): each copy is a view of its own, as in the in-memory augmentation."""
+    base = ((seed * 1_000_003 + epoch) * 2_147_483_659 + index) % 2**63
+    return base if repeat == 0 else (base * 1_000_033 + repeat) % 2**63
 
 
 class EpochKeys:
-    """A batch sampler's batches as (epoch, index) keys, for a dataset that draws per sample
-    (:class:`ImageFileDataset`); runs in the main process, so it sees each ``set_epoch``."""
+    """A batch sampler's batches as (epoch, index, repeat) keys, for a dataset that draws per sample
+    (:class:`ImageFileDataset`); runs in the main process, so it sees each ``set_epoch``. ``repeat`` counts the
+    index's earlier copies in the same batch, so that copies get views of their own."""
 
     def __init__(self, batches: ResumableBatchSampler) -> None:
         self.batches = batches
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         epoch = self.batches.epoch
         for batch in self.batches:
-            yield [(epoch, int(i)) for i in batch]
+            seen: dict[int, int] = {}
+            keys = []
+            for i in batch:
+                i = int(i)
+                keys.append((epoch, i, seen.get(i, 0)))
+                seen[i] = seen.get(i, 0) + 1
+            yield keys
 
     def __len__(self) -> int:
         return len(self.batches)
