@@ -14,7 +14,8 @@ from aikd.engine import Trainer
 from aikd.errors import AikdError
 from aikd.evaluation import load_model, penultimate_features
 from aikd.metrics.calibration import reliability_bins
-from aikd.report.paper import collect_runs, reliability_figures
+from aikd.report.figures import reliability_figures
+from aikd.report.runs import collect_runs
 from aikd.report.tsne import tsne_plot
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=3"]

@@ -19,7 +19,8 @@ from aikd.config import load_config
 from aikd.engine import Trainer
 from aikd.methods import METHODS, TABLE_ORDER, Batch, Method, StepOutput, register_method, table_rank
 from aikd.methods.base import weight
-from aikd.report.paper import collect_runs, paper_tables
+from aikd.report.paper import paper_tables
+from aikd.report.runs import collect_runs
 from helpers import check_loss_records
 
 NAME = "smoothing_test"

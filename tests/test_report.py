@@ -18,7 +18,10 @@ import yaml
 
 from aikd.engine.sweep import parse_grid
 from aikd.errors import AikdError
-from aikd.report.paper import collect_runs, learning_curve_data, learning_curve_figures, paper_tables, render
+from aikd.report.figures import learning_curve_data, learning_curve_figures
+from aikd.report.paper import paper_tables
+from aikd.report.render import render
+from aikd.report.runs import collect_runs
 from aikd.report.stats import paired_difference
 
 
@@ -412,7 +415,7 @@ def test_forest_plot_draws_the_paired_tables_intervals(sweep, tmp_path):
 
     import matplotlib.pyplot as plt
 
-    from aikd.report.paper import forest_data, forest_figures
+    from aikd.report.figures import forest_data, forest_figures
     from aikd.report.plots import forest_figure
 
     runs, _ = collect_runs(sweep)
@@ -471,7 +474,7 @@ def _run_on_subset(root: Path, recipe: str, method: str, seed: int, subset: int,
 
 def test_table4_steps_pair_by_seed_and_subset_and_give_the_papers_verdict(tmp_path):
     from aikd.methods import METHODS
-    from aikd.report.paper import steps_table
+    from aikd.report.tables import steps_table
 
     aikd = METHODS.get("aikd")  # the steps are AI-KD's (AIKD.ablation), the report's for any method declaring some
     # Seeds 0-2 on subset 0, seeds 5-6 each on its own subset; seed 0 also on subset 9 (a different draw).
@@ -548,7 +551,7 @@ def test_tradeoff_map_places_each_method_at_its_paired_error_ece_and_cost(sweep,
 
     import matplotlib.pyplot as plt
 
-    from aikd.report.paper import tradeoff_data, tradeoff_figures
+    from aikd.report.figures import tradeoff_data, tradeoff_figures
     from aikd.report.plots import tradeoff_figure
 
     # ECE and wall time vary by seed so that the intervals and the costs are not all the same.

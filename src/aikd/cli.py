@@ -303,7 +303,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from aikd.engine.pipeline import run_pipeline
-    from aikd.report.tables import markdown_table
+    from aikd.report.render import markdown_table
 
     config = CONFIG_ROOT / "fmnist_proxy" / "aikd.yaml"
     # A finished run of another config in OUT is refused, not replaced (--overwrite replaces it); an unfinished
@@ -429,15 +429,10 @@ def _slurm_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from aikd.report.paper import (
-        collect_runs,
-        forest_figures,
-        learning_curve_figures,
-        paper_tables,
-        reliability_figures,
-        render,
-        tradeoff_figures,
-    )
+    from aikd.report.figures import forest_figures, learning_curve_figures, reliability_figures, tradeoff_figures
+    from aikd.report.paper import paper_tables
+    from aikd.report.render import render
+    from aikd.report.runs import collect_runs
 
     if args.out:
         check_output_file(args.out, "report file", example=f"tables.{'tex' if args.format == 'latex' else args.format}")

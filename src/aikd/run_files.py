@@ -2,7 +2,7 @@
 
 The one reader of them for every command that looks into a run folder: the pipeline and the sweep
 (is this run finished with this config? src/aikd/engine/pipeline.py) and the report
-(src/aikd/report/paper.py). A damaged file, whatever is wrong with it (cut short, not JSON or YAML,
+(src/aikd/report/runs.py). A damaged file, whatever is wrong with it (cut short, not JSON or YAML,
 not a mapping, unreadable), is one error naming it and what to do, never a parser's traceback.
 """
 

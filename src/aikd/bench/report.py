@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from aikd.report.tables import pipe_table
+from aikd.report.render import pipe_table
 
 
 def cpu_model() -> str:
