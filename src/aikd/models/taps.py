@@ -4,7 +4,7 @@ A method that needs more than the logits (Zipf's label smoothing ranks the class
 USKD's weak head reads an intermediate stage) hooks the *bare* student it is given at construction
 (``MethodContext.student``). The hook belongs to that module, so it fires however the module is called: by
 the loop through a DDP or ``torch.compile`` wrapper (Dynamo traces the hook into the graph and returns the
-caught tensor as one more output: no graph break, tests/test_zipf_taps.py), or by a user's own loop.
+caught tensor as one more output: no graph break, tests/test_taps.py), or by a user's own loop.
 
 A tap catches only while armed, inside :meth:`Tap.capture`, so evaluation's forwards and any other call of
 the model store nothing; :meth:`Tap.take` hands the tensor over and forgets it. A tap therefore holds a
@@ -119,13 +119,16 @@ def global_pool(model: nn.Module) -> nn.Module | None:
 
 
 def head_of(model: nn.Module) -> nn.Linear:
-    """The linear layer that maps pooled features to logits: ``model.head`` (aikd's models), timm's classifier."""
-    head = getattr(model, "head", None)
-    if head is None and hasattr(getattr(model, "net", None), "get_classifier"):
-        head = model.net.get_classifier()
-    if not isinstance(head, nn.Linear):
-        raise ConfigError(f"{model_label(model)}: no linear classifier head found (model.head or timm's "
-                          "get_classifier()) to apply at every location of a feature map.")
+    """The linear layer that maps pooled features to logits: ``model.head`` (aikd's models), timm's classifier,
+    or torchvision's ``fc`` / ``classifier``."""
+    net = getattr(model, "net", None)
+    candidates = [getattr(model, name, None) for name in ("head", "fc", "classifier")]
+    if hasattr(net, "get_classifier"):
+        candidates.append(net.get_classifier())
+    head = next((m for m in candidates if isinstance(m, nn.Linear)), None)
+    if head is None:
+        raise ConfigError(f"{model_label(model)}: no linear classifier head found (model.head, fc, classifier or "
+                          "timm's get_classifier()) to apply at every location of a feature map.")
     return head
 
 
