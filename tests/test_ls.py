@@ -53,9 +53,9 @@ def test_gradient_is_softmax_minus_the_smoothed_label():
 
 
 def test_config_ranges():
-    with pytest.raises(ConfigError, match="ls.smoothing"):
+    with pytest.raises(ConfigError, match=r"ls\.smoothing"):
         LSConfig(smoothing=1.0)
-    with pytest.raises(ConfigError, match="ls.smoothing"):
+    with pytest.raises(ConfigError, match=r"ls\.smoothing"):
         LSConfig(smoothing=-0.1)
 
 

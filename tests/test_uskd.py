@@ -80,7 +80,7 @@ def reference(logits, weak, gt, alpha=0.1, beta=0.1, mu=0.1, student_log=True):
 
 
 def check(terms, expected):
-    for key, value in zip(("target", "non_target", "weak"), expected):
+    for key, value in zip(("target", "non_target", "weak"), expected, strict=True):
         assert terms[key].item() == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
@@ -240,3 +240,16 @@ def test_trains_one_epoch_in_aikds_loop(tmp_path):
     summary = Trainer(load_config(None, overrides), tmp_path, quiet=True).fit()
     assert summary["method"] == "uskd"
     check_loss_records(tmp_path / "metrics.jsonl", {"ce", "target", "non_target", "weak"}, epochs=1)
+
+
+def test_a_step_with_mixed_labels_has_no_host_sync():
+    """tests/test_host_syncs.py mixes batches for a few methods only; USKD's mixed path (top-2 labels) here."""
+    from aikd.bench.syncs import SyncCounter
+
+    model, method = method_on("small_cnn", 8, 1)
+    labels = torch.tensor([1, 2, 3, 4])
+    mixed = 0.6 * F.one_hot(labels, 10) + 0.4 * F.one_hot(labels.flip(0), 10)
+    with SyncCounter() as counter:
+        out = method.training_step(model, Batch(torch.randn(4, 1, 8, 8), mixed, torch.arange(4), 0, 0))
+        sum(out.losses.values()).backward()
+    assert counter.total == 0, counter.facts(1)

@@ -232,3 +232,18 @@ def test_trains_one_epoch_in_aikds_loop(tmp_path):
     summary = Trainer(load_config(None, overrides), tmp_path, quiet=True).fit()
     assert summary["method"] == "zipfls"
     check_loss_records(tmp_path / "metrics.jsonl", {"ce", "zipf"}, epochs=1)
+
+
+@pytest.mark.parametrize("targets", ["labels", "mixed"])
+def test_a_dense_step_has_no_host_sync(targets):
+    """The proxy configs (tests/test_host_syncs.py) run small_cnn, which ranks from logits: the dense path here."""
+    from aikd.bench.syncs import SyncCounter
+
+    model, method = method_on("preact_resnet18", 8, 3)
+    labels = torch.tensor([1, 2, 3, 4])
+    y = labels if targets == "labels" else 0.6 * F.one_hot(labels, 10) + 0.4 * F.one_hot(labels.flip(0), 10)
+    batch = Batch(torch.randn(4, 3, 8, 8), y, torch.arange(4), 0, 0)
+    with SyncCounter() as counter:
+        out = method.training_step(model, batch)
+        sum(out.losses.values()).backward()
+    assert counter.total == 0, counter.facts(1)

@@ -35,8 +35,15 @@ from aikd.methods.base import Batch, Method, MethodContext, StepOutput, non_nega
 from aikd.methods.functional import one_hot
 from aikd.methods.zipfls import non_target_log_softmax
 from aikd.models.preact_resnet import PreActResNetFeatures
-from aikd.models.taps import Tap, describe_names, find_module, is_flattening_classifier, model_label, \
-    output_channels, pooled
+from aikd.models.taps import (
+    Tap,
+    describe_names,
+    find_module,
+    is_flattening_classifier,
+    model_label,
+    output_channels,
+    pooled,
+)
 
 RankStudent = Literal["log_softmax", "softmax"]
 WEAK_SMOOTHING = 0.1  # the weak head's label smoothing (uskd.py:59-61)
@@ -67,7 +74,7 @@ def uskd_terms(logits: Tensor, weak_logits: Tensor, targets: Tensor, alpha: floa
                ) -> dict[str, Tensor]:
     """{"target": alpha mean L_t, "non_target": beta mean L_n, "weak": mean L_w} (the CE term is the caller's)."""
     logits, weak_logits = logits.float(), weak_logits.float()
-    n, c = logits.shape
+    c = logits.shape[1]
     labels, values = label_columns(targets)
     log_s = F.log_softmax(logits, dim=1)
     log_s_t = log_s.gather(1, labels)

@@ -32,8 +32,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aikd.errors import ConfigError
-from aikd.methods.base import Batch, Method, MethodContext, StepOutput, hard_labels, non_negative, positive, \
-    register_method
+from aikd.methods.base import (
+    Batch,
+    Method,
+    MethodContext,
+    StepOutput,
+    hard_labels,
+    non_negative,
+    positive,
+    register_method,
+)
 from aikd.methods.functional import kl_per_sample, masked_mean, one_hot
 from aikd.models.taps import Tap, find_module, global_pool, head_of, is_flattening_classifier, model_label
 

@@ -133,7 +133,8 @@ def head_of(model: nn.Module) -> nn.Linear:
 
 
 def pooled(features: Tensor) -> Tensor:
-    """A caught tensor as one vector per sample: (N, C, H, W) -> spatial mean, (N, L, C) tokens -> mean, (N, C) as is."""
+    """A caught tensor as one vector per sample: (N, C, H, W) -> spatial mean, (N, L, C) tokens -> mean, (N, C)
+    as it is."""
     if features.ndim == 4:
         return features.mean((2, 3))
     if features.ndim == 3:
