@@ -199,7 +199,7 @@ def test_a_model_without_global_avg_pool_must_name_its_layer():
     from torchvision.models import resnet18
 
     model = resnet18(num_classes=10)
-    with pytest.raises(ConfigError, match=r"ResNet has no aikd GlobalAvgPool.*zipfls.dense_layer.*dense: false"):
+    with pytest.raises(ConfigError, match=r"ResNet has no aikd GlobalAvgPool.*zipfls.dense_layer.*zipfls.dense: false"):
         ZipfLSLoss(model)
     loss = ZipfLSLoss(model, dense_layer="layer4", upsample="none")  # named: the head (fc) at every location
     model.eval()
@@ -208,6 +208,15 @@ def test_a_model_without_global_avg_pool_must_name_its_layer():
     assert torch.isfinite(loss(logits, torch.tensor([1, 2])))
     with pytest.raises(ConfigError, match="no module 'layer9'"):
         ZipfLSLoss(model, dense_layer="layer9")
+
+
+def test_a_timm_model_must_name_its_layer():
+    pytest.importorskip("timm")
+    model = build_model("timm/resnet10t", 10, 3, 32)
+    with pytest.raises(ConfigError, match=r"timm/resnet10t has no aikd GlobalAvgPool.*zipfls.dense_layer"):
+        METHODS.get("zipfls")(ZipfLSConfig(), MethodContext(num_classes=10, num_train=8, epochs=1, student=model))
+    loss = ZipfLSLoss(model, dense_layer="net.layer4")
+    assert loss.votes.head is model.net.get_classifier()
 
 
 def test_drop_in_loss_in_a_plain_loop():

@@ -128,8 +128,8 @@ class DenseVotes:
                 raise ConfigError(
                     f"{model_label(model)} has no aikd GlobalAvgPool layer, whose input would be the map before "
                     f"global pooling: set {key} to the module whose output is that (N, C, H, W) map (a name from "
-                    f"model.named_modules(), e.g. the last stage of a timm CNN), or set the method's `dense: "
-                    f"false` to rank from the final logits.")
+                    f"model.named_modules(), e.g. net.layer4, the last stage of a timm ResNet), or set zipfls.dense: "
+                    f"false (ZipfLSLoss(dense=False)) to rank from the final logits.")
             self.tap, self.where = Tap(pool, input=True), "the input of the global pooling"
         else:
             self.tap, self.where = Tap(find_module(model, layer, key)), f"the output of {layer}"
