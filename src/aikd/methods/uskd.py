@@ -62,6 +62,13 @@ def label_columns(targets: Tensor) -> tuple[Tensor, Tensor]:
     return targets.unsqueeze(1), torch.ones(targets.shape[0], 1, device=targets.device)
 
 
+def take_columns(values: Tensor, labels: Tensor) -> Tensor:
+    """``values.gather(1, labels)`` as a masked sum: (N, C), (N, K) -> (N, K). A gather's backward scatters with
+    atomics on CUDA; a product and a sum are deterministic everywhere."""
+    picks = labels.unsqueeze(2) == torch.arange(values.shape[1], device=values.device)
+    return (values.unsqueeze(1) * picks).sum(dim=2)
+
+
 def zipf_by_place(scores: Tensor, power: float = 1.0) -> Tensor:
     """place^-power of every class, its place (1-based, ties in sort order) in the row sorted descending."""
     order = scores.argsort(dim=1, descending=True)
@@ -77,7 +84,7 @@ def uskd_terms(logits: Tensor, weak_logits: Tensor, targets: Tensor, alpha: floa
     c = logits.shape[1]
     labels, values = label_columns(targets)
     log_s = F.log_softmax(logits, dim=1)
-    log_s_t = log_s.gather(1, labels)
+    log_s_t = take_columns(log_s, labels)
     with torch.no_grad():
         s_t2 = log_s_t.exp() ** 2
         p_t = (s_t2 + values - s_t2.mean(dim=0, keepdim=True)).where(values != 0, torch.zeros_like(s_t2))
@@ -91,8 +98,8 @@ def uskd_terms(logits: Tensor, weak_logits: Tensor, targets: Tensor, alpha: floa
     with torch.no_grad():
         w = log_w.exp()
         student = log_s if rank_student == "log_softmax" else log_s.exp()
-        score = (w / (1 - w.gather(1, labels).sum(1, keepdim=True) + RANK_EPS)
-                 + student / (1 - student.gather(1, labels).sum(1, keepdim=True) + RANK_EPS))
+        score = (w / (1 - take_columns(w, labels).sum(1, keepdim=True) + RANK_EPS)
+                 + student / (1 - take_columns(student, labels).sum(1, keepdim=True) + RANK_EPS))
         target_mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, labels, True)
         z = zipf_by_place(score, power).masked_fill(target_mask, 0.0)
         z = z / z.sum(dim=1, keepdim=True)

@@ -62,10 +62,14 @@ def rank_min(scores: Tensor) -> Tensor:
 
 
 def dense_votes(dense_logits: Tensor, num_classes: int) -> Tensor:
-    """(N, L, C) per-location logits -> (N, C) float votes: how many of the L locations have c as arg-max."""
+    """(N, L, C) per-location logits -> (N, C) float votes: how many of the L locations have c as arg-max.
+
+    Counted by comparison (an (N, L, C) boolean, 0.8 MB for a CIFAR batch), not ``scatter_add_``, whose CUDA
+    kernel accumulates with atomics and so is not on every torch's list of deterministic algorithms.
+    """
     winners = dense_logits.argmax(dim=2)
-    votes = torch.zeros(winners.shape[0], num_classes, dtype=torch.float32, device=winners.device)
-    return votes.scatter_add_(1, winners, torch.ones_like(winners, dtype=torch.float32))
+    classes = torch.arange(num_classes, device=winners.device)
+    return (winners.unsqueeze(2) == classes).sum(dim=1).to(torch.float32)
 
 
 def zipf_non_target(scores: Tensor, labels: Tensor, power: float = 1.0) -> Tensor:
