@@ -55,9 +55,10 @@ RANK_EPS = 1e-6  # uskd.py:73
 
 def label_columns(targets: Tensor) -> tuple[Tensor, Tensor]:
     """(labels, weights) of each sample: (N, 1) and ones for class indices; the two largest classes of a mixed
-    (N, C) label and their weights (uskd.py:33-39)."""
+    (N, C) label and their weights (uskd.py:33-39). A sample mixed with its own class has one class; its second
+    column is then the first class of weight 0 (a stable sort: the official unstable one picks any)."""
     if targets.ndim == 2:
-        values, labels = targets.float().sort(dim=1, descending=True)
+        values, labels = targets.float().sort(dim=1, descending=True, stable=True)
         return labels[:, :2], values[:, :2]
     return targets.unsqueeze(1), torch.ones(targets.shape[0], 1, device=targets.device)
 
