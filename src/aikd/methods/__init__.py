@@ -13,7 +13,9 @@ from aikd.methods.base import METHODS, Batch, Method, MethodContext, StepOutput,
 
 # The order of the methods' rows in aikd report's tables (the paper's Table 2, then the methods it adds), the
 # one place it is written; a method not listed follows the listed ones, by name.
-TABLE_ORDER = ("ce", "kd", "tfkd_self", "tfkd_reg", "cskd", "pskd", "dkd", "aekt", "bss", "amkd", "aikd")
+# Label regularisers, then the self-KD methods by year, then the teacher-student ones, then AI-KD.
+TABLE_ORDER = ("ce", "kd", "tfkd_self", "tfkd_reg", "ls", "zipfls", "ddgsd", "cskd", "pskd", "bake", "uskd",
+               "dkd", "aekt", "bss", "amkd", "aikd")
 
 
 def table_rank(name: str) -> tuple[int, str]:
