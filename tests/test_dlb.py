@@ -91,7 +91,7 @@ def test_rows_without_a_stored_prediction_add_nothing_even_if_it_is_not_finite(l
     last = last.clone()
     last[1] = float("nan")
     found = torch.tensor([True, False, True, True])
-    ce, kl = dlb_loss(new, y_new, shared, y_shared, last, found)
+    _, kl = dlb_loss(new, y_new, shared, y_shared, last, found)
     kl.backward()
     assert torch.isfinite(kl) and torch.isfinite(shared.grad).all() and torch.equal(shared.grad[1], torch.zeros(5))
     nothing = dlb_loss(new, y_new, shared, y_shared, last, torch.zeros(4, dtype=torch.bool))[1]
@@ -99,7 +99,7 @@ def test_rows_without_a_stored_prediction_add_nothing_even_if_it_is_not_finite(l
 
 
 def test_mixed_soft_targets_give_the_soft_cross_entropy(logits):
-    new, y_new, shared, y_shared, last = logits
+    new, _, shared, _, last = logits
     soft = torch.softmax(torch.randn(8, 5, dtype=torch.float64), 1)
     ce, _ = dlb_loss(new, soft[:4], shared, soft[4:], last, torch.ones(4, dtype=torch.bool))
     rows = np.concatenate([shared.numpy(), new.numpy()])
@@ -127,7 +127,7 @@ def test_pad_layout_every_sample_new_once_the_last_chunk_padded_and_the_epoch_bo
         assert all(len(batch) == 2 * b for batch in batches)
         new = [batch[:b] for batch in batches]
         order = torch.randperm(n, generator=torch.Generator().manual_seed(5 * 1_000_003 + epoch)).tolist()
-        assert sum(new, []) == order + order[:2]  # each sample new once, then the 2 pads
+        assert [i for chunk in new for i in chunk] == order + order[:2]  # each sample new once, then the 2 pads
         for i, batch in enumerate(batches):
             if i > 0:
                 assert batch[b:] == new[i - 1]  # the shared half: the previous batch's new half, in its order
@@ -144,7 +144,7 @@ def test_partial_layout_is_the_official_one():
     assert [len(x) for x in epochs[1]] == [4 + 2, 8, 4 + 2]  # the next epoch's first: 4 new + the 2
     assert epochs[1][0][4:] == epochs[0][-1][:2]
     for batches in epochs:  # new samples: 4, 4, 2 per step; each sample new once per epoch
-        assert sorted(sum((batch[:m] for batch, m in zip(batches, [4, 4, 2], strict=True)), [])) == list(range(n))
+        assert sorted(i for batch, m in zip(batches, [4, 4, 2], strict=True) for i in batch[:m]) == list(range(n))
 
 
 def test_batches_depend_only_on_seed_and_epoch():
@@ -274,14 +274,14 @@ def test_partial_layout_is_refused_with_several_processes_and_with_mixing():
     class TwoRanks:
         rank, world_size = 0, 2
 
-    with pytest.raises(ConfigError, match="dlb.last_batch=partial .* needs one process"):
+    with pytest.raises(ConfigError, match=r"dlb\.last_batch=partial .* needs one process"):
         DLB(DLBConfig(last_batch="partial"), MethodContext(num_classes=3, num_train=10, epochs=1,
                                                            strategy=TwoRanks()))
     method = _method(last_batch="partial")
     soft = torch.full((4, 3), 1 / 3)
     with pytest.raises(ConfigError, match="cannot be mixed"):
         method.training_step(nn.Linear(6, 3), Batch(torch.randn(4, 6), soft, torch.arange(4), 0, 0))
-    with pytest.raises(ConfigError, match="dlb.last_batch"):
+    with pytest.raises(ConfigError, match=r"dlb\.last_batch"):
         DLBConfig(last_batch="drop")
 
 

@@ -120,10 +120,9 @@ class LastBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         chunks = self.chunks(self.epoch)
-        if self.epoch > 0:
-            shared = self.chunks(self.epoch - 1)[-1]
-        else:
-            shared = chunks[0] if self.last_batch == "pad" else []
+        # the previous epoch's last chunk; before the run's first batch none (pad: its own new chunk, unread)
+        first = chunks[0] if self.last_batch == "pad" else []
+        shared = self.chunks(self.epoch - 1)[-1] if self.epoch > 0 else first
         for new in chunks:
             yield new + shared
             shared = new
