@@ -14,7 +14,7 @@ from aikd.methods.base import METHODS, Batch, Method, MethodContext, StepOutput,
 # The order of the methods' rows in aikd report's tables (the paper's Table 2, then the methods it adds), the
 # one place it is written; a method not listed follows the listed ones, by name.
 # Label regularisers, then the self-KD methods by year, then the teacher-student ones, then AI-KD.
-TABLE_ORDER = ("ce", "kd", "tfkd_self", "tfkd_reg", "ls", "zipfls", "ddgsd", "cskd", "pskd", "bake", "uskd",
+TABLE_ORDER = ("ce", "kd", "tfkd_self", "tfkd_reg", "ls", "zipfls", "ddgsd", "cskd", "pskd", "bake", "dlb", "uskd",
                "dkd", "aekt", "bss", "amkd", "aikd")
 
 
