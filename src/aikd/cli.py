@@ -569,13 +569,26 @@ def _resolve_configs(args: argparse.Namespace) -> None:
         args.config = str(resolve_config(config))
 
 
+def _leave_process_group(succeeded: bool) -> None:
+    """A rank started by torchrun leaves its group before it exits (aikd.distributed.shutdown says why).
+
+    Only a command that built a run can have joined one; the others never imported torch.distributed.
+    """
+    if "aikd.distributed" in sys.modules:
+        from aikd import distributed
+
+        distributed.shutdown(together=succeeded)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(build_parser(), argv)
     args.argv = argv
+    code = 1
     try:
         _resolve_configs(args)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        return code
     except AikdError as err:  # a stopped run (exit 128 + N) or a message naming the problem (exit 2)
         return exit_code(err)
     except BrokenPipeError:  # the reader left early (aikd configs | head): not an error of ours
@@ -593,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aikd: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group(succeeded=code == 0)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         facts = method_syncs(name, args.set, args.device, args.work)
         if info.is_main:
             print(json.dumps({"method": name, "world_size": info.world_size, **facts}), flush=True)
-    distributed.shutdown()
+    distributed.shutdown(together=True)
     return 0
 
 
