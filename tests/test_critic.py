@@ -1,9 +1,10 @@
 """The closed-form critic (aikd.methods.critic) against double-backward autograd, and against hand values.
 
-The reference (tests/critic_reference.py) is the critic as aikd trained it before: ordinary layers and
-``torch.autograd.grad(create_graph=True)``. Every comparison runs in float64 on random inputs, with
-BatchNorm in training mode, so that a wrong sign, a missing square or a dropped BatchNorm term shows as a
-difference many orders of magnitude above rounding.
+The reference is the package's general path, the critic as aikd trained it before: ordinary layers
+(``LayeredCritic``) and ``torch.autograd.grad(create_graph=True)`` (``critic_loss``), stepped here by a plain
+torch.optim.Adam (``reference_steps``) and in the package by ``train_critic``. Every comparison runs in
+float64 on random inputs, with BatchNorm in training mode, so that a wrong sign, a missing square or a dropped
+BatchNorm term shows as a difference many orders of magnitude above rounding.
 """
 
 from __future__ import annotations
@@ -15,10 +16,25 @@ import pytest
 import torch
 
 from aikd.methods.aikd import adversarial_loss
-from aikd.methods.critic import Critic, critic_optimizer, train_critic
-from critic_reference import ReferenceCritic, critic_loss, reference_steps
+from aikd.methods.critic import Critic, LayeredCritic, critic_loss, critic_optimizer, train_critic
 
 F64 = torch.float64
+ReferenceCritic = LayeredCritic.from_critic  # the same function and weights, from ordinary layers
+
+
+def reference_steps(critic: LayeredCritic, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor,
+                    gp_weight: float, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> list[tuple]:
+    """len(eps) steps of a plain torch.optim.Adam on autograd's L_D; each step's (L_D, gap, gp, gradient) before
+    its update (independent of train_critic's loop: its own Adam, the interpolation weights given)."""
+    optimizer = torch.optim.Adam(critic.parameters(), lr=lr, betas=betas)
+    out = []
+    for e in eps:
+        optimizer.zero_grad(set_to_none=True)
+        stats = critic_loss(critic, real, fake, e, gp_weight)
+        stats.loss.backward()
+        out.append((stats.loss.detach(), stats.gap, stats.gp, critic.flat_grad().clone()))
+        optimizer.step()
+    return out
 
 
 def random_critic(num_classes: int, norm: str, reduce: str = "mean", seed: int = 0) -> Critic:
@@ -44,7 +60,8 @@ def test_loss_penalty_and_gradient_equal_double_backward_autograd(num_classes, n
     eps = torch.rand(48, 1, dtype=F64, generator=torch.Generator().manual_seed(3))
 
     grad, stats = critic.loss_and_grad(real, fake, eps, 10.0)
-    loss, gap, gp = critic_loss(reference, real, fake, eps, 10.0)
+    stats = critic_loss(reference, real, fake, eps, 10.0)
+    loss, gap, gp = stats.loss, stats.gap, stats.gp
     loss.backward()
 
     assert gp.item() > 1e-3  # a penalty far from 0, so its gradient matters

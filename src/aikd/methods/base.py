@@ -29,9 +29,10 @@ What a method may need beyond that:
   they are not part of the model, so inference never sees them;
 * a different batch sampler (CS-KD's class-wise pairs): override
   :meth:`Method.batch_sampler`;
-* checkpointing: ``state_dict()`` (parameters and buffers) plus
-  :meth:`Method.extra_state` (a private optimizer's state) are saved with every
-  checkpoint and restored on resume.
+* checkpointing: ``state_dict()`` is saved with every checkpoint and restored on
+  resume: parameters and buffers, and what is neither (a private optimizer's state,
+  a number the host keeps) as nn.Module's own extra state (``get_extra_state`` /
+  ``set_extra_state``) of the method or of the part that owns it, as for a drop-in loss.
 
 The student is *not* a sub-module (its weights belong to the run, not to the
 method); it is passed to :meth:`Method.training_step` on every call, wrapped as
@@ -231,12 +232,11 @@ class Method(nn.Module):
         """Values the method derived from the run (not set in the config) that its summary.json should record."""
         return {}
 
-    def extra_state(self) -> dict[str, Any]:
-        """State outside ``state_dict()``, such as a private optimizer's."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned."""
+    def upgrade_state_dict(self, state: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict()`` of a checkpoint written before issue 34, when the engine saved a method's extra state
+        apart (``method_extra``), in today's layout: ``extra`` becomes the method's own extra state. A method whose
+        extra state moved into one of its parts (AI-KD's critic optimizer) overrides this."""
+        return {**state, "_extra_state": extra} if extra else state
 
 
 class Part(nn.Module):
