@@ -508,3 +508,35 @@ def test_in_run_copies_answer_from_their_epoch_and_a_resumed_milestone_keeps_its
     assert torch.equal(milestone.model.weight, torch.ones(2, 3))
     torch.testing.assert_close(milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0)),
                                images @ torch.ones(3, 2) + milestone.model.bias)
+
+
+def test_a_subclass_trains_ai_kd_with_a_critic_of_its_own():
+    """AIKD.build_critic is the hook for another critic: it trains by autograd in the method's own steps."""
+
+    class DeeperCriticAIKD(AIKD):
+        def build_critic(self) -> nn.Module:
+            c = self.ctx.num_classes
+            return nn.Sequential(nn.Linear(c, 16), nn.LeakyReLU(0.2), nn.Linear(16, 16), nn.LeakyReLU(0.2),
+                                 nn.Linear(16, 1), nn.Flatten(0))
+
+    torch.manual_seed(0)
+    student, superior = nn.Linear(6, 4), nn.Linear(6, 4).requires_grad_(False)
+    with torch.no_grad():
+        superior.bias.copy_(torch.tensor([3.0, -3.0, 3.0, -3.0]))  # logits the critic can tell from the student's
+    method = DeeperCriticAIKD(AIKDConfig(disc_lr=1e-2, critic_steps=2),
+                              MethodContext(num_classes=4, num_train=32, epochs=1, teacher=superior))
+    start = [p.clone() for p in method.adversary.disc.parameters()]
+    x, y = torch.randn(32, 6), torch.arange(32) % 4
+    gaps = []
+    for step in range(6):
+        batch = Batch(x, y, torch.arange(32), 0, step)
+        out = method.training_step(student, batch)
+        method.update_auxiliary(batch, out)
+        gaps.append(out.stats["critic_gap"].item())
+        sum(out.losses.values()).backward()
+        method.on_step_end(student, batch, out)
+    assert "adv" in out.losses and student.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in method.adversary.disc.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(start, method.adversary.disc.parameters(), strict=True))
+    assert gaps[-1] > gaps[0], gaps
+    assert "adversary._extra_state" in method.state_dict()  # its Adam travels with the method's state

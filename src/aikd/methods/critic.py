@@ -318,7 +318,8 @@ def autograd_steps(critic: nn.Module, optimizer: torch.optim.Optimizer, real: Te
                    gp_weight: float, strategy: Strategy = SINGLE_PROCESS) -> CriticStats:
     """``len(eps)`` steps of any critic module on L_D: :func:`critic_loss`, backward, the gradients averaged over
     the ranks, and ``optimizer.step()`` unless L_D is not finite on some rank (decided on the host: this path is
-    for generality, not speed). The weights take gradients only here: outside, they are constants (L_A)."""
+    for generality, not speed). The weights take gradients only here: outside, they are constants (L_A) and hold
+    no gradient."""
     params = list(critic.parameters())
     wanted = [p.requires_grad for p in params]
     stats = None
@@ -332,6 +333,7 @@ def autograd_steps(critic: nn.Module, optimizer: torch.optim.Optimizer, real: Te
                 strategy.average_gradients(params)
                 if not bool(_not_finite(stats.loss.detach(), strategy)):
                     optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # no gradient outside its steps
     finally:
         for p, flag in zip(params, wanted, strict=True):
             p.requires_grad_(flag)
