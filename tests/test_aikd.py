@@ -27,11 +27,11 @@ from aikd.methods.aikd import (
     guide_loss,
     progressive_loss,
 )
-from aikd.methods.base import Batch, MethodContext
+from aikd.methods.base import Batch, MethodContext, Source, Targets
 from aikd.methods.critic import Critic, critic_optimizer, train_critic
 from aikd.methods.ema import ema_update
-from aikd.methods.previous import SnapshotPrevious
-from aikd.methods.superior import MilestoneSuperior
+from aikd.methods.previous import BufferPrevious, SnapshotPrevious
+from aikd.methods.superior import EMASuperior, MilestoneSuperior, PretrainedSuperior
 from aikd.models import build_model
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=2"]
@@ -495,18 +495,22 @@ def test_in_run_copies_answer_from_their_epoch_and_a_resumed_milestone_keeps_its
     snapshot.on_epoch_end(0, student)
     logits, filled = snapshot.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0))
     assert logits.shape == (4, 2) and filled is None
+    sources = (snapshot, milestone, BufferPrevious(4, 2), PretrainedSuperior(student), EMASuperior(student, 0.9, 0))
+    assert all(isinstance(source, Source) for source in sources)  # one contract, one answer shape
+    assert all(isinstance(source.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0)), Targets)
+               for source in sources)
     with torch.no_grad():
         student.weight.fill_(1.0)
     milestone.on_epoch_start(0, student)  # before its epoch: no copy
     assert not bool(milestone.ready) and not torch.equal(milestone.model.weight, student.weight)
-    assert milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 0, 0)) is None
+    assert milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 0, 0)) == (None, None)
     milestone.on_epoch_start(1, student)
     assert bool(milestone.ready) and torch.equal(milestone.model.weight, torch.ones(2, 3))
     with torch.no_grad():
         student.weight.fill_(2.0)
     milestone.on_epoch_start(1, student)  # a run resumed inside epoch 1: the copy it resumed stays
     assert torch.equal(milestone.model.weight, torch.ones(2, 3))
-    torch.testing.assert_close(milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0)),
+    torch.testing.assert_close(milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0)).logits,
                                images @ torch.ones(3, 2) + milestone.model.bias)
 
 

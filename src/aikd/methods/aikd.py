@@ -356,7 +356,7 @@ class AIKD(Method):
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         logits = model(batch.images)
-        superior = self.superior.for_batch(batch) if self.superior else None
+        superior = self.superior.for_batch(batch).logits if self.superior else None
         previous, filled = self.previous.for_batch(batch) if self.previous else (None, None)
         losses, stats = aikd_terms(self.hparams, logits, batch.targets, superior, previous, filled)
         saved = {"superior_logits": superior} if self.adversary and superior is not None else {}

@@ -42,7 +42,7 @@ the loop trains it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,9 @@ from aikd.checks import non_negative, positive, require, weight  # noqa: F401 (r
 from aikd.compiling import compiled_forward
 from aikd.registry import METHOD_CONFIGS, Registry
 from aikd.strategy import SingleProcess, Strategy
+
+if TYPE_CHECKING:
+    from aikd.data.loaders import EpochSampler
 
 
 @dataclass
@@ -181,8 +184,9 @@ class Method(nn.Module):
         (AI-KD's Table 4), not among the methods."""
         return False
 
-    def batch_sampler(self, batch_size: int, seed: int) -> Any | None:
-        """Return a custom epoch batch sampler, or ``None`` for shuffled batches."""
+    def batch_sampler(self, batch_size: int, seed: int) -> EpochSampler | None:
+        """Return a custom epoch batch sampler (what the loaders read: :class:`aikd.data.loaders.EpochSampler`),
+        or ``None`` for shuffled batches."""
         return None
 
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
@@ -254,6 +258,21 @@ class Part(nn.Module):
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         """After the last batch of ``epoch``, with the bare student."""
+
+
+class Targets(NamedTuple):
+    """What a :class:`Source` answers for one batch: target logits, and which rows hold one."""
+
+    logits: Tensor | None  # (N, C) float32, no gradient; None: no row has one (yet)
+    filled: Tensor | None = None  # (N,) bool, the rows that hold a target; None: all of them
+
+
+class Source(Part):
+    """A part that gives target logits for every batch (AI-KD's previous-epoch and superior models)."""
+
+    def for_batch(self, batch: Batch) -> Targets:
+        """The batch's targets; rows without one are masked by ``filled``, or ``logits`` is None for all."""
+        raise NotImplementedError
 
 
 def hard_labels(targets: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aikd.checks import require
+from aikd.data.loaders import EpochSampler
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, MethodContext, StepOutput, non_negative, positive, register_method
 from aikd.methods.functional import kl_rows_at
@@ -73,7 +74,7 @@ def dlb_loss(new_logits: Tensor, new_targets: Tensor, shared_logits: Tensor, sha
     return ce, kl
 
 
-class LastBatchSampler:
+class LastBatchSampler(EpochSampler):
     """Batches ``[new | shared]``: B new samples, then the B that were new in the batch before.
 
     Each epoch is a permutation of the training set (seeded by (seed, epoch), like
