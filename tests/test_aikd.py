@@ -27,11 +27,11 @@ from aikd.methods.aikd import (
     guide_loss,
     progressive_loss,
 )
-from aikd.methods.base import Batch, MethodContext
+from aikd.methods.base import Batch, MethodContext, Source, Targets
 from aikd.methods.critic import Critic, critic_optimizer, train_critic
 from aikd.methods.ema import ema_update
-from aikd.methods.previous import SnapshotPrevious
-from aikd.methods.superior import MilestoneSuperior
+from aikd.methods.previous import BufferPrevious, SnapshotPrevious
+from aikd.methods.superior import EMASuperior, MilestoneSuperior, PretrainedSuperior
 from aikd.models import build_model
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "train.epochs=2"]
@@ -362,7 +362,10 @@ def test_online_ema_resumes_exactly(tmp_path):
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in expected.items()
                                                                       if k not in timing}
     for key, value in straight.method.state_dict().items():  # the EMA model, critic and buffer
-        assert torch.equal(again.method.state_dict()[key], value), key
+        if key != "adversary._extra_state":  # the critic's Adam: below
+            assert torch.equal(again.method.state_dict()[key], value), key
+    adam = [m.adversary.optimizer.state_dict()["state"][0] for m in (straight.method, again.method)]
+    assert all(torch.equal(adam[0][k], adam[1][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
 @pytest.mark.parametrize("mix", ["mixup", "cutmix", "cutout"])
@@ -492,16 +495,52 @@ def test_in_run_copies_answer_from_their_epoch_and_a_resumed_milestone_keeps_its
     snapshot.on_epoch_end(0, student)
     logits, filled = snapshot.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0))
     assert logits.shape == (4, 2) and filled is None
+    sources = (snapshot, milestone, BufferPrevious(4, 2), PretrainedSuperior(student), EMASuperior(student, 0.9, 0))
+    assert all(isinstance(source, Source) for source in sources)  # one contract, one answer shape
+    assert all(isinstance(source.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0)), Targets)
+               for source in sources)
     with torch.no_grad():
         student.weight.fill_(1.0)
     milestone.on_epoch_start(0, student)  # before its epoch: no copy
     assert not bool(milestone.ready) and not torch.equal(milestone.model.weight, student.weight)
-    assert milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 0, 0)) is None
+    assert milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 0, 0)) == (None, None)
     milestone.on_epoch_start(1, student)
     assert bool(milestone.ready) and torch.equal(milestone.model.weight, torch.ones(2, 3))
     with torch.no_grad():
         student.weight.fill_(2.0)
     milestone.on_epoch_start(1, student)  # a run resumed inside epoch 1: the copy it resumed stays
     assert torch.equal(milestone.model.weight, torch.ones(2, 3))
-    torch.testing.assert_close(milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0)),
+    torch.testing.assert_close(milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0)).logits,
                                images @ torch.ones(3, 2) + milestone.model.bias)
+
+
+def test_a_subclass_trains_ai_kd_with_a_critic_of_its_own():
+    """AIKD.build_critic is the hook for another critic: it trains by autograd in the method's own steps."""
+
+    class DeeperCriticAIKD(AIKD):
+        def build_critic(self) -> nn.Module:
+            c = self.ctx.num_classes
+            return nn.Sequential(nn.Linear(c, 16), nn.LeakyReLU(0.2), nn.Linear(16, 16), nn.LeakyReLU(0.2),
+                                 nn.Linear(16, 1), nn.Flatten(0))
+
+    torch.manual_seed(0)
+    student, superior = nn.Linear(6, 4), nn.Linear(6, 4).requires_grad_(False)
+    with torch.no_grad():
+        superior.bias.copy_(torch.tensor([3.0, -3.0, 3.0, -3.0]))  # logits the critic can tell from the student's
+    method = DeeperCriticAIKD(AIKDConfig(disc_lr=1e-2, critic_steps=2),
+                              MethodContext(num_classes=4, num_train=32, epochs=1, teacher=superior))
+    start = [p.clone() for p in method.adversary.disc.parameters()]
+    x, y = torch.randn(32, 6), torch.arange(32) % 4
+    gaps = []
+    for step in range(6):
+        batch = Batch(x, y, torch.arange(32), 0, step)
+        out = method.training_step(student, batch)
+        method.update_auxiliary(batch, out)
+        gaps.append(out.stats["critic_gap"].item())
+        sum(out.losses.values()).backward()
+        method.on_step_end(student, batch, out)
+    assert "adv" in out.losses and student.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in method.adversary.disc.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(start, method.adversary.disc.parameters(), strict=True))
+    assert gaps[-1] > gaps[0], gaps
+    assert "adversary._extra_state" in method.state_dict()  # its Adam travels with the method's state

@@ -1,9 +1,10 @@
 """The closed-form critic (aikd.methods.critic) against double-backward autograd, and against hand values.
 
-The reference (tests/critic_reference.py) is the critic as aikd trained it before: ordinary layers and
-``torch.autograd.grad(create_graph=True)``. Every comparison runs in float64 on random inputs, with
-BatchNorm in training mode, so that a wrong sign, a missing square or a dropped BatchNorm term shows as a
-difference many orders of magnitude above rounding.
+The reference is the package's general path, the critic as aikd trained it before: ordinary layers
+(``LayeredCritic``) and ``torch.autograd.grad(create_graph=True)`` (``critic_loss``), stepped here by a plain
+torch.optim.Adam (``reference_steps``) and in the package by ``train_critic``. Every comparison runs in
+float64 on random inputs, with BatchNorm in training mode, so that a wrong sign, a missing square or a dropped
+BatchNorm term shows as a difference many orders of magnitude above rounding.
 """
 
 from __future__ import annotations
@@ -15,10 +16,25 @@ import pytest
 import torch
 
 from aikd.methods.aikd import adversarial_loss
-from aikd.methods.critic import Critic, critic_optimizer, train_critic
-from critic_reference import ReferenceCritic, critic_loss, reference_steps
+from aikd.methods.critic import Critic, LayeredCritic, critic_loss, critic_optimizer, train_critic
 
 F64 = torch.float64
+ReferenceCritic = LayeredCritic.from_critic  # the same function and weights, from ordinary layers
+
+
+def reference_steps(critic: LayeredCritic, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor,
+                    gp_weight: float, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> list[tuple]:
+    """len(eps) steps of a plain torch.optim.Adam on autograd's L_D; each step's (L_D, gap, gp, gradient) before
+    its update (independent of train_critic's loop: its own Adam, the interpolation weights given)."""
+    optimizer = torch.optim.Adam(critic.parameters(), lr=lr, betas=betas)
+    out = []
+    for e in eps:
+        optimizer.zero_grad(set_to_none=True)
+        stats = critic_loss(critic, real, fake, e, gp_weight)
+        stats.loss.backward()
+        out.append((stats.loss.detach(), stats.gap, stats.gp, critic.flat_grad().clone()))
+        optimizer.step()
+    return out
 
 
 def random_critic(num_classes: int, norm: str, reduce: str = "mean", seed: int = 0) -> Critic:
@@ -44,7 +60,8 @@ def test_loss_penalty_and_gradient_equal_double_backward_autograd(num_classes, n
     eps = torch.rand(48, 1, dtype=F64, generator=torch.Generator().manual_seed(3))
 
     grad, stats = critic.loss_and_grad(real, fake, eps, 10.0)
-    loss, gap, gp = critic_loss(reference, real, fake, eps, 10.0)
+    stats = critic_loss(reference, real, fake, eps, 10.0)
+    loss, gap, gp = stats.loss, stats.gap, stats.gp
     loss.backward()
 
     assert gp.item() > 1e-3  # a penalty far from 0, so its gradient matters
@@ -300,3 +317,85 @@ def test_compiled_critic_steps_equal_eager():
     torch.testing.assert_close(compiled.disc.theta, eager.disc.theta, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-9, atol=1e-9)
     assert compiled.optimizer_state()["state"][0]["step"] == eager.optimizer_state()["state"][0]["step"] == 9
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_the_general_path_and_the_closed_form_train_alike_through_train_critic(norm):
+    """train_critic picks the closed form for a Critic and autograd for its LayeredCritic twin: from the same weights
+    and the same draws, the same L_D, gap, penalty and weights after several Adam steps (a large learning rate,
+    real and fake logits of different scales, so a sign or a square slip in either path would show)."""
+    from aikd.methods.critic import has_closed_form
+
+    critic = random_critic(10, norm, seed=7)
+    layered = LayeredCritic.from_critic(critic)
+    assert has_closed_form(critic) and not has_closed_form(layered)
+    real, fake = logits(32, 10, 3.0, 8), logits(32, 10, 0.5, 9)
+    fast_opt, slow_opt = critic_optimizer(critic, 1e-2, (0.5, 0.9)), critic_optimizer(layered, 1e-2, (0.5, 0.9))
+    for steps in (1, 4):  # the first call creates Adam's state (the fused kernel's path after it)
+        torch.manual_seed(steps)
+        fast = train_critic(critic, fast_opt, real, fake, steps=steps)
+        torch.manual_seed(steps)
+        slow = train_critic(layered, slow_opt, real, fake, steps=steps)
+        for got, want in ((slow.loss, fast.loss), (slow.gap, fast.gap), (slow.gp, fast.gp)):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert fast.gp.item() > 1e-3 and not slow.loss.requires_grad
+    assert (critic.theta - random_critic(10, norm, seed=7).theta).abs().max() > 1e-2  # it moved
+    torch.testing.assert_close(layered.flat(), critic.theta.detach(), rtol=0, atol=1e-9)
+    assert all(not p.requires_grad for p in critic.parameters())
+    assert all(p.requires_grad for p in layered.parameters())  # as it came: train_critic gives the flags back
+
+
+def deeper_critic(num_classes: int) -> torch.nn.Module:
+    """A critic of another architecture: the paper's with a second hidden layer (no closed form for it)."""
+    return torch.nn.Sequential(torch.nn.Linear(num_classes, 32), torch.nn.LayerNorm(32), torch.nn.LeakyReLU(0.2),
+                               torch.nn.Linear(32, 32), torch.nn.LeakyReLU(0.2), torch.nn.Linear(32, 1),
+                               torch.nn.Flatten(0))
+
+
+def test_a_critic_with_an_extra_layer_trains_as_plain_autograd_does_and_learns():
+    from aikd.methods.critic import Adversary
+
+    torch.manual_seed(0)
+    critic = deeper_critic(5).to(F64)
+    twin = copy.deepcopy(critic)
+    adversary = Adversary(critic, 1e-2, betas=(0.5, 0.9), steps=5)
+    real, fake = logits(64, 5, 1.0, 1) + 2.0, logits(64, 5, 1.0, 2)  # two clouds a critic can tell apart
+    gaps = []
+    for call in range(4):
+        torch.manual_seed(100 + call)
+        gaps.append(adversary.learn(real, fake).gap.item())
+    draws = []  # independently: a plain Adam on autograd's L_D with the same interpolation draws
+    for call in range(4):
+        torch.manual_seed(100 + call)
+        draws.append(torch.rand(5, 64, 1, dtype=F64))
+    eps = torch.cat(draws)
+    optimizer = torch.optim.Adam(twin.parameters(), lr=1e-2, betas=(0.5, 0.9))
+    for e in eps:
+        optimizer.zero_grad()
+        critic_loss(twin, real, fake, e, 10.0).loss.backward()
+        optimizer.step()
+    for mine, theirs in zip(critic.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
+    assert gaps[-1] > gaps[0] + 0.5, gaps  # the Wasserstein estimate grows as the critic learns
+    assert not any(p.requires_grad for p in critic.parameters())  # constants outside its steps
+
+
+def test_l_a_through_a_critic_module_moves_the_student_only_and_in_float32():
+    from aikd.methods.critic import Adversary
+
+    critic = deeper_critic(4)
+    Adversary(critic, 1e-3)  # takes the critic's weights out of the student's graph
+    student = torch.randn(8, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = adversarial_loss(critic, student)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert all(p.grad is None for p in critic.parameters())
+
+
+def test_a_critic_subclass_that_changes_the_function_but_not_its_derivatives_is_refused():
+    with pytest.raises(TypeError, match=r"overrides Critic\.forward but not Critic\.loss_and_grad"):
+        class Squared(Critic):
+            def forward(self, logits):
+                return super().forward(logits) ** 2

@@ -99,3 +99,38 @@ def test_lightning_is_not_a_core_dependency():
                            "print('lightning' in sys.modules, 'timm' in sys.modules)"],
                           capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+def _deeper_critic(num_classes: int) -> nn.Module:
+    """The paper's critic with a second hidden layer: no closed form, so it trains by autograd."""
+    return nn.Sequential(nn.Linear(num_classes, 32), nn.LayerNorm(32), nn.LeakyReLU(0.2), nn.Linear(32, 32),
+                         nn.LeakyReLU(0.2), nn.Linear(32, 1), nn.Flatten(0))
+
+
+def test_aikd_loss_trains_a_critic_of_ones_own_and_checkpoints_its_optimizer(tmp_path):
+    torch.manual_seed(0)
+    c, n = 5, 64
+    criterion = AIKDLoss(c, n, critic_lr=1e-2, critic_steps=3, critic=_deeper_critic(c))
+    superior = torch.randn(n, c) * 3 + 2.0  # a superior the student's logits are far from
+    student = torch.randn(n, c, requires_grad=True)
+    critic = criterion.adversary.disc
+
+    def gap() -> float:  # E[D(superior)] - E[D(student)], the critic's Wasserstein estimate
+        with torch.no_grad():
+            return (critic(superior).mean() - critic(student).mean()).item()
+
+    gaps = [gap()]
+    for _ in range(5):
+        criterion(student, torch.arange(n) % c, torch.arange(n), superior).backward()
+        gaps.append(gap())
+    assert gaps[-1] > gaps[0] + 0.5, gaps  # it learns to tell the superior's logits from the student's
+    assert criterion.last_terms["adv"].item() != 0 and student.grad.abs().sum() > 0
+    assert all(p.grad is None for p in criterion.adversary.disc.parameters())  # L_A moves the student only
+    torch.save(criterion.state_dict(), tmp_path / "loss.pt")
+    restored = AIKDLoss(c, n, critic=_deeper_critic(c))
+    restored.load_state_dict(torch.load(tmp_path / "loss.pt", weights_only=False))
+    for mine, saved in zip(restored.adversary.disc.parameters(), criterion.adversary.disc.parameters(), strict=True):
+        assert torch.equal(mine, saved)
+    states = [o.state_dict()["state"] for o in (restored.adversary.optimizer, criterion.adversary.optimizer)]
+    assert len(states[0]) == 8 and all(torch.equal(states[0][i]["exp_avg"], states[1][i]["exp_avg"])
+                                       for i in states[1])

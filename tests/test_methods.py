@@ -647,3 +647,23 @@ def test_teacher_and_frozen_copy_forwards_run_compiled_under_train_compile():
         expected = eager.teacher_logits if isinstance(eager, KD) else eager.superior.logits
         torch.testing.assert_close(logits(images), expected(images), rtol=1e-5, atol=1e-5)
         assert calls and forward.failed is None  # it went through torch.compile, which did not fall back
+
+
+def test_every_methods_own_batch_sampler_declares_what_the_loaders_read():
+    """Method.batch_sampler returns an EpochSampler (aikd.data.loaders): the sharded loader reads its num_samples and
+    batch_size, the loaders its set_epoch, iteration and length; each declares it by subclassing."""
+    from aikd.data.loaders import EpochSampler, ShardedBatchSampler
+    from aikd.methods.base import Method
+
+    labels = torch.arange(24) % 3
+    own = [cls for cls in (METHODS.get(name) for name in METHODS.names()) if cls.batch_sampler is not
+           Method.batch_sampler]
+    assert {cls.name for cls in own} >= {"cskd", "bake", "dlb", "ddgsd"}
+    for cls in own:
+        ctx = MethodContext(num_classes=3, num_train=24, epochs=1, train_labels=labels, student=nn.Linear(4, 3))
+        sampler = cls(cls.Config(), ctx).batch_sampler(4, seed=0)
+        assert isinstance(sampler, EpochSampler) and EpochSampler in type(sampler).__mro__, cls.name
+        sampler.set_epoch(1)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) and sampler.num_samples > 0 and sampler.batch_size > 0, cls.name
+        assert len(ShardedBatchSampler(sampler, 0, 2, paired=cls.paired_batches)) <= len(sampler), cls.name

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -30,7 +30,30 @@ from aikd.errors import DataError
 BatchTuple = tuple[Tensor, Tensor, Tensor]  # images, labels, indices
 
 
-class EpochBatchSampler:
+@runtime_checkable
+class EpochSampler(Protocol):
+    """What the loaders read from an epoch batch sampler: :class:`EpochBatchSampler`, or a method's own
+    (``Method.batch_sampler``: CS-KD's pairs, BAKE's same-class groups, DLB's last batch, DDGSD's two views),
+    each of which declares it by subclassing.
+
+    Its batches must depend only on (seed, epoch), so that a resumed run replays an epoch (the loaders'
+    :class:`ResumableBatchSampler` skips the batches done) and every rank draws the same ones. A run of several
+    processes (:class:`ShardedBatchSampler`) reads ``num_samples`` and ``batch_size`` too: ``divmod`` of the two
+    gives the epoch's full batches and the size of its last one, which is dropped when too small to give every
+    rank two samples.
+    """
+
+    num_samples: int  # the samples an epoch's batches are cut from (CS-KD: its anchors)
+    batch_size: int  # how many of them one batch takes
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __iter__(self) -> Iterator[list[int]]: ...
+
+    def __len__(self) -> int: ...
+
+
+class EpochBatchSampler(EpochSampler):
     """Shuffled (or sequential) batches of indices, reproducible from (seed, epoch).
 
     A last batch of a single sample is dropped while shuffling: BatchNorm
@@ -102,7 +125,7 @@ class ShardedBatchSampler:
     they always take the same number of steps.
     """
 
-    def __init__(self, inner, rank: int, world_size: int, paired: bool = False) -> None:
+    def __init__(self, inner: EpochSampler, rank: int, world_size: int, paired: bool = False) -> None:
         self.inner, self.rank, self.world_size, self.paired = inner, rank, world_size, paired
 
     def set_epoch(self, epoch: int) -> None:
@@ -153,8 +176,8 @@ class BlockBatchSampler:
         return -(-(self.stop - self.start) // self.batch_size)
 
 
-def rank_train_sampler(sampler: Any | None, num_samples: int, batch_size: int, seed: int, paired: bool,
-                       rank: int, world_size: int) -> Any | None:
+def rank_train_sampler(sampler: EpochSampler | None, num_samples: int, batch_size: int, seed: int, paired: bool,
+                       rank: int, world_size: int) -> EpochSampler | ShardedBatchSampler | None:
     """This rank's training batches: the method's epoch sampler (None: the loader's shuffled batches) alone, or,
     in a run of several processes, this rank's slice of every global batch (``data.batch_size`` stays global)."""
     if world_size == 1:

@@ -63,7 +63,7 @@ class Trained:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    method: Method  # its state_dict() and extra_state()
+    method: Method  # its state_dict(), extra state included
 
 
 @dataclass(frozen=True)
@@ -131,8 +131,7 @@ class RunCheckpoints:
                 "optimizer": t.optimizer.state_dict(),
                 "scheduler": t.scheduler.state_dict(),
                 "scaler": t.scaler.state_dict(),
-                "method": t.method.state_dict(),
-                "method_extra": t.method.extra_state(),
+                "method": t.method.state_dict(),  # its extra state included (get_extra_state)
                 "rng": self.streams.gather(),  # one per rank
                 **self.state.to_checkpoint(),
             }
@@ -194,8 +193,10 @@ class RunCheckpoints:
             load_optimizer_state(t.optimizer, ckpt.state["optimizer"])
             t.scheduler.load_state_dict(ckpt.state["scheduler"])
             t.scaler.load_state_dict(ckpt.state["scaler"])
-            t.method.load_state_dict(ckpt.state["method"])
-            t.method.load_extra_state(ckpt.state["method_extra"])
+            method_state = ckpt.state["method"]
+            if "method_extra" in ckpt.state:  # written before issue 34: the extra state apart
+                method_state = t.method.upgrade_state_dict(method_state, ckpt.state["method_extra"])
+            t.method.load_state_dict(method_state)
             self.streams.restore(ckpt.state["rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise CheckpointError(f"Checkpoint '{path}' does not fit this run: {err}") from None

@@ -22,6 +22,7 @@ in docs/methods/aikd.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,11 +45,11 @@ from aikd.methods.base import (
     require,
 )
 from aikd.methods.buffer import PredictionBuffer
-from aikd.methods.critic import Adversary, Critic
+from aikd.methods.critic import Adversary, Critic, scores
 from aikd.methods.functional import distillation_kl, kl_rows_at, one_hot
 from aikd.methods.previous import BufferPrevious, SnapshotPrevious
 from aikd.methods.superior import EMASuperior, MilestoneSuperior, PretrainedSuperior
-from aikd.strategy import Strategy
+from aikd.strategy import SINGLE_PROCESS, Strategy
 
 # --------------------------------------------------------------------------- the equations
 
@@ -85,8 +86,8 @@ def critic_schedule(student_steps: int, base_lr: float = 1e-4, base_steps: int =
 
 
 def adversarial_loss(critic: nn.Module, student_logits: Tensor) -> Tensor:
-    """L_A (Eq. 7): the student raises the critic's score of its logits (scored in float32: Critic.forward)."""
-    return -critic(student_logits.float()).mean()
+    """L_A (Eq. 7): the student raises the critic's score of its logits (scored in float32: critic.scores)."""
+    return -scores(critic, student_logits.float()).mean()
 
 
 def progressive_term(logits: Tensor, targets: Tensor, previous: Tensor | None, filled: Tensor | None,
@@ -143,6 +144,32 @@ def adversarial_term(adversary: Adversary, weight: float, superior: Tensor, logi
     l_a = adversarial_loss(adversary.disc, logits)
     stats["L_A"] = l_a.detach()
     return weight * l_a, stats
+
+
+# --------------------------------------------------------------------------- the parts, for the method and the loss
+
+
+def paper_critic(h: AIKDConfig, num_classes: int) -> Critic:
+    """The paper's critic with the config's settings: the closed form trains it (aikd.methods.critic)."""
+    return Critic(num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce, h.disc_norm)
+
+
+def build_adversary(h: AIKDConfig, critic: nn.Module, lr: float, steps: int, strategy: Strategy = SINGLE_PROCESS,
+                    compile: bool = False) -> Adversary | None:
+    """The critic with its Adam (config's betas), or None without the adversarial term: :class:`AIKD`'s and
+    :class:`AIKDLoss`'s. ``critic`` is built by the caller, first, since its initial weights are the first numbers
+    the method draws; ``lr`` and ``steps`` are the run's (``critic_schedule``)."""
+    if h.adv_weight <= 0:
+        return None
+    return Adversary(critic, lr, tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999), steps, h.gp_weight,
+                     strategy, compile)
+
+
+def build_buffer(num_train: int, num_classes: int, gather_rows: Callable[[Tensor], Tensor] | None = None
+                 ) -> BufferPrevious:
+    """z_{t-1} from the student's own last logits per sample: :class:`AIKD`'s ``aikd.prev=buffer``, and
+    :class:`AIKDLoss`'s (a loop of one's own has no student to snapshot)."""
+    return BufferPrevious(num_train, num_classes, gather_rows)
 
 
 # --------------------------------------------------------------------------- the method
@@ -234,6 +261,9 @@ class AIKD(Method):
     Composed of three parts, each present only when its term is on: ``adversary`` (the critic and its
     optimizer), ``previous`` (z_{t-1}: :mod:`aikd.methods.previous`) and ``superior`` (z_sup:
     :mod:`aikd.methods.superior`). The method's hooks forward to them.
+
+    Another critic: override :meth:`build_critic` in a subclass (registered under a name of its own) to return
+    any ``nn.Module`` that scores logits (N, C) with (N,); it trains by autograd (docs/methods/aikd.md).
     """
 
     label = "AI-KD"
@@ -251,19 +281,22 @@ class AIKD(Method):
         h = hparams
         self.critic_lr, self.critic_steps = self._critic_budget()
         # The critic first: its initial weights are the first numbers the method draws.
-        self.adversary = Adversary(
-            Critic(ctx.num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce, h.disc_norm).to(ctx.device),
-            self.critic_lr, tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999), self.critic_steps, h.gp_weight,
-            ctx.strategy, ctx.compile) if h.adv_weight > 0 else None
+        self.adversary = build_adversary(h, self.build_critic().to(ctx.device), self.critic_lr, self.critic_steps,
+                                         ctx.strategy, ctx.compile) if h.adv_weight > 0 else None
         self.previous = self._previous_source() if h.alpha_p > 0 else None
         self.superior = self._superior_source() if h.uses_superior else None
 
     def _parts(self) -> list[Part]:
         return [part for part in (self.adversary, self.previous, self.superior) if part is not None]
 
+    def build_critic(self) -> nn.Module:
+        """The critic D: the paper's (closed form) by default. A subclass may return any module that scores logits
+        (N, C) with (N,) or (N, 1); it is trained by autograd (aikd.methods.critic.train_critic)."""
+        return paper_critic(self.hparams, self.ctx.num_classes)
+
     def _previous_source(self) -> BufferPrevious | SnapshotPrevious:
         if self.hparams.prev == "buffer":
-            return BufferPrevious(self.ctx.num_train, self.ctx.num_classes, self.ctx.gather_step_rows)
+            return build_buffer(self.ctx.num_train, self.ctx.num_classes, self.ctx.gather_step_rows)
         return SnapshotPrevious(self._student("aikd.prev=snapshot"), self.ctx.compile)
 
     def _superior_source(self) -> PretrainedSuperior | EMASuperior | MilestoneSuperior:
@@ -323,7 +356,7 @@ class AIKD(Method):
 
     def training_step(self, model: nn.Module, batch: Batch) -> StepOutput:
         logits = model(batch.images)
-        superior = self.superior.for_batch(batch) if self.superior else None
+        superior = self.superior.for_batch(batch).logits if self.superior else None
         previous, filled = self.previous.for_batch(batch) if self.previous else (None, None)
         losses, stats = aikd_terms(self.hparams, logits, batch.targets, superior, previous, filled)
         saved = {"superior_logits": superior} if self.adversary and superior is not None else {}
@@ -349,12 +382,12 @@ class AIKD(Method):
         for part in self._parts():
             part.on_epoch_end(epoch, model)
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"disc_opt": self.adversary.optimizer_state()} if self.adversary else {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        if self.adversary:
-            self.adversary.load_optimizer_state(state["disc_opt"])
+    def upgrade_state_dict(self, state: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """Before issue 34 the critic's optimizer was the method's extra state, ``{"disc_opt": ...}``; it is now the
+        adversary's own (``adversary._extra_state``)."""
+        if self.adversary is None or "disc_opt" not in extra:
+            return state
+        return {**state, "adversary._extra_state": {"critic_opt": extra["disc_opt"]}}
 
 
 # --------------------------------------------------------------------------- a drop-in loss for your own loop
@@ -364,7 +397,9 @@ class AIKDLoss(nn.Module):
     """AI-KD as one loss module for a training loop of your own (plain PyTorch, Lightning).
 
     It holds what AI-KD keeps across steps: the previous-epoch buffer (z_{t-1} by dataset index)
-    and the critic with its optimizer; ``state_dict()`` saves them all. Call it on every training
+    and the critic with its optimizer, built as :class:`AIKD` builds them; ``state_dict()`` saves them all.
+    ``critic`` replaces the paper's critic with any module that scores logits (N, C) with (N,) (trained by
+    autograd, docs/methods/aikd.md). Call it on every training
     batch with the student's logits, the labels, the samples' dataset indices and the superior
     model's logits (a frozen pre-trained model's, an :class:`~aikd.methods.ema.EMAModel`'s, or None
     while there is none yet): in training mode it steps the critic once per call (``critic_steps``
@@ -385,17 +420,23 @@ class AIKDLoss(nn.Module):
 
     def __init__(self, num_classes: int, num_train: int, alpha_g: float = 0.1, alpha_p: float = 0.3,
                  temp_g: float = 3.0, temp_p: float = 1.0, adv_weight: float = 0.1, critic_lr: float = 1e-4,
-                 critic_steps: int = 1, gp_weight: float = 10.0, strategy: Strategy | None = None) -> None:
+                 critic_steps: int = 1, gp_weight: float = 10.0, strategy: Strategy | None = None,
+                 critic: nn.Module | None = None) -> None:
         super().__init__()
-        self.hparams = AIKDConfig(alpha_g=alpha_g, alpha_p=alpha_p, temp_g=temp_g, temp_p=temp_p,
-                                  adv_weight=adv_weight, disc_lr=critic_lr, critic_steps=critic_steps,
-                                  gp_weight=gp_weight)  # checks the ranges
+        h = self.hparams = AIKDConfig(alpha_g=alpha_g, alpha_p=alpha_p, temp_g=temp_g, temp_p=temp_p,
+                                      adv_weight=adv_weight, disc_lr=critic_lr, critic_steps=critic_steps,
+                                      gp_weight=gp_weight)  # checks the ranges
         self.given_strategy = strategy
-        self.buffer = PredictionBuffer(num_train, num_classes)
-        self.adversary = Adversary(Critic(num_classes), critic_lr, steps=critic_steps, gp_weight=gp_weight) \
-            if adv_weight > 0 else None
+        self.adversary = build_adversary(h, critic if critic is not None else paper_critic(h, num_classes),
+                                         critic_lr, critic_steps) if adv_weight > 0 else None
+        self.previous = build_buffer(num_train, num_classes)
         self.critic_shared = False  # set once every rank holds rank 0's critic
         self.last_terms: dict[str, Tensor] = {}  # the weighted terms of the last call, detached
+
+    @property
+    def buffer(self) -> PredictionBuffer:
+        """The previous-epoch buffer (z_{t-1} by dataset index)."""
+        return self.previous.buffer
 
     @property
     def strategy(self) -> Strategy:
@@ -411,8 +452,8 @@ class AIKDLoss(nn.Module):
         if self.adversary is not None:
             self.adversary.strategy = strategy  # the critic's gradients are averaged over the ranks
             if self.training and strategy.distributed and not self.critic_shared:
-                theta = self.adversary.disc.theta.data
-                theta.copy_(strategy.gather_rows(theta.unsqueeze(0))[0])  # rank 0's weights, as DDP does
+                for weights in self.adversary.disc.parameters():  # a Critic's: its one flat theta
+                    weights.data.copy_(strategy.gather_rows(weights.data.unsqueeze(0))[0])  # rank 0's, as DDP does
                 self.critic_shared = True
             if superior is not None:
                 terms["adv"], _ = adversarial_term(self.adversary, self.hparams.adv_weight, superior, logits,
@@ -422,9 +463,12 @@ class AIKDLoss(nn.Module):
         self.last_terms = {k: v.detach() for k, v in terms.items()}
         return sum(terms.values())
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"critic_opt": self.adversary.optimizer_state()} if self.adversary else {}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        if self.adversary:
-            self.adversary.load_optimizer_state(state["critic_opt"])
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A ``state_dict()`` from before issue 34: the buffer was ``buffer.logits`` and the critic's optimizer this
+        module's own extra state; both now belong to the parts (``previous``, ``adversary``), as in :class:`AIKD`."""
+        for old, new in (("buffer.logits", "previous.buffer.logits"), ("_extra_state", "adversary._extra_state")):
+            if prefix + old in state_dict and prefix + new not in state_dict:
+                value = state_dict.pop(prefix + old)
+                if new != "adversary._extra_state" or self.adversary is not None:
+                    state_dict[prefix + new] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aikd.data.loaders import EpochSampler
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, StepOutput, non_negative, positive, register_method, require
 from aikd.methods.functional import kl_from_probs
@@ -54,7 +55,7 @@ def bake_loss(logits: Tensor, features: Tensor, targets: Tensor, omega: float = 
     return F.cross_entropy(z, targets), lam * kd
 
 
-class IntraClassBatchSampler:
+class IntraClassBatchSampler(EpochSampler):
     """Batches of A shuffled anchors, each followed by M other samples of its class (A (M + 1) images).
 
     As the official ``IdentityBatchSampler`` (yxgeee/BAKE small_scale/datasets.py:11-42): every sample is an

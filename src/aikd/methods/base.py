@@ -29,9 +29,10 @@ What a method may need beyond that:
   they are not part of the model, so inference never sees them;
 * a different batch sampler (CS-KD's class-wise pairs): override
   :meth:`Method.batch_sampler`;
-* checkpointing: ``state_dict()`` (parameters and buffers) plus
-  :meth:`Method.extra_state` (a private optimizer's state) are saved with every
-  checkpoint and restored on resume.
+* checkpointing: ``state_dict()`` is saved with every checkpoint and restored on
+  resume: parameters and buffers, and what is neither (a private optimizer's state,
+  a number the host keeps) as nn.Module's own extra state (``get_extra_state`` /
+  ``set_extra_state``) of the method or of the part that owns it, as for a drop-in loss.
 
 The student is *not* a sub-module (its weights belong to the run, not to the
 method); it is passed to :meth:`Method.training_step` on every call, wrapped as
@@ -41,7 +42,7 @@ the loop trains it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,9 @@ from aikd.checks import non_negative, positive, require, weight  # noqa: F401 (r
 from aikd.compiling import compiled_forward
 from aikd.registry import METHOD_CONFIGS, Registry
 from aikd.strategy import SingleProcess, Strategy
+
+if TYPE_CHECKING:
+    from aikd.data.loaders import EpochSampler
 
 
 @dataclass
@@ -180,8 +184,9 @@ class Method(nn.Module):
         (AI-KD's Table 4), not among the methods."""
         return False
 
-    def batch_sampler(self, batch_size: int, seed: int) -> Any | None:
-        """Return a custom epoch batch sampler, or ``None`` for shuffled batches."""
+    def batch_sampler(self, batch_size: int, seed: int) -> EpochSampler | None:
+        """Return a custom epoch batch sampler (what the loaders read: :class:`aikd.data.loaders.EpochSampler`),
+        or ``None`` for shuffled batches."""
         return None
 
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
@@ -231,12 +236,11 @@ class Method(nn.Module):
         """Values the method derived from the run (not set in the config) that its summary.json should record."""
         return {}
 
-    def extra_state(self) -> dict[str, Any]:
-        """State outside ``state_dict()``, such as a private optimizer's."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned."""
+    def upgrade_state_dict(self, state: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict()`` of a checkpoint written before issue 34, when the engine saved a method's extra state
+        apart (``method_extra``), in today's layout: ``extra`` becomes the method's own extra state. A method whose
+        extra state moved into one of its parts (AI-KD's critic optimizer) overrides this."""
+        return {**state, "_extra_state": extra} if extra else state
 
 
 class Part(nn.Module):
@@ -254,6 +258,21 @@ class Part(nn.Module):
 
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         """After the last batch of ``epoch``, with the bare student."""
+
+
+class Targets(NamedTuple):
+    """What a :class:`Source` answers for one batch: target logits, and which rows hold one."""
+
+    logits: Tensor | None  # (N, C) float32, no gradient; None: no row has one (yet)
+    filled: Tensor | None = None  # (N,) bool, the rows that hold a target; None: all of them
+
+
+class Source(Part):
+    """A part that gives target logits for every batch (AI-KD's previous-epoch and superior models)."""
+
+    def for_batch(self, batch: Batch) -> Targets:
+        """The batch's targets; rows without one are masked by ``filled``, or ``logits`` is None for all."""
+        raise NotImplementedError
 
 
 def hard_labels(targets: Tensor) -> Tensor:

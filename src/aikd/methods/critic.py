@@ -13,6 +13,13 @@ Jacobian included, so a critic step is a fixed, short list of tensor operations:
 real, fake and interpolated logits, three small matmuls back, and one fused Adam update of one flat
 parameter tensor. The tests compare every number with PyTorch's double-backward autograd in float64.
 
+That autograd path ships too, as the general one: :func:`train_critic` trains any ``nn.Module`` critic (scores
+of shape (N,) or (N, 1) for logits (N, C)) by :func:`critic_loss` (the penalty by ``torch.autograd.grad`` with
+``create_graph=True``) and an ordinary ``torch.optim.Adam`` step, and takes the closed form only for a
+:class:`Critic`, whose architecture the derivation below is of (:func:`has_closed_form`). A critic of another
+architecture (:class:`LayeredCritic` is the paper's from ordinary layers, a starting point) needs no derivation;
+docs/methods/aikd.md says when the closed form is worth extending instead.
+
 Notation of the derivation (one group of N rows, hidden width H; ``mean`` is over the normalised axis):
     a = x W1^T + b1,  a_hat = (a - mu) s,  s = (var + eps)^-1/2,  y = gamma a_hat + beta,
     h = LeakyReLU(y),  D = h w + c  with  w = r sum_o W2[o], c = r sum_o b2[o]  (r = 1/O for "mean", 1 for "sum").
@@ -70,6 +77,15 @@ class Critic(nn.Module):
     are kept), LayerNorm (WGAN-GP's advice: no cross-sample dependence in the critic) or none.
     Initialised as PyTorch initialises the same layers, drawing from the global generator in the same order.
     """
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Refuse a subclass that changes the function (``forward``) but not its derivatives (``loss_and_grad``): it
+        would score the student with one critic and train another."""
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__ and "loss_and_grad" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides Critic.forward but not Critic.loss_and_grad, the closed form "
+                            "that trains it: derive and override both, or make the critic a plain nn.Module, which "
+                            "trains by autograd (docs/methods/aikd.md, 'Another critic').")
 
     def __init__(self, num_classes: int, hidden: int = 64, out_features: int = 32, negative_slope: float = 0.2,
                  reduce: Literal["mean", "sum"] = "mean", norm: Norm = "batch") -> None:
@@ -229,8 +245,114 @@ class Critic(nn.Module):
         return w1.view(h, c), b1, gamma, beta, w2.view(o, h), b2
 
 
-def critic_optimizer(critic: Critic, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
-    """The critic's Adam: fused (one kernel for its one flat tensor), else PyTorch's default implementation."""
+def has_closed_form(critic: nn.Module) -> bool:
+    """Whether ``critic`` trains by the closed form (a :class:`Critic`: the paper's architecture, whose derivatives
+    are written out) or by autograd (any other module)."""
+    return isinstance(critic, Critic)
+
+
+class LayeredCritic(nn.Module):
+    """The paper's critic from ordinary layers: nn.Linear, nn.BatchNorm1d in training mode or nn.LayerNorm,
+    nn.LeakyReLU, nn.Linear, then the mean (or sum) of the outputs.
+
+    The same function as :class:`Critic` with the same settings, trained by autograd (:func:`critic_loss`): the
+    starting point of another architecture (insert a layer into ``net``), and what the closed form is tested
+    against. ``from_critic`` copies a Critic's weights; ``flat`` and ``flat_grad`` are in Critic.theta's layout.
+    """
+
+    def __init__(self, num_classes: int, hidden: int = 64, out_features: int = 32, negative_slope: float = 0.2,
+                 reduce: Literal["mean", "sum"] = "mean", norm: Norm = "batch") -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(num_classes, hidden)]
+        if norm == "batch":
+            layers.append(nn.BatchNorm1d(hidden))
+        elif norm == "layer":
+            layers.append(nn.LayerNorm(hidden))
+        layers += [nn.LeakyReLU(negative_slope), nn.Linear(hidden, out_features)]
+        self.net = nn.Sequential(*layers)
+        self.reduce = reduce
+
+    @classmethod
+    def from_critic(cls, critic: Critic) -> LayeredCritic:
+        """The layers with ``critic``'s settings, weights and precision."""
+        layered = cls(critic.num_classes, critic.hidden, critic.out_features, critic.negative_slope, critic.reduce,
+                      critic.norm).to(critic.theta.dtype)
+        with torch.no_grad():
+            start = 0
+            for param in layered.parameters():  # Critic.theta's layout is the layers' order
+                param.copy_(critic.theta[start:start + param.numel()].view_as(param))
+                start += param.numel()
+        return layered
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = self.net(x)
+        return scores.mean(1) if self.reduce == "mean" else scores.sum(1)
+
+    def flat(self) -> Tensor:
+        """The weights in Critic.theta's layout (Linear1, [norm affine], Linear2)."""
+        return torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+
+    def flat_grad(self) -> Tensor:
+        return torch.cat([p.grad.reshape(-1) for p in self.parameters()])
+
+
+def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor, eps: Tensor) -> Tensor:
+    """E[(||grad_x D(x_hat)||_2 - 1)^2] at x_hat = eps real + (1 - eps) fake, by autograd: ``create_graph=True``
+    keeps the input gradient differentiable, so that L_D's backward reaches the weights through it."""
+    x_hat = torch.lerp(fake, real, eps).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    return (torch.linalg.vector_norm(grad, dim=1) - 1).square().mean()
+
+
+def critic_loss(critic: nn.Module, real: Tensor, fake: Tensor, eps: Tensor, gp_weight: float) -> CriticStats:
+    """L_D (differentiable in the critic's weights) with its parts, for any critic module: the general path.
+
+    Real, fake and interpolated rows go through the critic as separate calls, so a BatchNorm normalises each
+    group by its own statistics (as :meth:`Critic.loss_and_grad` does)."""
+    d_real, d_fake = critic(real).mean(), critic(fake).mean()
+    gp = gradient_penalty(critic, real, fake, eps)
+    return CriticStats(d_fake - d_real + gp_weight * gp, (d_real - d_fake).detach(), gp.detach())
+
+
+def autograd_steps(critic: nn.Module, optimizer: torch.optim.Optimizer, real: Tensor, fake: Tensor, eps: Tensor,
+                   gp_weight: float, strategy: Strategy = SINGLE_PROCESS) -> CriticStats:
+    """``len(eps)`` steps of any critic module on L_D: :func:`critic_loss`, backward, the gradients averaged over
+    the ranks, and ``optimizer.step()`` unless L_D is not finite on some rank (decided on the host: this path is
+    for generality, not speed). The weights take gradients only here: outside, they are constants (L_A) and hold
+    no gradient."""
+    params = list(critic.parameters())
+    wanted = [p.requires_grad for p in params]
+    stats = None
+    try:
+        critic.requires_grad_(True)
+        with torch.enable_grad():
+            for step in range(eps.shape[0]):
+                optimizer.zero_grad(set_to_none=True)
+                stats = critic_loss(critic, real, fake, eps[step], gp_weight)
+                stats.loss.backward()
+                strategy.average_gradients(params)
+                if not bool(_not_finite(stats.loss.detach(), strategy)):
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # no gradient outside its steps
+    finally:
+        for p, flag in zip(params, wanted, strict=True):
+            p.requires_grad_(flag)
+    return CriticStats(stats.loss.detach(), stats.gap, stats.gp)
+
+
+def scores(critic: nn.Module, logits: Tensor) -> Tensor:
+    """D(logits) in the critic's own precision, autocast off (a :class:`Critic` sees to that in its forward)."""
+    if has_closed_form(critic):
+        return critic(logits)
+    with torch.autocast(logits.device.type, enabled=False):
+        return critic(logits.to(next(critic.parameters()).dtype))
+
+
+def critic_optimizer(critic: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """The critic's Adam: for a :class:`Critic`, fused (one kernel for its one flat tensor), else PyTorch's default
+    implementation; for another module, an ordinary Adam over its parameters."""
+    if not has_closed_form(critic):
+        return torch.optim.Adam(critic.parameters(), lr=lr, betas=betas)
     try:
         return torch.optim.Adam([critic.theta], lr=lr, betas=betas, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
@@ -308,7 +430,7 @@ def critic_steps(critic: Critic, adam: AdamSettings, real: Tensor, fake: Tensor,
     return stats
 
 
-def train_critic(critic: Critic, optimizer: torch.optim.Optimizer, superior_logits: Tensor, student_logits: Tensor,
+def train_critic(critic: nn.Module, optimizer: torch.optim.Optimizer, superior_logits: Tensor, student_logits: Tensor,
                  steps: int = 1, gp_weight: float = 10.0, strategy: Strategy = SINGLE_PROCESS,
                  loss_and_grad: Callable[..., tuple[Tensor, CriticStats]] | None = None,
                  fused_steps: Callable[..., CriticStats] | None = None) -> CriticStats:
@@ -321,14 +443,18 @@ def train_critic(critic: Critic, optimizer: torch.optim.Optimizer, superior_logi
     run's ``strategy``: it averages the gradient over the ranks and makes them skip together.
     ``loss_and_grad`` replaces ``critic.loss_and_grad`` (a compiled copy of it). ``fused_steps`` (a compiled
     :func:`critic_steps`, train.compile) runs all the steps at once, once Adam holds its state (the first call
-    goes step by step, so that ``optimizer.step()`` creates that state in torch's format).
+    goes step by step, so that ``optimizer.step()`` creates that state in torch's format). A critic without the
+    closed form (:func:`has_closed_form`) takes the same draws and trains by :func:`autograd_steps`.
     """
-    loss_and_grad = loss_and_grad or critic.loss_and_grad
-    dtype = critic.theta.dtype
+    closed_form = has_closed_form(critic)
+    dtype = critic.theta.dtype if closed_form else next(critic.parameters()).dtype
     # The critic's own precision throughout: a caller's autocast would compute the penalty in bf16.
     with torch.autocast(superior_logits.device.type, enabled=False):
         real, fake = superior_logits.detach().to(dtype), student_logits.detach().to(dtype)
         eps = torch.rand(steps, real.shape[0], 1, dtype=dtype, device=real.device)
+        if not closed_form:
+            return autograd_steps(critic, optimizer, real, fake, eps, gp_weight, strategy)
+        loss_and_grad = loss_and_grad or critic.loss_and_grad
         adam = adam_settings(optimizer, critic.theta) if fused_steps is not None else None
         if adam is not None:
             return fused_steps(adam, real, fake, eps, gp_weight, strategy)
@@ -353,28 +479,32 @@ def train_critic(critic: Critic, optimizer: torch.optim.Optimizer, superior_logi
 class Adversary(Part):
     """The critic together with what trains it: its Adam, its steps per student step, the penalty's weight and
     the run's processes. :meth:`learn` is one student step's worth of Eq. 6; the student's L_A (Eq. 7) reads
-    ``disc``. The optimizer's state is not in ``state_dict()``: save :meth:`optimizer_state`."""
+    ``disc``. The critic is a :class:`Critic` (the closed form) or any other module (autograd). Its optimizer's
+    state is the part's extra state (``get_extra_state``): ``state_dict()`` holds it, under whichever owner."""
 
-    def __init__(self, critic: Critic, lr: float, betas: tuple[float, float] = (0.9, 0.999), steps: int = 1,
+    def __init__(self, critic: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), steps: int = 1,
                  gp_weight: float = 10.0, strategy: Strategy = SINGLE_PROCESS, compile: bool = False) -> None:
         super().__init__()
+        if not has_closed_form(critic):  # trained by autograd: its weights are constants outside its steps (L_A)
+            critic.requires_grad_(False)
         self.disc = critic
         self.optimizer = critic_optimizer(critic, lr, betas)
         self.steps, self.gp_weight, self.strategy = steps, gp_weight, strategy
         # With train.compile the critic's K closed-form steps (no double backward) and Adam's updates are one
-        # compiled region. A plain function, not a sub-module: state_dict() keys do not change.
-        self.fused_steps = compiled_or_eager(partial(critic_steps, critic), "train.compile (critic)") if compile \
-            else None
+        # compiled region (the closed form only: a critic module trains eagerly). A plain function, not a
+        # sub-module: state_dict() keys do not change.
+        self.fused_steps = compiled_or_eager(partial(critic_steps, critic), "train.compile (critic)") \
+            if compile and has_closed_form(critic) else None
 
     def learn(self, superior_logits: Tensor, student_logits: Tensor) -> CriticStats:
         return train_critic(self.disc, self.optimizer, superior_logits, student_logits, self.steps, self.gp_weight,
                             self.strategy, fused_steps=self.fused_steps)
 
-    def optimizer_state(self) -> dict:
-        return self.optimizer.state_dict()
+    def get_extra_state(self) -> dict:
+        return {"critic_opt": self.optimizer.state_dict()}
 
-    def load_optimizer_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+    def set_extra_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["critic_opt"])
 
 
 def _not_finite(loss: Tensor, strategy: Strategy) -> Tensor:

@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aikd.data.loaders import EpochSampler
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, StepOutput, non_negative, positive, register_method
 from aikd.methods.functional import distillation_kl
 
 
-class ClassPairBatchSampler:
+class ClassPairBatchSampler(EpochSampler):
     """Batches of B shuffled anchors followed by one same-class partner each.
 
     Every sample is an anchor exactly once per epoch. The draw depends only on

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aikd.checks import require
+from aikd.data.loaders import EpochSampler
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, MethodContext, StepOutput, non_negative, positive, register_method
 from aikd.methods.functional import kl_rows_at
@@ -73,7 +74,7 @@ def dlb_loss(new_logits: Tensor, new_targets: Tensor, shared_logits: Tensor, sha
     return ce, kl
 
 
-class LastBatchSampler:
+class LastBatchSampler(EpochSampler):
     """Batches ``[new | shared]``: B new samples, then the B that were new in the batch before.
 
     Each epoch is a permutation of the training set (seeded by (seed, epoch), like
@@ -197,7 +198,7 @@ class DLB(Method):
                               "process: its halves differ in size, and a rank's slice of them is not its own last "
                               "batch. Use dlb.last_batch=pad with several processes.")
         self.last = LastLogits(ctx.num_classes)
-        self.shared_rows = 0  # last_batch=partial: rows of the next batch's shared half (host state, extra_state)
+        self.shared_rows = 0  # last_batch=partial: rows of the next batch's shared half (host state, get_extra_state)
 
     @classmethod
     def loss_terms(cls, hparams: DLBConfig) -> set[str]:
@@ -243,10 +244,10 @@ class DLB(Method):
         gather = self.ctx.gather_step_rows
         self.last.write(gather(output.logits.detach()), gather(output.saved["index"]))
 
-    def extra_state(self) -> dict[str, Any]:
+    def get_extra_state(self) -> dict[str, Any]:
         return {"shared_rows": self.shared_rows}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def set_extra_state(self, state: dict[str, Any]) -> None:
         self.shared_rows = int(state.get("shared_rows", 0))
 
 

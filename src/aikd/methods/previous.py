@@ -4,7 +4,8 @@
   (a :class:`~aikd.methods.buffer.PredictionBuffer`; no extra forward pass);
 * :class:`SnapshotPrevious`: a frozen copy of the student as it was at the end of the previous epoch.
 
-Each answers :meth:`for_batch` with (logits or None, mask of the samples that have one or None for all).
+Each is a :class:`~aikd.methods.base.Source`: :meth:`for_batch` answers with :class:`~aikd.methods.base.Targets`
+(logits or None, mask of the samples that have one or None for all).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Part
+from aikd.methods.base import Batch, Source, Targets
 from aikd.methods.buffer import PredictionBuffer
 from aikd.methods.ema import FrozenCopy
 
 
-class BufferPrevious(Part):
+class BufferPrevious(Source):
     """The last logits of every training sample, written after each step that stands."""
 
     def __init__(self, num_train: int, num_classes: int,
@@ -27,14 +28,14 @@ class BufferPrevious(Part):
         super().__init__()
         self.buffer = PredictionBuffer(num_train, num_classes, gather_rows=gather_rows)
 
-    def for_batch(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
-        return self.buffer.read(batch.indices)
+    def for_batch(self, batch: Batch) -> Targets:
+        return Targets(*self.buffer.read(batch.indices))
 
     def on_step_end(self, model: nn.Module, batch: Batch, logits: Tensor) -> None:
         self.buffer.write(batch.indices, logits)
 
 
-class SnapshotPrevious(FrozenCopy):
+class SnapshotPrevious(FrozenCopy, Source):
     """The student's weights at the end of the previous epoch (a copy of the student until the first one ends).
 
     It answers from epoch 1 on: epoch 0's end has come before any batch of a later epoch, in this process
@@ -50,5 +51,5 @@ class SnapshotPrevious(FrozenCopy):
         self.copy_from(model)
         self.ready.fill_(True)
 
-    def for_batch(self, batch: Batch) -> tuple[Tensor | None, Tensor | None]:
-        return (self.logits(batch.images), None) if batch.epoch > 0 else (None, None)
+    def for_batch(self, batch: Batch) -> Targets:
+        return Targets(self.logits(batch.images) if batch.epoch > 0 else None)

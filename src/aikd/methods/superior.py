@@ -4,8 +4,9 @@
 * :class:`EMASuperior`: an exponential moving average of the student's weights, from epoch ``start_epoch``;
 * :class:`MilestoneSuperior`: a frozen copy of the student taken at the start of epoch ``start_epoch``.
 
-Each answers :meth:`for_batch` with the batch's superior logits, or None while it has none (an in-run model
-before its start epoch); the in-run ones are ordinary state of their owner (its ``state_dict()``).
+Each is a :class:`~aikd.methods.base.Source`: :meth:`for_batch` answers with the batch's superior logits (every
+row has one), or None while it has none (an in-run model before its start epoch); the in-run ones are ordinary
+state of their owner (its ``state_dict()``).
 """
 
 from __future__ import annotations
@@ -15,33 +16,33 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from aikd.methods.base import Batch, Part
+from aikd.methods.base import Batch, Source, Targets
 from aikd.methods.ema import EMAModel, FrozenCopy
 
 
-class PretrainedSuperior(Part):
+class PretrainedSuperior(Source):
     """A frozen pre-trained model's logits (``teacher_logits``: the method's, which runs it in inference mode)."""
 
     def __init__(self, teacher_logits: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.teacher_logits = teacher_logits
 
-    def for_batch(self, batch: Batch) -> Tensor | None:
-        return self.teacher_logits(batch.images)
+    def for_batch(self, batch: Batch) -> Targets:
+        return Targets(self.teacher_logits(batch.images))
 
 
-class EMASuperior(EMAModel):
+class EMASuperior(EMAModel, Source):
     """The student's EMA (updated after every optimizer step from the start), answering from ``start_epoch`` on."""
 
     def __init__(self, student: nn.Module, decay: float, start_epoch: int, compile: bool = False) -> None:
         super().__init__(student, decay, compile)
         self.start_epoch = start_epoch
 
-    def for_batch(self, batch: Batch) -> Tensor | None:
-        return None if batch.epoch < self.start_epoch else self.logits(batch.images)
+    def for_batch(self, batch: Batch) -> Targets:
+        return Targets(None if batch.epoch < self.start_epoch else self.logits(batch.images))
 
 
-class MilestoneSuperior(FrozenCopy):
+class MilestoneSuperior(FrozenCopy, Source):
     """A frozen copy of the student taken when epoch ``start_epoch`` starts, answering from then on."""
 
     def __init__(self, student: nn.Module, start_epoch: int, compile: bool = False) -> None:
@@ -60,6 +61,6 @@ class MilestoneSuperior(FrozenCopy):
             mine.copy_(torch.where(self.ready, mine, live))
         self.ready.fill_(True)
 
-    def for_batch(self, batch: Batch) -> Tensor | None:
+    def for_batch(self, batch: Batch) -> Targets:
         """From ``start_epoch`` on, when the copy exists: it is taken as that epoch starts, before its first batch."""
-        return self.logits(batch.images) if batch.epoch >= self.start_epoch else None
+        return Targets(self.logits(batch.images) if batch.epoch >= self.start_epoch else None)
