@@ -32,6 +32,10 @@ run aikd_no_adv configs/fashion_mnist/aikd_no_adv.yaml
 run aikd_run_length configs/fashion_mnist/aikd.yaml aikd.critic_schedule=run_length
 run aikd_online_ema configs/fashion_mnist/aikd.yaml aikd.superior=ema aikd.superior_start=0.34
 run aikd_online_milestone configs/fashion_mnist/aikd.yaml aikd.superior=milestone aikd.superior_start=0.34
+# The methods users compare against (issue 33) have proxy configs only; digits has no train_limit to take.
+for name in ls zipfls uskd bake ddgsd dlb; do
+  run "$name" "configs/fmnist_proxy/$name.yaml" data.train_limit=null data.crop_padding=0
+done
 "${AIKD%/aikd}/python" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
