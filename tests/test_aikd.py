@@ -159,8 +159,8 @@ def test_discriminator_and_its_optimizer_are_restored(tmp_path, superior):
     first.fit(stop_after=1)
     again = Trainer(cfg, tmp_path, quiet=True)
     again.resume()
-    for (key, a), b in zip(first.method.adversary.disc.state_dict().items(),
-                           again.method.adversary.disc.state_dict().values(),
+    for (key, a), b in zip(first.method.adversary.critic.state_dict().items(),
+                           again.method.adversary.critic.state_dict().values(),
                            strict=True):
         assert torch.equal(a, b), key
     exp_avg = [s["exp_avg"] for s in first.method.adversary.optimizer.state_dict()["state"].values()]
@@ -431,7 +431,7 @@ def test_frozen_copies_stay_in_eval_mode_when_the_method_trains():
         method = AIKD(config, ctx).train()
         frozen = method.superior.model if config.superior == "ema" else method.previous.model
         assert not frozen.training and not any(m.training for m in frozen.modules())
-        assert method.adversary.disc.training  # the critic does train
+        assert method.adversary.critic.training  # the critic does train
 
 
 def _superior_quality_script():

@@ -44,7 +44,7 @@ def test_aikd_loss_equals_the_aikd_method_with_a_pretrained_superior():
     method = AIKD(AIKDConfig(), ctx)
     torch.manual_seed(5)
     criterion = AIKDLoss(c, n)
-    criterion.adversary.disc.load_state_dict(method.adversary.disc.state_dict())  # same critic start
+    criterion.adversary.critic.load_state_dict(method.adversary.critic.state_dict())  # same critic start
     for epoch in range(2):
         for idx in (torch.arange(0, 5), torch.arange(5, 10)):
             batch = Batch(x[idx], y[idx], idx, epoch, 0)
@@ -57,8 +57,8 @@ def test_aikd_loss_equals_the_aikd_method_with_a_pretrained_superior():
             assert {k: round(v.item(), 5) for k, v in criterion.last_terms.items()} == \
                 {k: round(v.item(), 5) for k, v in out.losses.items()}
             method.on_step_end(student, batch, out)
-    for (key, a), b in zip(method.adversary.disc.state_dict().items(),
-                            criterion.adversary.disc.state_dict().values(), strict=True):
+    for (key, a), b in zip(method.adversary.critic.state_dict().items(),
+                            criterion.adversary.critic.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=key)
 
 

@@ -132,6 +132,29 @@ def aikd_terms(h: AIKDConfig, logits: Tensor, targets: Tensor, superior: Tensor 
     return losses, stats
 
 
+def read_old_critic_keys(adversary: Adversary) -> Adversary:
+    """``adversary``, reading checkpoints written before the critic had one name: their ``state_dict()`` holds its
+    weights under ``adversary.disc.*`` (now ``adversary.critic.*``). Kept for one release, as the config's
+    ``aikd.disc_*`` keys."""
+    adversary.register_load_state_dict_pre_hook(_rename_disc_keys)
+    return adversary
+
+
+def _rename_disc_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    old = prefix + "disc."
+    for key in [key for key in state_dict if key.startswith(old)]:
+        state_dict[prefix + "critic." + key[len(old):]] = state_dict.pop(key)
+
+
+CRITIC_OPT = "critic_opt"  # the critic's Adam state in a checkpoint, AIKD's and AIKDLoss's alike
+
+
+def critic_optimizer_state(state: dict[str, Any]) -> dict:
+    """The critic's Adam state saved in ``state``; AIKD's checkpoints before the critic had one name saved it as
+    ``"disc_opt"`` (read for one release)."""
+    return state[CRITIC_OPT] if CRITIC_OPT in state else state["disc_opt"]
+
+
 def adversarial_term(adversary: Adversary, weight: float, superior: Tensor, logits: Tensor,
                      learn: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """w L_A after the critic learned on this batch's detached logits (Eq. 6): as in WGAN-GP, the freshest
@@ -140,7 +163,7 @@ def adversarial_term(adversary: Adversary, weight: float, superior: Tensor, logi
     if learn:
         critic = adversary.learn(superior, logits)
         stats.update(L_D=critic.loss, critic_gap=critic.gap, gp=critic.gp)
-    l_a = adversarial_loss(adversary.disc, logits)
+    l_a = adversarial_loss(adversary.critic, logits)
     stats["L_A"] = l_a.detach()
     return weight * l_a, stats
 
@@ -251,10 +274,10 @@ class AIKD(Method):
         h = hparams
         self.critic_lr, self.critic_steps = self._critic_budget()
         # The critic first: its initial weights are the first numbers the method draws.
-        self.adversary = Adversary(
+        self.adversary = read_old_critic_keys(Adversary(
             Critic(ctx.num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce, h.disc_norm).to(ctx.device),
             self.critic_lr, tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999), self.critic_steps, h.gp_weight,
-            ctx.strategy, ctx.compile) if h.adv_weight > 0 else None
+            ctx.strategy, ctx.compile)) if h.adv_weight > 0 else None
         self.previous = self._previous_source() if h.alpha_p > 0 else None
         self.superior = self._superior_source() if h.uses_superior else None
 
@@ -350,11 +373,11 @@ class AIKD(Method):
             part.on_epoch_end(epoch, model)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"disc_opt": self.adversary.optimizer_state()} if self.adversary else {}
+        return {CRITIC_OPT: self.adversary.optimizer_state()} if self.adversary else {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self.adversary:
-            self.adversary.load_optimizer_state(state["disc_opt"])
+            self.adversary.load_optimizer_state(critic_optimizer_state(state))
 
 
 # --------------------------------------------------------------------------- a drop-in loss for your own loop
@@ -392,8 +415,8 @@ class AIKDLoss(nn.Module):
                                   gp_weight=gp_weight)  # checks the ranges
         self.given_strategy = strategy
         self.buffer = PredictionBuffer(num_train, num_classes)
-        self.adversary = Adversary(Critic(num_classes), critic_lr, steps=critic_steps, gp_weight=gp_weight) \
-            if adv_weight > 0 else None
+        self.adversary = read_old_critic_keys(Adversary(Critic(num_classes), critic_lr, steps=critic_steps,
+                                                        gp_weight=gp_weight)) if adv_weight > 0 else None
         self.critic_shared = False  # set once every rank holds rank 0's critic
         self.last_terms: dict[str, Tensor] = {}  # the weighted terms of the last call, detached
 
@@ -411,7 +434,7 @@ class AIKDLoss(nn.Module):
         if self.adversary is not None:
             self.adversary.strategy = strategy  # the critic's gradients are averaged over the ranks
             if self.training and strategy.distributed and not self.critic_shared:
-                theta = self.adversary.disc.theta.data
+                theta = self.adversary.critic.theta.data
                 theta.copy_(strategy.gather_rows(theta.unsqueeze(0))[0])  # rank 0's weights, as DDP does
                 self.critic_shared = True
             if superior is not None:
@@ -423,8 +446,8 @@ class AIKDLoss(nn.Module):
         return sum(terms.values())
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"critic_opt": self.adversary.optimizer_state()} if self.adversary else {}
+        return {CRITIC_OPT: self.adversary.optimizer_state()} if self.adversary else {}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if self.adversary:
-            self.adversary.load_optimizer_state(state["critic_opt"])
+            self.adversary.load_optimizer_state(critic_optimizer_state(state))

@@ -353,12 +353,12 @@ def train_critic(critic: Critic, optimizer: torch.optim.Optimizer, superior_logi
 class Adversary(Part):
     """The critic together with what trains it: its Adam, its steps per student step, the penalty's weight and
     the run's processes. :meth:`learn` is one student step's worth of Eq. 6; the student's L_A (Eq. 7) reads
-    ``disc``. The optimizer's state is not in ``state_dict()``: save :meth:`optimizer_state`."""
+    ``critic``. The optimizer's state is not in ``state_dict()``: save :meth:`optimizer_state`."""
 
     def __init__(self, critic: Critic, lr: float, betas: tuple[float, float] = (0.9, 0.999), steps: int = 1,
                  gp_weight: float = 10.0, strategy: Strategy = SINGLE_PROCESS, compile: bool = False) -> None:
         super().__init__()
-        self.disc = critic
+        self.critic = critic
         self.optimizer = critic_optimizer(critic, lr, betas)
         self.steps, self.gp_weight, self.strategy = steps, gp_weight, strategy
         # With train.compile the critic's K closed-form steps (no double backward) and Adam's updates are one
@@ -367,7 +367,7 @@ class Adversary(Part):
             else None
 
     def learn(self, superior_logits: Tensor, student_logits: Tensor) -> CriticStats:
-        return train_critic(self.disc, self.optimizer, superior_logits, student_logits, self.steps, self.gp_weight,
+        return train_critic(self.critic, self.optimizer, superior_logits, student_logits, self.steps, self.gp_weight,
                             self.strategy, fused_steps=self.fused_steps)
 
     def optimizer_state(self) -> dict:
