@@ -110,12 +110,12 @@ def test_superior_model_never_changes_and_every_term_is_logged(tmp_path, superio
     for key, value in trainer.method.ctx.teacher.state_dict().items():
         assert torch.equal(value, before[key]), key
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("loss.ce", "loss.guide", "loss.prev", "loss.adv", "stat.L_G", "stat.L_P", "stat.L_A", "stat.L_D",
+    for key in ("loss.ce", "loss.guide", "loss.progressive", "loss.adv", "stat.L_G", "stat.L_P", "stat.L_A", "stat.L_D",
                 "stat.critic_gap", "stat.gp"):
         assert key in record and np.isfinite(record[key]), key
     # The weighted terms are the raw terms times the paper's weights.
     assert record["loss.guide"] == pytest.approx(0.1 * record["stat.L_G"], rel=1e-4)
-    assert record["loss.prev"] == pytest.approx(0.3 * record["stat.L_P"], rel=1e-4)
+    assert record["loss.progressive"] == pytest.approx(0.3 * record["stat.L_P"], rel=1e-4)
 
 
 def test_buffer_holds_last_epochs_logits_and_survives_resume(tmp_path):
@@ -168,6 +168,47 @@ def test_discriminator_and_its_optimizer_are_restored(tmp_path, superior):
     assert exp_avg and all(torch.equal(a, b) for a, b in zip(exp_avg, got, strict=True))
 
 
+def _write_in_the_old_layout(run: Path) -> None:
+    """Rewrite a run's last checkpoint and config.yaml as aikd wrote them before the critic and the previous
+    predictions had one name each: the critic's weights under ``adversary.disc.*``, its Adam under ``disc_opt``,
+    the config's keys ``aikd.disc_*`` and ``aikd.prev``."""
+    import yaml
+
+    old_name = {new: old for old, new in AIKDConfig.RENAMED_KEYS.items()}
+    path = run / "checkpoints" / "last.safetensors"
+    ckpt = load_checkpoint(path)
+    state = dict(ckpt.state)
+    state["method"] = {k.replace("adversary.critic.", "adversary.disc."): v for k, v in state["method"].items()}
+    state["method_extra"] = {"disc_opt": state["method_extra"]["critic_opt"]}
+    meta = {k: v for k, v in ckpt.meta.items() if k != "format"}
+    meta["config"]["aikd"] = {old_name.get(k, k): v for k, v in meta["config"]["aikd"].items()}
+    save_checkpoint(path, ckpt.model, meta, state)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["aikd"] = {old_name.get(k, k): v for k, v in config["aikd"].items()}
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    written = load_checkpoint(path)
+    assert "adversary.disc.theta" in written.state["method"] and "disc_opt" in written.state["method_extra"]
+    assert "disc_lr" in written.meta["config"]["aikd"] and "prev" in written.meta["config"]["aikd"]
+
+
+def test_a_checkpoint_in_the_old_layout_resumes_exactly(tmp_path, superior):
+    straight = Trainer(_train_aikd(tmp_path, teacher=superior), tmp_path / "straight", quiet=True)
+    expected = straight.fit()
+    cfg = _train_aikd(tmp_path, teacher=superior)
+    Trainer(cfg, tmp_path / "split", quiet=True).fit(stop_after=1)
+    _write_in_the_old_layout(tmp_path / "split")
+    again = Trainer(cfg, tmp_path / "split", quiet=True)
+    resumed = again.fit(resume=True)
+    untimed = {"time_per_epoch_s", "train_time_s", "run_dir"}
+    assert {k: v for k, v in resumed.items() if k not in untimed} == \
+        {k: v for k, v in expected.items() if k not in untimed}
+    for key, value in straight.method.state_dict().items():  # the critic's weights among them
+        assert torch.equal(again.method.state_dict()[key], value), key
+    moments = [s["exp_avg"] for s in straight.method.adversary.optimizer.state_dict()["state"].values()]
+    got = [s["exp_avg"] for s in again.method.adversary.optimizer.state_dict()["state"].values()]
+    assert moments and all(torch.equal(a, b) for a, b in zip(moments, got, strict=True))
+
+
 @pytest.mark.parametrize(("student_steps", "expected"), [
     (117_300, (1e-4, 1)),  # the paper's CIFAR-100 run: its own values
     (300_000, (1e-4, 1)),  # longer runs never get less than the paper's
@@ -215,7 +256,7 @@ def test_run_length_critic_takes_that_many_steps(tmp_path, superior):
 
 
 def test_snapshot_source_trains(tmp_path, superior):
-    summary = Trainer(_train_aikd(tmp_path, "aikd.prev=snapshot", teacher=superior), tmp_path, quiet=True).fit()
+    summary = Trainer(_train_aikd(tmp_path, "aikd.previous=snapshot", teacher=superior), tmp_path, quiet=True).fit()
     assert summary["top1_err"] < 50
 
 
@@ -324,8 +365,8 @@ def test_online_superior_switches_on_at_its_epoch(tmp_path, source):
     method.on_epoch_start, method.on_step_end = start, end
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / source / "metrics.jsonl").read_text().splitlines()]
-    assert {k for k in records[0] if k.startswith("loss.")} == {"loss.ce", "loss.prev"}  # epoch 1: not yet
-    assert {k for k in records[1] if k.startswith("loss.")} == {"loss.ce", "loss.prev", "loss.guide", "loss.adv"}
+    assert {k for k in records[0] if k.startswith("loss.")} == {"loss.ce", "loss.progressive"}  # epoch 1: not yet
+    assert {k for k in records[1] if k.startswith("loss.")} == {"loss.ce", "loss.progressive", "loss.guide", "loss.adv"}
     final = method.superior.model.state_dict()
     if source == "milestone":  # a frozen copy of the student as it began epoch 2
         for key, value in seen["student at start of 1"].items():
@@ -345,9 +386,9 @@ def test_before_the_switch_the_guide_weight_goes_to_ce():
     x, y = torch.randn(4, 1, 3, 4), torch.tensor([0, 1, 2, 0])
     early = method.training_step(student, Batch(x, y, torch.arange(4), 1, 0))  # epoch 1 < round(0.5 * 4)
     ce = F.cross_entropy(student(x), y).item()
-    assert set(early.losses) == {"ce", "prev"} and early.losses["ce"].item() == pytest.approx(0.7 * ce)
+    assert set(early.losses) == {"ce", "progressive"} and early.losses["ce"].item() == pytest.approx(0.7 * ce)
     late = method.training_step(student, Batch(x, y, torch.arange(4), 2, 0))
-    assert set(late.losses) == {"ce", "prev", "guide"} and late.losses["ce"].item() == pytest.approx(0.6 * ce)
+    assert set(late.losses) == {"ce", "progressive", "guide"} and late.losses["ce"].item() == pytest.approx(0.6 * ce)
     assert "superior_logits" in late.saved and "superior_logits" not in early.saved
 
 
@@ -427,7 +468,7 @@ def test_teacher_of_another_architecture_is_refused(tmp_path):
 def test_frozen_copies_stay_in_eval_mode_when_the_method_trains():
     student = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.BatchNorm1d(3))
     ctx = MethodContext(num_classes=3, num_train=4, epochs=4, student=student)
-    for config in (AIKDConfig(superior="ema"), AIKDConfig(prev="snapshot")):
+    for config in (AIKDConfig(superior="ema"), AIKDConfig(previous="snapshot")):
         method = AIKD(config, ctx).train()
         frozen = method.superior.model if config.superior == "ema" else method.previous.model
         assert not frozen.training and not any(m.training for m in frozen.modules())

@@ -75,6 +75,24 @@ def test_aikd_loss_state_dict_carries_buffer_critic_and_its_optimizer(tmp_path):
                            zip(moments, criterion.adversary.optimizer.state_dict()["state"].values(), strict=True))
 
 
+def test_aikd_loss_loads_a_state_dict_saved_before_the_critic_was_renamed(tmp_path):
+    """Saved before the critic had one name: its weights under adversary.disc.* (the drop-in loss's extra state
+    was already "critic_opt")."""
+    criterion = AIKDLoss(3, 8)
+    logits, sup = torch.randn(8, 3, requires_grad=True), torch.randn(8, 3)
+    criterion(logits, torch.arange(8) % 3, torch.arange(8), sup).backward()
+    old = {k.replace("adversary.critic.", "adversary.disc."): v for k, v in criterion.state_dict().items()}
+    assert "adversary.disc.theta" in old
+    torch.save(old, tmp_path / "old.pt")
+    restored = AIKDLoss(3, 8)
+    restored.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=False))
+    assert not torch.equal(AIKDLoss(3, 8).adversary.critic.theta, criterion.adversary.critic.theta)  # fresh: other
+    assert torch.equal(restored.adversary.critic.theta, criterion.adversary.critic.theta)
+    moments = [s["exp_avg"] for s in restored.adversary.optimizer.state_dict()["state"].values()]
+    assert moments and all(torch.equal(a, s["exp_avg"]) for a, s in
+                           zip(moments, criterion.adversary.optimizer.state_dict()["state"].values(), strict=True))
+
+
 def test_lightning_example_trains_an_epoch_and_checkpoints(tmp_path, one_thread):
     pytest.importorskip("lightning")
     spec = importlib.util.spec_from_file_location("lightning_aikd", EXAMPLE)

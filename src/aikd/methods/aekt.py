@@ -1,6 +1,6 @@
 """AEKT (adaptive explicit knowledge transfer, Park and Lee 2024): a documented reconstruction.
 
-Only the abstract is public (seeds/aekt-abstract.txt). It states three things,
+Only the abstract is public (docs/methods/aekt.md). It states three things,
 each of which is a switch here (docs/methods/aekt.md gives the reasoning):
 
 1. DKD's strength is an adaptive control of *implicit* knowledge (the

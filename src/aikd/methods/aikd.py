@@ -1,6 +1,6 @@
 """AI-KD: adversarial learning and implicit regularization for self-KD.
 
-The student S_t learns from (seeds/aikd-paper.md, Section 3; METHODS.md)
+The student S_t learns from (the AI-KD paper, Section 3; docs/methods/aikd.md)
 
     L_AI = (1 - a_P - a_G) CE(q, p_t) + a_P L_P + a_G L_G + w L_A
     L_G  = T_G^2 KL(p(z_sup; T_G) || p(z_t; T_G))       guide: the frozen superior model (Eq. 4)
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +127,7 @@ def aikd_terms(h: AIKDConfig, logits: Tensor, targets: Tensor, superior: Tensor 
         stats["L_G"] = l_g.detach()
     if h.alpha_p > 0:
         l_p = progressive_term(logits.float(), targets, previous, filled, h.temp_p, h.first_epoch)
-        losses["prev"] = h.alpha_p * l_p
+        losses["progressive"] = h.alpha_p * l_p
         stats["L_P"] = l_p.detach()
     return losses, stats
 
@@ -180,22 +180,22 @@ class AIKDConfig:
     temp_g: float = 3.0  # T_G
     temp_p: float = 1.0  # T_P
     adv_weight: float = 0.1  # w, weight of the adversarial loss
-    prev: Literal["buffer", "snapshot"] = "buffer"  # source of z_{t-1}
+    previous: Literal["buffer", "snapshot"] = "buffer"  # source of z_{t-1}, the previous epoch's predictions
     first_epoch: Literal["label", "skip"] = "label"  # L_P target before any previous prediction
-    disc_hidden: int = 64
-    disc_out: int = 32
-    disc_slope: float = 0.2  # LeakyReLU negative slope
-    disc_reduce: Literal["mean", "sum"] = "mean"  # 32 critic outputs -> one score
+    critic_hidden: int = 64
+    critic_out: int = 32
+    critic_slope: float = 0.2  # LeakyReLU negative slope
+    critic_reduce: Literal["mean", "sum"] = "mean"  # 32 critic outputs -> one score
     # The critic's normalisation: "batch", the paper's BatchNorm (batch statistics); "layer" or "none", WGAN-GP's
     # advice (a per-sample score, which the per-sample gradient penalty assumes). docs/methods/aikd.md.
-    disc_norm: Literal["batch", "layer", "none"] = "batch"
-    disc_lr: float = 1e-4
-    disc_betas: list[float] | None = None  # Adam betas; None: PyTorch's (0.9, 0.999)
+    critic_norm: Literal["batch", "layer", "none"] = "batch"
+    critic_lr: float = 1e-4
+    critic_betas: list[float] | None = None  # Adam betas; None: PyTorch's (0.9, 0.999)
     gp_weight: float = 10.0
     critic_steps: int = 1  # critic updates per student step, on the same batch
-    # "fixed": disc_lr and critic_steps as given (the paper's). "run_length": a run shorter than
+    # "fixed": critic_lr and critic_steps as given (the paper's). "run_length": a run shorter than
     # the paper's CIFAR-100 run (critic_reference_steps student steps) gives the critic the same
-    # update budget, lr x steps, by raising disc_lr up to critic_max_lr, then critic_steps up to
+    # update budget, lr x steps, by raising critic_lr up to critic_max_lr, then critic_steps up to
     # critic_max_steps (see critic_schedule); equal to "fixed" at the paper's length.
     critic_schedule: Literal["fixed", "run_length"] = "fixed"
     critic_reference_steps: int = PAPER_CRITIC_STEPS
@@ -211,18 +211,25 @@ class AIKDConfig:
     ema_decay: float = 0.99
     superior_start: float = 0.5  # fraction of the epochs (in-run sources only)
 
+    # Keys renamed so that each thing has one name (the critic, the previous predictions), read under their old
+    # names for one release with a warning (aikd.config.build).
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "prev": "previous", **{f"disc_{key}": f"critic_{key}"
+                               for key in ("hidden", "out", "slope", "reduce", "norm", "lr", "betas")}}
+
     def __post_init__(self) -> None:
         a_g, a_p = self.alpha_g, self.alpha_p
         require(a_g >= 0 and a_p >= 0 and a_g + a_p <= 1, "aikd.alpha_g", a_g,
                 f"and aikd.alpha_p ({a_p}) must be >= 0 and sum to at most 1 (the CE weight is 1 - alpha_p - alpha_g)")
-        for key in ("temp_g", "temp_p", "disc_lr", "critic_max_lr", "gp_weight"):
+        for key in ("temp_g", "temp_p", "critic_lr", "critic_max_lr", "gp_weight"):
             positive(f"aikd.{key}", getattr(self, key))
         non_negative("aikd.adv_weight", self.adv_weight)
-        non_negative("aikd.disc_slope", self.disc_slope)
-        for key in ("critic_steps", "critic_reference_steps", "critic_max_steps", "disc_hidden", "disc_out"):
+        non_negative("aikd.critic_slope", self.critic_slope)
+        for key in ("critic_steps", "critic_reference_steps", "critic_max_steps", "critic_hidden", "critic_out"):
             positive(f"aikd.{key}", getattr(self, key))
-        require(self.disc_betas is None or (len(self.disc_betas) == 2 and all(0 <= b < 1 for b in self.disc_betas)),
-                "aikd.disc_betas", self.disc_betas, "holds Adam's two betas in [0, 1), or is null")
+        betas = self.critic_betas
+        require(betas is None or (len(betas) == 2 and all(0 <= b < 1 for b in betas)),
+                "aikd.critic_betas", betas, "holds Adam's two betas in [0, 1), or is null")
         require(0 <= self.ema_decay < 1, "aikd.ema_decay", self.ema_decay, "is a decay in [0, 1)")
         require(0 <= self.superior_start < 1, "aikd.superior_start", self.superior_start,
                 "is the fraction of the epochs before the in-run superior model is used, in [0, 1)")
@@ -235,10 +242,10 @@ class AIKDConfig:
         return self.alpha_g > 0 or self.adv_weight > 0
 
 
-ABLATED_TERMS = ("guide", "prev", "adv")  # the paper's Table 4 columns: L_G, L_P, L_A
+ABLATED_TERMS = ("guide", "progressive", "adv")  # the paper's Table 4 columns: L_G, L_P, L_A
 # The ablation names of the terms on besides CE (the paper's Table 4 rows), in the paper's order of rows.
-ABLATION_NAMES = {frozenset({"guide"}): "Only Guide", frozenset({"prev"}): "Only Progressive",
-                  frozenset({"guide", "prev"}): "No Adv", frozenset(ABLATED_TERMS): "AI-KD"}
+ABLATION_NAMES = {frozenset({"guide"}): "Only Guide", frozenset({"progressive"}): "Only Progressive",
+                  frozenset({"guide", "progressive"}): "No Adv", frozenset(ABLATED_TERMS): "AI-KD"}
 # The paper's Table 4 as steps between neighbouring rows: (recipe, reference recipe, the paper's difference in
 # Top-1 error on CIFAR-100). AI-KD against CE trained as long is not in the paper; its claim implies a negative sign.
 PAPER_STEPS = (
@@ -275,8 +282,9 @@ class AIKD(Method):
         self.critic_lr, self.critic_steps = self._critic_budget()
         # The critic first: its initial weights are the first numbers the method draws.
         self.adversary = read_old_critic_keys(Adversary(
-            Critic(ctx.num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce, h.disc_norm).to(ctx.device),
-            self.critic_lr, tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999), self.critic_steps, h.gp_weight,
+            Critic(ctx.num_classes, h.critic_hidden, h.critic_out, h.critic_slope, h.critic_reduce,
+                   h.critic_norm).to(ctx.device),
+            self.critic_lr, tuple(h.critic_betas) if h.critic_betas else (0.9, 0.999), self.critic_steps, h.gp_weight,
             ctx.strategy, ctx.compile)) if h.adv_weight > 0 else None
         self.previous = self._previous_source() if h.alpha_p > 0 else None
         self.superior = self._superior_source() if h.uses_superior else None
@@ -285,9 +293,9 @@ class AIKD(Method):
         return [part for part in (self.adversary, self.previous, self.superior) if part is not None]
 
     def _previous_source(self) -> BufferPrevious | SnapshotPrevious:
-        if self.hparams.prev == "buffer":
+        if self.hparams.previous == "buffer":
             return BufferPrevious(self.ctx.num_train, self.ctx.num_classes, self.ctx.gather_step_rows)
-        return SnapshotPrevious(self._student("aikd.prev=snapshot"), self.ctx.compile)
+        return SnapshotPrevious(self._student("aikd.previous=snapshot"), self.ctx.compile)
 
     def _superior_source(self) -> PretrainedSuperior | EMASuperior | MilestoneSuperior:
         h = self.hparams
@@ -311,16 +319,16 @@ class AIKD(Method):
         """The critic's learning rate and steps per student step under ``critic_schedule``."""
         h, ctx = self.hparams, self.ctx
         if h.critic_schedule == "fixed":
-            return h.disc_lr, h.critic_steps
+            return h.critic_lr, h.critic_steps
         if ctx.steps_per_epoch is None:
             raise ConfigError("aikd.critic_schedule=run_length needs the run's length: pass "
                               "MethodContext(steps_per_epoch=...) (the aikd trainer does).")
-        return critic_schedule(ctx.epochs * ctx.steps_per_epoch, h.disc_lr, h.critic_steps,
+        return critic_schedule(ctx.epochs * ctx.steps_per_epoch, h.critic_lr, h.critic_steps,
                                h.critic_reference_steps, h.critic_max_lr, h.critic_max_steps)
 
     @classmethod
     def loss_terms(cls, hparams: AIKDConfig) -> set[str]:
-        named = {"guide": hparams.alpha_g > 0, "prev": hparams.alpha_p > 0, "adv": hparams.adv_weight > 0}
+        named = {"guide": hparams.alpha_g > 0, "progressive": hparams.alpha_p > 0, "adv": hparams.adv_weight > 0}
         return {"ce", *(name for name, on in named.items() if on)}
 
     @classmethod
@@ -411,7 +419,7 @@ class AIKDLoss(nn.Module):
                  critic_steps: int = 1, gp_weight: float = 10.0, strategy: Strategy | None = None) -> None:
         super().__init__()
         self.hparams = AIKDConfig(alpha_g=alpha_g, alpha_p=alpha_p, temp_g=temp_g, temp_p=temp_p,
-                                  adv_weight=adv_weight, disc_lr=critic_lr, critic_steps=critic_steps,
+                                  adv_weight=adv_weight, critic_lr=critic_lr, critic_steps=critic_steps,
                                   gp_weight=gp_weight)  # checks the ranges
         self.given_strategy = strategy
         self.buffer = PredictionBuffer(num_train, num_classes)

@@ -172,7 +172,7 @@ def _method_facts(config: dict[str, Any], method: str, recipe: str) -> MethodFac
     (``Method.loss_terms``), its row in the tables (``table_rank``, ``Method.recipe_rows`` or
     ``Method.report_row``, and a grid point's settings in brackets), whether it is an ablation, and whether
     its reliability curve is drawn after temperature scaling too."""
-    from aikd.config import from_dict
+    from aikd.config import from_saved
     from aikd.errors import ConfigError
     from aikd.methods import METHODS, table_rank
 
@@ -180,7 +180,7 @@ def _method_facts(config: dict[str, Any], method: str, recipe: str) -> MethodFac
     grid = f" [{variant}" if bracket else ""
     try:  # a run without its config.yaml trained with the defaults
         method_cls = METHODS.get(method)
-        hparams = from_dict({**(config or {}), "method": method}, source="saved config").method_config()
+        hparams = from_saved({**(config or {}), "method": method}).method_config()
     except ConfigError:  # a method no longer known, or a config that no longer validates: named by its recipe
         return MethodFacts(None, (*table_rank(method), 0, recipe))
     place, name = method_cls.recipe_rows.get(base) or method_cls.report_row(hparams)
