@@ -546,3 +546,17 @@ def test_in_run_copies_answer_from_their_epoch_and_a_resumed_milestone_keeps_its
     assert torch.equal(milestone.model.weight, torch.ones(2, 3))
     torch.testing.assert_close(milestone.for_batch(Batch(images, torch.zeros(4), torch.arange(4), 1, 0)),
                                images @ torch.ones(3, 2) + milestone.model.bias)
+
+
+def test_aikd_rows_are_placed_in_the_order_their_names_document():
+    """report_row's places (AIKDRow): Table 4's rows, an unnamed combination, then the in-run superior models."""
+    from aikd.methods.aikd import AIKDRow
+
+    settings = [{"alpha_p": 0, "adv_weight": 0}, {"alpha_g": 0, "adv_weight": 0}, {"adv_weight": 0}, {},
+                {"alpha_g": 0}, {"superior": "ema"}, {"superior": "ema", "adv_weight": 0}, {"superior": "milestone"},
+                {"superior": "milestone", "adv_weight": 0}]
+    rows = [AIKD.report_row(AIKDConfig(**setting)) for setting in settings]
+    assert [place for place, _ in rows] == list(AIKDRow)
+    assert [name for _, name in rows] == [
+        "Only Guide", "Only Progressive", "No Adv", "AI-KD", "AI-KD (adv, progressive)", "AI-KD online (EMA)",
+        "AI-KD online (EMA), No Adv", "AI-KD online (milestone)", "AI-KD online (milestone), No Adv"]

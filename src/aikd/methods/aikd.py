@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -45,7 +46,7 @@ from aikd.methods.base import (
 )
 from aikd.methods.buffer import PredictionBuffer
 from aikd.methods.critic import Adversary, Critic
-from aikd.methods.functional import distillation_kl, kl_rows_at, one_hot
+from aikd.methods.functional import distillation_kl, kl_rows_at, target_probs
 from aikd.methods.previous import BufferPrevious, SnapshotPrevious
 from aikd.methods.superior import EMASuperior, MilestoneSuperior, PretrainedSuperior
 from aikd.strategy import Strategy
@@ -95,7 +96,7 @@ def progressive_term(logits: Tensor, targets: Tensor, previous: Tensor | None, f
     prediction yet: with ``first_epoch="label"`` their target is the label itself (PS-KD's epoch-0 rule:
     T^2 KL(q || p_t) is T^2 CE at T = 1); with ``"skip"`` they add nothing and the mean is over the batch."""
     if first_epoch == "label":
-        q = targets if targets.ndim == 2 else one_hot(targets, logits.shape[1])
+        q = target_probs(targets, logits.shape[1])
         label_logits = torch.log(q.float().clamp_min(1e-12)) * temperature
         if previous is None:
             previous = label_logits
@@ -246,6 +247,27 @@ ABLATED_TERMS = ("guide", "progressive", "adv")  # the paper's Table 4 columns: 
 # The ablation names of the terms on besides CE (the paper's Table 4 rows), in the paper's order of rows.
 ABLATION_NAMES = {frozenset({"guide"}): "Only Guide", frozenset({"progressive"}): "Only Progressive",
                   frozenset({"guide", "progressive"}): "No Adv", frozenset(ABLATED_TERMS): "AI-KD"}
+
+
+class AIKDRow(IntEnum):
+    """The places of AI-KD's rows among its own in the report's tables (Method.report_row), first to last: the
+    paper's Table 4 rows with the pre-trained superior model (in ABLATION_NAMES' order), a combination of
+    terms the paper does not name, then the in-run superior models, EMA before milestone, each with all three
+    terms first and an ablation of it after."""
+
+    ONLY_GUIDE = 0
+    ONLY_PROGRESSIVE = 1
+    NO_ADV = 2
+    AIKD = 3
+    OTHER_TERMS = 4
+    ONLINE_EMA = 5
+    ONLINE_EMA_ABLATION = 6
+    ONLINE_MILESTONE = 7
+    ONLINE_MILESTONE_ABLATION = 8
+
+
+ABLATION_ROWS = {"Only Guide": AIKDRow.ONLY_GUIDE, "Only Progressive": AIKDRow.ONLY_PROGRESSIVE,
+                 "No Adv": AIKDRow.NO_ADV, "AI-KD": AIKDRow.AIKD}
 # The paper's Table 4 as steps between neighbouring rows: (recipe, reference recipe, the paper's difference in
 # Top-1 error on CIFAR-100). AI-KD against CE trained as long is not in the paper; its claim implies a negative sign.
 PAPER_STEPS = (
@@ -337,13 +359,13 @@ class AIKD(Method):
         and "AI-KD online (EMA|milestone)" for an in-run superior model; in the paper's order."""
         terms = cls.loss_terms(hparams) - {"ce"}
         name = ABLATION_NAMES.get(frozenset(terms), "AI-KD (" + ", ".join(sorted(terms)) + ")")
-        names = list(ABLATION_NAMES.values())
-        place = names.index(name) if name in names else len(names)
         if hparams.superior == "pretrained" or not hparams.uses_superior:
-            return place, name
-        online = f"AI-KD online ({'EMA' if hparams.superior == 'ema' else 'milestone'})"
-        full = name == "AI-KD"
-        return 5 + 2 * (hparams.superior != "ema") + (not full), online if full else f"{online}, {name}"
+            return ABLATION_ROWS.get(name, AIKDRow.OTHER_TERMS), name
+        ema, full = hparams.superior == "ema", name == "AI-KD"
+        online = f"AI-KD online ({'EMA' if ema else 'milestone'})"
+        place = (AIKDRow.ONLINE_EMA if ema else AIKDRow.ONLINE_MILESTONE) if full else \
+            (AIKDRow.ONLINE_EMA_ABLATION if ema else AIKDRow.ONLINE_MILESTONE_ABLATION)
+        return place, online if full else f"{online}, {name}"
 
     @classmethod
     def is_ablation(cls, hparams: AIKDConfig) -> bool:

@@ -34,7 +34,7 @@ class Run:
     model: str
     seed: int
     metrics: dict[str, Any]
-    terms: frozenset[str] | None  # the loss terms it trained with (Method.loss_terms); None: method unknown
+    loss_terms: frozenset[str] | None  # what it trained with (Method.loss_terms), its ablation switches; None: unknown
     folder: Path
     subset: int = 0  # data.subset_seed: which draw of the training images
     row: RowKey = UNPLACED  # its row's place and name in the tables: from its method (MethodFacts.row)
@@ -102,7 +102,7 @@ def _read_run(path: Path, root: Path) -> Run:
     subset = int((config.get("data") or {}).get("subset_seed") or 0)
     recipe = summary.get("recipe") or method
     facts = _method_facts(config, method, recipe)
-    return Run(recipe, method, dataset, model, seed, summary, facts.terms, path.parent, subset, facts.row,
+    return Run(recipe, method, dataset, model, seed, summary, facts.loss_terms, path.parent, subset, facts.row,
                facts.ablation, facts.calibration_figure)
 
 
@@ -161,7 +161,7 @@ def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
 class MethodFacts:
     """What a run's method says about the run's saved settings."""
 
-    terms: frozenset[str] | None  # the loss terms it trained with; None when the method or settings are unknown
+    loss_terms: frozenset[str] | None  # the loss terms it trained with; None when the method or settings are unknown
     row: RowKey  # its row: the method's place among methods, the row's among the method's, the row's name
     ablation: bool = False  # Method.is_ablation: shown in the method's ablation table only
     calibration_figure: bool = False  # the method's own recipe, with Method.calibration_figure
