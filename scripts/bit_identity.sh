@@ -20,7 +20,7 @@ run ce configs/fashion_mnist/ce.yaml
 run pskd configs/fashion_mnist/pskd.yaml
 run cskd configs/fashion_mnist/cskd.yaml
 run aikd_buffer configs/fashion_mnist/aikd.yaml
-run aikd_snapshot configs/fashion_mnist/aikd.yaml aikd.prev=snapshot
+run aikd_snapshot configs/fashion_mnist/aikd.yaml aikd.previous=snapshot
 run bss configs/fashion_mnist/bss.yaml
 run kd configs/fashion_mnist/kd.yaml
 run tfkd_self configs/fashion_mnist/tfkd_self.yaml

@@ -110,12 +110,12 @@ def test_superior_model_never_changes_and_every_term_is_logged(tmp_path, superio
     for key, value in trainer.method.ctx.teacher.state_dict().items():
         assert torch.equal(value, before[key]), key
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("loss.ce", "loss.guide", "loss.prev", "loss.adv", "stat.L_G", "stat.L_P", "stat.L_A", "stat.L_D",
+    for key in ("loss.ce", "loss.guide", "loss.progressive", "loss.adv", "stat.L_G", "stat.L_P", "stat.L_A", "stat.L_D",
                 "stat.critic_gap", "stat.gp"):
         assert key in record and np.isfinite(record[key]), key
     # The weighted terms are the raw terms times the paper's weights.
     assert record["loss.guide"] == pytest.approx(0.1 * record["stat.L_G"], rel=1e-4)
-    assert record["loss.prev"] == pytest.approx(0.3 * record["stat.L_P"], rel=1e-4)
+    assert record["loss.progressive"] == pytest.approx(0.3 * record["stat.L_P"], rel=1e-4)
 
 
 def test_buffer_holds_last_epochs_logits_and_survives_resume(tmp_path):
@@ -159,13 +159,57 @@ def test_discriminator_and_its_optimizer_are_restored(tmp_path, superior):
     first.fit(stop_after=1)
     again = Trainer(cfg, tmp_path, quiet=True)
     again.resume()
-    for (key, a), b in zip(first.method.adversary.disc.state_dict().items(),
-                           again.method.adversary.disc.state_dict().values(),
+    for (key, a), b in zip(first.method.adversary.critic.state_dict().items(),
+                           again.method.adversary.critic.state_dict().values(),
                            strict=True):
         assert torch.equal(a, b), key
     exp_avg = [s["exp_avg"] for s in first.method.adversary.optimizer.state_dict()["state"].values()]
     got = [s["exp_avg"] for s in again.method.adversary.optimizer.state_dict()["state"].values()]
     assert exp_avg and all(torch.equal(a, b) for a, b in zip(exp_avg, got, strict=True))
+
+
+def _write_in_the_old_layout(run: Path) -> None:
+    """Rewrite a run's last checkpoint and config.yaml as aikd wrote them before the critic and the previous
+    predictions had one name each: the critic's weights under ``adversary.disc.*``, its Adam under ``disc_opt`` in
+    the method's extra state,
+    the config's keys ``aikd.disc_*`` and ``aikd.prev``."""
+    import yaml
+
+    old_name = {new: old for old, new in AIKDConfig.RENAMED_KEYS.items()}
+    path = run / "checkpoints" / "last.safetensors"
+    ckpt = load_checkpoint(path)
+    state = dict(ckpt.state)
+    method = dict(state["method"])
+    state["method_extra"] = {"disc_opt": method.pop("adversary._extra_state")["critic_opt"]}  # the method's, then
+    state["method"] = {k.replace("adversary.critic.", "adversary.disc."): v for k, v in method.items()}
+    meta = {k: v for k, v in ckpt.meta.items() if k != "format"}
+    meta["config"]["aikd"] = {old_name.get(k, k): v for k, v in meta["config"]["aikd"].items()}
+    save_checkpoint(path, ckpt.model, meta, state)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["aikd"] = {old_name.get(k, k): v for k, v in config["aikd"].items()}
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    written = load_checkpoint(path)
+    assert "adversary.disc.theta" in written.state["method"] and "disc_opt" in written.state["method_extra"]
+    assert "disc_lr" in written.meta["config"]["aikd"] and "prev" in written.meta["config"]["aikd"]
+
+
+def test_a_checkpoint_in_the_old_layout_resumes_exactly(tmp_path, superior):
+    straight = Trainer(_train_aikd(tmp_path, teacher=superior), tmp_path / "straight", quiet=True)
+    expected = straight.fit()
+    cfg = _train_aikd(tmp_path, teacher=superior)
+    Trainer(cfg, tmp_path / "split", quiet=True).fit(stop_after=1)
+    _write_in_the_old_layout(tmp_path / "split")
+    again = Trainer(cfg, tmp_path / "split", quiet=True)
+    resumed = again.fit(resume=True)
+    untimed = {"time_per_epoch_s", "train_time_s", "run_dir"}
+    assert {k: v for k, v in resumed.items() if k not in untimed} == \
+        {k: v for k, v in expected.items() if k not in untimed}
+    for key, value in straight.method.state_dict().items():  # the critic's weights among them; its Adam below
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(again.method.state_dict()[key], value), key
+    moments = [s["exp_avg"] for s in straight.method.adversary.optimizer.state_dict()["state"].values()]
+    got = [s["exp_avg"] for s in again.method.adversary.optimizer.state_dict()["state"].values()]
+    assert moments and all(torch.equal(a, b) for a, b in zip(moments, got, strict=True))
 
 
 @pytest.mark.parametrize(("student_steps", "expected"), [
@@ -215,7 +259,7 @@ def test_run_length_critic_takes_that_many_steps(tmp_path, superior):
 
 
 def test_snapshot_source_trains(tmp_path, superior):
-    summary = Trainer(_train_aikd(tmp_path, "aikd.prev=snapshot", teacher=superior), tmp_path, quiet=True).fit()
+    summary = Trainer(_train_aikd(tmp_path, "aikd.previous=snapshot", teacher=superior), tmp_path, quiet=True).fit()
     assert summary["top1_err"] < 50
 
 
@@ -324,8 +368,8 @@ def test_online_superior_switches_on_at_its_epoch(tmp_path, source):
     method.on_epoch_start, method.on_step_end = start, end
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / source / "metrics.jsonl").read_text().splitlines()]
-    assert {k for k in records[0] if k.startswith("loss.")} == {"loss.ce", "loss.prev"}  # epoch 1: not yet
-    assert {k for k in records[1] if k.startswith("loss.")} == {"loss.ce", "loss.prev", "loss.guide", "loss.adv"}
+    assert {k for k in records[0] if k.startswith("loss.")} == {"loss.ce", "loss.progressive"}  # epoch 1: not yet
+    assert {k for k in records[1] if k.startswith("loss.")} == {"loss.ce", "loss.progressive", "loss.guide", "loss.adv"}
     final = method.superior.model.state_dict()
     if source == "milestone":  # a frozen copy of the student as it began epoch 2
         for key, value in seen["student at start of 1"].items():
@@ -345,9 +389,9 @@ def test_before_the_switch_the_guide_weight_goes_to_ce():
     x, y = torch.randn(4, 1, 3, 4), torch.tensor([0, 1, 2, 0])
     early = method.training_step(student, Batch(x, y, torch.arange(4), 1, 0))  # epoch 1 < round(0.5 * 4)
     ce = F.cross_entropy(student(x), y).item()
-    assert set(early.losses) == {"ce", "prev"} and early.losses["ce"].item() == pytest.approx(0.7 * ce)
+    assert set(early.losses) == {"ce", "progressive"} and early.losses["ce"].item() == pytest.approx(0.7 * ce)
     late = method.training_step(student, Batch(x, y, torch.arange(4), 2, 0))
-    assert set(late.losses) == {"ce", "prev", "guide"} and late.losses["ce"].item() == pytest.approx(0.6 * ce)
+    assert set(late.losses) == {"ce", "progressive", "guide"} and late.losses["ce"].item() == pytest.approx(0.6 * ce)
     assert "superior_logits" in late.saved and "superior_logits" not in early.saved
 
 
@@ -430,11 +474,11 @@ def test_teacher_of_another_architecture_is_refused(tmp_path):
 def test_frozen_copies_stay_in_eval_mode_when_the_method_trains():
     student = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.BatchNorm1d(3))
     ctx = MethodContext(num_classes=3, num_train=4, epochs=4, student=student)
-    for config in (AIKDConfig(superior="ema"), AIKDConfig(prev="snapshot")):
+    for config in (AIKDConfig(superior="ema"), AIKDConfig(previous="snapshot")):
         method = AIKD(config, ctx).train()
         frozen = method.superior.model if config.superior == "ema" else method.previous.model
         assert not frozen.training and not any(m.training for m in frozen.modules())
-        assert method.adversary.disc.training  # the critic does train
+        assert method.adversary.critic.training  # the critic does train
 
 
 def _superior_quality_script():
@@ -527,9 +571,9 @@ def test_a_subclass_trains_ai_kd_with_a_critic_of_its_own():
     student, superior = nn.Linear(6, 4), nn.Linear(6, 4).requires_grad_(False)
     with torch.no_grad():
         superior.bias.copy_(torch.tensor([3.0, -3.0, 3.0, -3.0]))  # logits the critic can tell from the student's
-    method = DeeperCriticAIKD(AIKDConfig(disc_lr=1e-2, critic_steps=2),
+    method = DeeperCriticAIKD(AIKDConfig(critic_lr=1e-2, critic_steps=2),
                               MethodContext(num_classes=4, num_train=32, epochs=1, teacher=superior))
-    start = [p.clone() for p in method.adversary.disc.parameters()]
+    start = [p.clone() for p in method.adversary.critic.parameters()]
     x, y = torch.randn(32, 6), torch.arange(32) % 4
     gaps = []
     for step in range(6):
@@ -540,7 +584,21 @@ def test_a_subclass_trains_ai_kd_with_a_critic_of_its_own():
         sum(out.losses.values()).backward()
         method.on_step_end(student, batch, out)
     assert "adv" in out.losses and student.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in method.adversary.disc.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(start, method.adversary.disc.parameters(), strict=True))
+    assert all(p.grad is None for p in method.adversary.critic.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(start, method.adversary.critic.parameters(), strict=True))
     assert gaps[-1] > gaps[0], gaps
     assert "adversary._extra_state" in method.state_dict()  # its Adam travels with the method's state
+
+
+def test_aikd_rows_are_placed_in_the_order_their_names_document():
+    """report_row's places (AIKDRow): Table 4's rows, an unnamed combination, then the in-run superior models."""
+    from aikd.methods.aikd import AIKDRow
+
+    settings = [{"alpha_p": 0, "adv_weight": 0}, {"alpha_g": 0, "adv_weight": 0}, {"adv_weight": 0}, {},
+                {"alpha_g": 0}, {"superior": "ema"}, {"superior": "ema", "adv_weight": 0}, {"superior": "milestone"},
+                {"superior": "milestone", "adv_weight": 0}]
+    rows = [AIKD.report_row(AIKDConfig(**setting)) for setting in settings]
+    assert [place for place, _ in rows] == list(AIKDRow)
+    assert [name for _, name in rows] == [
+        "Only Guide", "Only Progressive", "No Adv", "AI-KD", "AI-KD (adv, progressive)", "AI-KD online (EMA)",
+        "AI-KD online (EMA), No Adv", "AI-KD online (milestone)", "AI-KD online (milestone), No Adv"]

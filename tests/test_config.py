@@ -575,3 +575,55 @@ def test_command_line_takes_overrides_after_options_and_names_config_mistakes(tm
                  "train.batch_size=0"]) == 2
     assert "Unknown config key 'train.batch_size'. Did you mean 'data.batch_size'?" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# A value other than the default for each renamed AI-KD key, by its new name.
+RENAMED_VALUES = {"previous": "snapshot", "critic_hidden": 16, "critic_out": 8, "critic_slope": 0.1,
+                  "critic_reduce": "sum", "critic_norm": "layer", "critic_lr": 2e-4, "critic_betas": [0.5, 0.9]}
+
+
+def _renamed_keys() -> list[tuple[str, str]]:
+    from aikd.methods.aikd import AIKDConfig
+
+    return sorted(AIKDConfig.RENAMED_KEYS.items())
+
+
+def test_every_renamed_key_has_a_value_to_test():
+    assert {new for _, new in _renamed_keys()} == set(RENAMED_VALUES)
+
+
+@pytest.mark.parametrize(("old", "new"), _renamed_keys())
+def test_a_renamed_aikd_key_is_read_under_its_old_name_with_a_warning_naming_both(old, new):
+    from aikd.errors import RenamedKeyWarning
+    from aikd.methods.aikd import AIKDConfig
+
+    value = RENAMED_VALUES[new]
+    with pytest.warns(RenamedKeyWarning, match=rf"'aikd\.{old}' is now 'aikd\.{new}'"):
+        cfg = from_dict({"method": "aikd", "aikd": {old: value}})
+    assert getattr(cfg.hparams, new) == value != getattr(AIKDConfig(), new)
+    assert old not in cfg.to_dict()["aikd"] and cfg.to_dict()["aikd"][new] == value  # saved under the new name
+
+
+def test_an_old_key_in_an_override_is_read_too_and_both_names_at_once_are_refused():
+    from aikd.errors import RenamedKeyWarning
+
+    with pytest.warns(RenamedKeyWarning, match=r"'aikd\.disc_lr' is now 'aikd\.critic_lr'"):
+        cfg = load_config(None, ["method=aikd", "aikd.disc_lr=0.0003"])
+    assert cfg.hparams.critic_lr == pytest.approx(3e-4)
+    with pytest.raises(ConfigError, match=r"'aikd\.prev' and 'aikd\.previous' are one setting"):
+        load_config(None, ["method=aikd", "aikd.prev=buffer", "aikd.previous=snapshot"])
+
+
+def test_a_saved_config_with_the_old_names_is_read_without_a_warning():
+    import warnings
+
+    from aikd.config import from_saved, normalized
+
+    saved = {"method": "aikd", "aikd": {"prev": "snapshot", "disc_norm": "layer"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        section = normalized(saved)["aikd"]
+        cfg = from_saved(saved)
+    assert section["previous"] == cfg.hparams.previous == "snapshot"
+    assert section["critic_norm"] == cfg.hparams.critic_norm == "layer"
+    assert "prev" not in section and "disc_norm" not in section

@@ -313,10 +313,10 @@ def test_compiled_critic_steps_equal_eager():
         torch.manual_seed(5)
         expected = eager.learn(real, fake)
     assert compiled.fused_steps.failed is None
-    assert (compiled.disc.theta - random_critic(10, "batch").theta).abs().max() > 1e-2  # it moved
-    torch.testing.assert_close(compiled.disc.theta, eager.disc.theta, rtol=1e-9, atol=1e-9)
+    assert (compiled.critic.theta - random_critic(10, "batch").theta).abs().max() > 1e-2  # it moved
+    torch.testing.assert_close(compiled.critic.theta, eager.critic.theta, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-9, atol=1e-9)
-    assert compiled.optimizer_state()["state"][0]["step"] == eager.optimizer_state()["state"][0]["step"] == 9
+    assert compiled.optimizer.state_dict()["state"][0]["step"] == eager.optimizer.state_dict()["state"][0]["step"] == 9
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer", "none"])

@@ -44,7 +44,7 @@ def test_aikd_loss_equals_the_aikd_method_with_a_pretrained_superior():
     method = AIKD(AIKDConfig(), ctx)
     torch.manual_seed(5)
     criterion = AIKDLoss(c, n)
-    criterion.adversary.disc.load_state_dict(method.adversary.disc.state_dict())  # same critic start
+    criterion.adversary.critic.load_state_dict(method.adversary.critic.state_dict())  # same critic start
     for epoch in range(2):
         for idx in (torch.arange(0, 5), torch.arange(5, 10)):
             batch = Batch(x[idx], y[idx], idx, epoch, 0)
@@ -57,8 +57,8 @@ def test_aikd_loss_equals_the_aikd_method_with_a_pretrained_superior():
             assert {k: round(v.item(), 5) for k, v in criterion.last_terms.items()} == \
                 {k: round(v.item(), 5) for k, v in out.losses.items()}
             method.on_step_end(student, batch, out)
-    for (key, a), b in zip(method.adversary.disc.state_dict().items(),
-                            criterion.adversary.disc.state_dict().values(), strict=True):
+    for (key, a), b in zip(method.adversary.critic.state_dict().items(),
+                            criterion.adversary.critic.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=key)
 
 
@@ -70,6 +70,27 @@ def test_aikd_loss_state_dict_carries_buffer_critic_and_its_optimizer(tmp_path):
     restored = AIKDLoss(3, 8)
     restored.load_state_dict(torch.load(tmp_path / "loss.pt", weights_only=False))
     assert torch.equal(restored.buffer.logits, criterion.buffer.logits)
+    moments = [s["exp_avg"] for s in restored.adversary.optimizer.state_dict()["state"].values()]
+    assert moments and all(torch.equal(a, s["exp_avg"]) for a, s in
+                           zip(moments, criterion.adversary.optimizer.state_dict()["state"].values(), strict=True))
+
+
+def test_aikd_loss_loads_a_state_dict_saved_before_the_critic_was_renamed(tmp_path):
+    """Saved before issue 34: the critic's weights under adversary.disc.*, the buffer under buffer.logits and the
+    critic's Adam as the loss's own extra state (already "critic_opt")."""
+    criterion = AIKDLoss(3, 8)
+    logits, sup = torch.randn(8, 3, requires_grad=True), torch.randn(8, 3)
+    criterion(logits, torch.arange(8) % 3, torch.arange(8), sup).backward()
+    renamed = {"previous.buffer.logits": "buffer.logits", "adversary._extra_state": "_extra_state"}
+    old = {renamed.get(k, k.replace("adversary.critic.", "adversary.disc.")): v
+           for k, v in criterion.state_dict().items()}
+    assert {"buffer.logits", "_extra_state"} <= set(old)
+    assert "adversary.disc.theta" in old
+    torch.save(old, tmp_path / "old.pt")
+    restored = AIKDLoss(3, 8)
+    restored.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=False))
+    assert not torch.equal(AIKDLoss(3, 8).adversary.critic.theta, criterion.adversary.critic.theta)  # fresh: other
+    assert torch.equal(restored.adversary.critic.theta, criterion.adversary.critic.theta)
     moments = [s["exp_avg"] for s in restored.adversary.optimizer.state_dict()["state"].values()]
     assert moments and all(torch.equal(a, s["exp_avg"]) for a, s in
                            zip(moments, criterion.adversary.optimizer.state_dict()["state"].values(), strict=True))
@@ -113,7 +134,7 @@ def test_aikd_loss_trains_a_critic_of_ones_own_and_checkpoints_its_optimizer(tmp
     criterion = AIKDLoss(c, n, critic_lr=1e-2, critic_steps=3, critic=_deeper_critic(c))
     superior = torch.randn(n, c) * 3 + 2.0  # a superior the student's logits are far from
     student = torch.randn(n, c, requires_grad=True)
-    critic = criterion.adversary.disc
+    critic = criterion.adversary.critic
 
     def gap() -> float:  # E[D(superior)] - E[D(student)], the critic's Wasserstein estimate
         with torch.no_grad():
@@ -125,11 +146,12 @@ def test_aikd_loss_trains_a_critic_of_ones_own_and_checkpoints_its_optimizer(tmp
         gaps.append(gap())
     assert gaps[-1] > gaps[0] + 0.5, gaps  # it learns to tell the superior's logits from the student's
     assert criterion.last_terms["adv"].item() != 0 and student.grad.abs().sum() > 0
-    assert all(p.grad is None for p in criterion.adversary.disc.parameters())  # L_A moves the student only
+    assert all(p.grad is None for p in criterion.adversary.critic.parameters())  # L_A moves the student only
     torch.save(criterion.state_dict(), tmp_path / "loss.pt")
     restored = AIKDLoss(c, n, critic=_deeper_critic(c))
     restored.load_state_dict(torch.load(tmp_path / "loss.pt", weights_only=False))
-    for mine, saved in zip(restored.adversary.disc.parameters(), criterion.adversary.disc.parameters(), strict=True):
+    pairs = zip(restored.adversary.critic.parameters(), criterion.adversary.critic.parameters(), strict=True)
+    for mine, saved in pairs:
         assert torch.equal(mine, saved)
     states = [o.state_dict()["state"] for o in (restored.adversary.optimizer, criterion.adversary.optimizer)]
     assert len(states[0]) == 8 and all(torch.equal(states[0][i]["exp_avg"], states[1][i]["exp_avg"])

@@ -51,7 +51,7 @@ def _train(criterion: nn.Module, rank: int, superior: bool) -> dict:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    critic = criterion.adversary.disc.theta.tolist() if getattr(criterion, "adversary", None) else None
+    critic = criterion.adversary.critic.theta.tolist() if getattr(criterion, "adversary", None) else None
     return {"hit_rate": hits / reads, "critic": critic}
 
 

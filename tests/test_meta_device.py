@@ -95,11 +95,11 @@ def proxy_variants() -> list[Variant]:
 
 VARIANTS = [
     *proxy_variants(),
-    Variant("aikd-prev-snapshot", "aikd", {"prev": "snapshot"}),
+    Variant("aikd-previous-snapshot", "aikd", {"previous": "snapshot"}),
     Variant("aikd-first-epoch-skip", "aikd", {"first_epoch": "skip"}),
-    Variant("aikd-online-ema-snapshot", "aikd", {"superior": "ema", "prev": "snapshot"}),
-    Variant("aikd-critic-layer-norm-3-steps", "aikd", {"disc_norm": "layer", "critic_steps": 3}),
-    Variant("aikd-critic-no-norm", "aikd", {"disc_norm": "none"}),
+    Variant("aikd-online-ema-snapshot", "aikd", {"superior": "ema", "previous": "snapshot"}),
+    Variant("aikd-critic-layer-norm-3-steps", "aikd", {"critic_norm": "layer", "critic_steps": 3}),
+    Variant("aikd-critic-no-norm", "aikd", {"critic_norm": "none"}),
     Variant("amkd-student-negatives", "amkd", {"negative": "student"}),
 ]
 
@@ -211,8 +211,8 @@ def test_the_variants_cover_every_method_and_the_ai_kd_settings():
     ablations = {METHODS.get("aikd").report_row(h)[1] for h in aikd}
     assert {"AI-KD", "No Adv", "Only Guide", "Only Progressive"} <= ablations
     assert {h.superior for h in aikd} == {"pretrained", "ema", "milestone"}
-    assert {h.prev for h in aikd} == {"buffer", "snapshot"} and {h.first_epoch for h in aikd} == {"label", "skip"}
-    assert {h.disc_norm for h in aikd} == {"batch", "layer", "none"}
+    assert {h.previous for h in aikd} == {"buffer", "snapshot"} and {h.first_epoch for h in aikd} == {"label", "skip"}
+    assert {h.critic_norm for h in aikd} == {"batch", "layer", "none"}
 
 
 PLANTED = {  # what a GPU would wait for, or fail on, planted in CE's step

@@ -604,7 +604,7 @@ def compile_contexts(teacher: nn.Module, student: nn.Module) -> tuple[MethodCont
     return ctx, dataclasses.replace(ctx, compile=True)
 
 
-ONLINE = {"adv_weight": 0.0, "superior": "ema", "superior_start": 0.5, "prev": "snapshot"}
+ONLINE = {"adv_weight": 0.0, "superior": "ema", "superior_start": 0.5, "previous": "snapshot"}
 
 
 def test_train_compile_wraps_frozen_forwards_outside_the_state_dict():

@@ -129,7 +129,7 @@ def test_every_method_trains_on_cutmix_and_cutout_batches(tmp_path, digits_teach
     assert 0 <= summary["top1_err"] <= 100
     record = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
     assert "NaN" not in record and "Infinity" not in record
-    for name in ("buffer", "prev"):
-        buffer = getattr(trainer.method, name, None)
+    method = trainer.method  # a method's own buffer, or AI-KD's previous predictions' (BufferPrevious.buffer)
+    for buffer in (getattr(method, "buffer", None), getattr(getattr(method, "previous", None), "buffer", None)):
         if buffer is not None and hasattr(buffer, "filled"):
             assert bool(buffer.filled.all())  # every dataset index got its (mixed) prediction

@@ -30,7 +30,7 @@ def test_online_aikd_example_runs():
     namespace = run_example("#### Online AI-KD in your own loop")
     criterion, ema, student = namespace["criterion"], namespace["ema"], namespace["student"]
     assert bool(criterion.buffer.filled.all()) and namespace["loss"].isfinite()
-    assert set(criterion.last_terms) == {"ce", "prev", "guide", "adv"}  # the superior was on at the end
+    assert set(criterion.last_terms) == {"ce", "progressive", "guide", "adv"}  # the superior was on at the end
     steps = {int(s["step"]) for s in criterion.adversary.optimizer.state_dict()["state"].values()}
     assert steps == {24}  # one critic step per batch of the last three epochs (8 batches each)
     assert not torch.equal(ema.model[1].weight, student[1].weight)  # the EMA lags the student

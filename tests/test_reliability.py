@@ -110,7 +110,7 @@ SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize(("method", "section"), [("ce", {}), ("pskd", {}), ("aikd", {}),
-                                                 pytest.param("aikd", {"prev": "snapshot"}, marks=SLOW)],
+                                                 pytest.param("aikd", {"previous": "snapshot"}, marks=SLOW)],
                          ids=["ce", "pskd", "aikd", "aikd-snapshot"])
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, superior, reference, method, section):
     config = config_file(tmp_path, method, superior, **section)
@@ -125,7 +125,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, superior, reference, m
 @pytest.mark.parametrize(("method", "section", "signum"),
                          [pytest.param("ce", {}, signal.SIGTERM, marks=SLOW), ("pskd", {}, signal.SIGINT),
                           pytest.param("aikd", {}, signal.SIGTERM, marks=SLOW),
-                          ("aikd", {"prev": "snapshot"}, signal.SIGTERM)],
+                          ("aikd", {"previous": "snapshot"}, signal.SIGTERM)],
                          ids=["ce-term", "pskd-int", "aikd-term", "aikd-snapshot-term"])
 def test_signal_saves_a_mid_epoch_checkpoint_and_resume_is_exact(tmp_path, superior, reference, method, section,
                                                                  signum):

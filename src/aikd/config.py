@@ -20,6 +20,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import yaml
 
 from aikd.checks import non_negative, positive, require
 from aikd.data.settings import DataConfig
-from aikd.errors import ConfigError, did_you_mean
+from aikd.errors import ConfigError, RenamedKeyWarning, did_you_mean
 from aikd.registry import METHOD_CONFIGS
 
 __all__ = ["DataConfig", "ModelConfig", "RunConfig", "TeacherConfig", "TrainConfig", "apply_overrides", "from_dict",
@@ -240,13 +241,29 @@ def build(cls: type, data: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = _keys(cls)
     kwargs = {}
-    for key, value in data.items():
+    for old, value in data.items():
+        key = _current_name(cls, old, data, where)
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             hint = did_you_mean(str(key), fields) or _key_elsewhere(str(key), where)
             raise ConfigError(f"Unknown config key '{path}'.{hint} Valid keys here: {', '.join(fields)}.")
         kwargs[key] = _check(hints[key], value, path)
     return cls(**kwargs)  # its __post_init__ checks the ranges (a ConfigError naming the key)
+
+
+def _current_name(cls: type, key: Any, data: Mapping[str, Any], where: str) -> Any:
+    """``key`` as the section names it now. A section lists its keys renamed within the last release in
+    ``RENAMED_KEYS`` (old -> new); an old name is read as the new one, with a :class:`RenamedKeyWarning`."""
+    new = getattr(cls, "RENAMED_KEYS", {}).get(key)
+    if new is None:
+        return key
+    old_path, new_path = (f"{where}.{name}" if where else name for name in (key, new))
+    if new in data:
+        raise ConfigError(f"Config keys '{old_path}' and '{new_path}' are one setting under its old and new name; "
+                          f"keep '{new_path}' only.")
+    warnings.warn(f"Config key '{old_path}' is now '{new_path}'; the old name is read until the next release. "
+                  f"Rename it in your config.", RenamedKeyWarning, stacklevel=2)
+    return new
 
 
 def _key_elsewhere(key: str, where: str) -> str:
@@ -566,10 +583,18 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+def from_saved(data: Mapping[str, Any], source: str = "saved config") -> RunConfig:
+    """:func:`from_dict` for a run's saved config.yaml, whose keys keep the names of the version that wrote it:
+    renamed keys are read without a :class:`RenamedKeyWarning` (nobody is to rename them there)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RenamedKeyWarning)
+        return from_dict(data, source)
+
+
 def normalized(data: Mapping[str, Any]) -> dict[str, Any] | None:
     """A saved config in today's canonical form (new keys at their defaults), or None if it no longer validates."""
     try:
-        return from_dict(data, source="saved config").to_dict()
+        return from_saved(data).to_dict()
     except ConfigError:
         return None
 

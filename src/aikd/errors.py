@@ -32,6 +32,10 @@ class DiskFullError(AikdError):
     """A write that found no space left on its device (or its quota); the file it replaces is unchanged."""
 
 
+class RenamedKeyWarning(FutureWarning):
+    """A config key read under a name it had before a rename; the message names the new one."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """Return ' Did you mean X?' for the closest choice, or '' if none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

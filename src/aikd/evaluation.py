@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from aikd.config import RunConfig, apply_overrides, from_dict
+from aikd.config import RunConfig, apply_overrides, from_saved
 from aikd.data import DataBundle, load_data
 from aikd.distributed import DistInfo, device_for
 from aikd.engine.checkpoint import load_checkpoint
@@ -47,7 +47,7 @@ def load_model(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not isinstance(saved, dict):
         raise CheckpointError(f"Checkpoint '{path}' does not record the config it was trained with.")
     _refuse_overrides_it_cannot_apply(path, overrides)
-    cfg = from_dict(apply_overrides(saved, overrides), source=f"{path} (saved config)")
+    cfg = from_saved(apply_overrides(saved, overrides), source=f"{path} (saved config)")
     data = load_data(cfg.data)
     info = ckpt.meta["model"]
     check_fits(path, info, "model", num_classes=data.num_classes, in_channels=data.in_channels,

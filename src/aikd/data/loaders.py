@@ -74,8 +74,7 @@ class EpochBatchSampler(EpochSampler):
     def order(self) -> Tensor:
         if not self.shuffle:
             return torch.arange(self.num_samples)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.num_samples, generator=g)
+        return torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch))
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order().tolist()
@@ -254,11 +253,22 @@ class ImageFileDataset(Dataset):
             return self.transform(img), int(self.split.labels[index]), index
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of a sampler's draws in one epoch (its batch order; CS-KD's, BAKE's, DLB's own): one stream
+    per (run seed, epoch), the same in every process and on every resume, whatever ran before."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One number per (run seed, epoch): the seed of :func:`epoch_generator`, and the base of :func:`sample_seed`."""
+    return seed * 1_000_003 + epoch
+
+
 def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
     """The seed of one sample's augmentation in one epoch: distinct for every (seed, epoch, index), and for
     every ``repeat``, the sample's earlier copies in the same batch (DDGSD's two views, a CS-KD partner that
     is its anchor): each copy is a view of its own, as in the in-memory augmentation."""
-    base = ((seed * 1_000_003 + epoch) * 2_147_483_659 + index) % 2**63
+    base = (epoch_seed(seed, epoch) * 2_147_483_659 + index) % 2**63
     return base if repeat == 0 else (base * 1_000_033 + repeat) % 2**63
 
 

@@ -1,6 +1,6 @@
 """AEKT (adaptive explicit knowledge transfer, Park and Lee 2024): a documented reconstruction.
 
-Only the abstract is public (seeds/aekt-abstract.txt). It states three things,
+Only the abstract is public (docs/methods/aekt.md). It states three things,
 each of which is a switch here (docs/methods/aekt.md gives the reasoning):
 
 1. DKD's strength is an adaptive control of *implicit* knowledge (the
@@ -41,8 +41,8 @@ from aikd.methods.base import (
     positive,
     register_method,
 )
-from aikd.methods.dkd import binary_split, dkd_warmup
-from aikd.methods.functional import kl_per_sample, one_hot
+from aikd.methods.dkd import dkd_warmup, nckd_rows, tckd_rows
+from aikd.methods.functional import one_hot
 
 ExplicitWeight = Literal["one", "teacher", "gap", "ratio"]
 ImplicitWeight = Literal["one", "teacher_nontarget"]
@@ -75,9 +75,8 @@ def aekt_terms(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, t
     t = temperature
     mask = one_hot(labels, student_logits.shape[1])
     p_s, p_t = F.softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1)
-    tckd = kl_per_sample(binary_split(p_t, mask), binary_split(p_s, mask).clamp_min(1e-30).log())
-    nckd = kl_per_sample(F.softmax(teacher_logits / t - 1000.0 * mask, dim=1),
-                         F.log_softmax(student_logits / t - 1000.0 * mask, dim=1))
+    tckd = tckd_rows(p_s, p_t, mask)
+    nckd = nckd_rows(student_logits, teacher_logits, mask, t)
     pt_teacher, pt_student = (p_t * mask).sum(1), (p_s * mask).sum(1)
     w_e = explicit_weight(explicit, pt_teacher, pt_student)
     w_i = implicit_weight(implicit, pt_teacher)

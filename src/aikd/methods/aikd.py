@@ -1,6 +1,6 @@
 """AI-KD: adversarial learning and implicit regularization for self-KD.
 
-The student S_t learns from (seeds/aikd-paper.md, Section 3; METHODS.md)
+The student S_t learns from (the AI-KD paper, Section 3; docs/methods/aikd.md)
 
     L_AI = (1 - a_P - a_G) CE(q, p_t) + a_P L_P + a_G L_G + w L_A
     L_G  = T_G^2 KL(p(z_sup; T_G) || p(z_t; T_G))       guide: the frozen superior model (Eq. 4)
@@ -24,7 +24,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from enum import IntEnum
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ from aikd.methods.base import (
 )
 from aikd.methods.buffer import PredictionBuffer
 from aikd.methods.critic import Adversary, Critic, scores
-from aikd.methods.functional import distillation_kl, kl_rows_at, one_hot
+from aikd.methods.functional import distillation_kl, kl_rows_at, target_probs
 from aikd.methods.previous import BufferPrevious, SnapshotPrevious
 from aikd.methods.superior import EMASuperior, MilestoneSuperior, PretrainedSuperior
 from aikd.strategy import SINGLE_PROCESS, Strategy
@@ -96,7 +97,7 @@ def progressive_term(logits: Tensor, targets: Tensor, previous: Tensor | None, f
     prediction yet: with ``first_epoch="label"`` their target is the label itself (PS-KD's epoch-0 rule:
     T^2 KL(q || p_t) is T^2 CE at T = 1); with ``"skip"`` they add nothing and the mean is over the batch."""
     if first_epoch == "label":
-        q = targets if targets.ndim == 2 else one_hot(targets, logits.shape[1])
+        q = target_probs(targets, logits.shape[1])
         label_logits = torch.log(q.float().clamp_min(1e-12)) * temperature
         if previous is None:
             previous = label_logits
@@ -128,9 +129,23 @@ def aikd_terms(h: AIKDConfig, logits: Tensor, targets: Tensor, superior: Tensor 
         stats["L_G"] = l_g.detach()
     if h.alpha_p > 0:
         l_p = progressive_term(logits.float(), targets, previous, filled, h.temp_p, h.first_epoch)
-        losses["prev"] = h.alpha_p * l_p
+        losses["progressive"] = h.alpha_p * l_p
         stats["L_P"] = l_p.detach()
     return losses, stats
+
+
+def read_old_critic_keys(adversary: Adversary) -> Adversary:
+    """``adversary``, reading checkpoints written before the critic had one name: their ``state_dict()`` holds its
+    weights under ``adversary.disc.*`` (now ``adversary.critic.*``). Kept for one release, as the config's
+    ``aikd.disc_*`` keys."""
+    adversary.register_load_state_dict_pre_hook(_rename_disc_keys)
+    return adversary
+
+
+def _rename_disc_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    old = prefix + "disc."
+    for key in [key for key in state_dict if key.startswith(old)]:
+        state_dict[prefix + "critic." + key[len(old):]] = state_dict.pop(key)
 
 
 def adversarial_term(adversary: Adversary, weight: float, superior: Tensor, logits: Tensor,
@@ -141,7 +156,7 @@ def adversarial_term(adversary: Adversary, weight: float, superior: Tensor, logi
     if learn:
         critic = adversary.learn(superior, logits)
         stats.update(L_D=critic.loss, critic_gap=critic.gap, gp=critic.gp)
-    l_a = adversarial_loss(adversary.disc, logits)
+    l_a = adversarial_loss(adversary.critic, logits)
     stats["L_A"] = l_a.detach()
     return weight * l_a, stats
 
@@ -151,7 +166,7 @@ def adversarial_term(adversary: Adversary, weight: float, superior: Tensor, logi
 
 def paper_critic(h: AIKDConfig, num_classes: int) -> Critic:
     """The paper's critic with the config's settings: the closed form trains it (aikd.methods.critic)."""
-    return Critic(num_classes, h.disc_hidden, h.disc_out, h.disc_slope, h.disc_reduce, h.disc_norm)
+    return Critic(num_classes, h.critic_hidden, h.critic_out, h.critic_slope, h.critic_reduce, h.critic_norm)
 
 
 def build_adversary(h: AIKDConfig, critic: nn.Module, lr: float, steps: int, strategy: Strategy = SINGLE_PROCESS,
@@ -161,13 +176,13 @@ def build_adversary(h: AIKDConfig, critic: nn.Module, lr: float, steps: int, str
     the method draws; ``lr`` and ``steps`` are the run's (``critic_schedule``)."""
     if h.adv_weight <= 0:
         return None
-    return Adversary(critic, lr, tuple(h.disc_betas) if h.disc_betas else (0.9, 0.999), steps, h.gp_weight,
-                     strategy, compile)
+    return read_old_critic_keys(Adversary(critic, lr, tuple(h.critic_betas) if h.critic_betas else (0.9, 0.999),
+                                          steps, h.gp_weight, strategy, compile))
 
 
 def build_buffer(num_train: int, num_classes: int, gather_rows: Callable[[Tensor], Tensor] | None = None
                  ) -> BufferPrevious:
-    """z_{t-1} from the student's own last logits per sample: :class:`AIKD`'s ``aikd.prev=buffer``, and
+    """z_{t-1} from the student's own last logits per sample: :class:`AIKD`'s ``aikd.previous=buffer``, and
     :class:`AIKDLoss`'s (a loop of one's own has no student to snapshot)."""
     return BufferPrevious(num_train, num_classes, gather_rows)
 
@@ -184,22 +199,22 @@ class AIKDConfig:
     temp_g: float = 3.0  # T_G
     temp_p: float = 1.0  # T_P
     adv_weight: float = 0.1  # w, weight of the adversarial loss
-    prev: Literal["buffer", "snapshot"] = "buffer"  # source of z_{t-1}
+    previous: Literal["buffer", "snapshot"] = "buffer"  # source of z_{t-1}, the previous epoch's predictions
     first_epoch: Literal["label", "skip"] = "label"  # L_P target before any previous prediction
-    disc_hidden: int = 64
-    disc_out: int = 32
-    disc_slope: float = 0.2  # LeakyReLU negative slope
-    disc_reduce: Literal["mean", "sum"] = "mean"  # 32 critic outputs -> one score
+    critic_hidden: int = 64
+    critic_out: int = 32
+    critic_slope: float = 0.2  # LeakyReLU negative slope
+    critic_reduce: Literal["mean", "sum"] = "mean"  # 32 critic outputs -> one score
     # The critic's normalisation: "batch", the paper's BatchNorm (batch statistics); "layer" or "none", WGAN-GP's
     # advice (a per-sample score, which the per-sample gradient penalty assumes). docs/methods/aikd.md.
-    disc_norm: Literal["batch", "layer", "none"] = "batch"
-    disc_lr: float = 1e-4
-    disc_betas: list[float] | None = None  # Adam betas; None: PyTorch's (0.9, 0.999)
+    critic_norm: Literal["batch", "layer", "none"] = "batch"
+    critic_lr: float = 1e-4
+    critic_betas: list[float] | None = None  # Adam betas; None: PyTorch's (0.9, 0.999)
     gp_weight: float = 10.0
     critic_steps: int = 1  # critic updates per student step, on the same batch
-    # "fixed": disc_lr and critic_steps as given (the paper's). "run_length": a run shorter than
+    # "fixed": critic_lr and critic_steps as given (the paper's). "run_length": a run shorter than
     # the paper's CIFAR-100 run (critic_reference_steps student steps) gives the critic the same
-    # update budget, lr x steps, by raising disc_lr up to critic_max_lr, then critic_steps up to
+    # update budget, lr x steps, by raising critic_lr up to critic_max_lr, then critic_steps up to
     # critic_max_steps (see critic_schedule); equal to "fixed" at the paper's length.
     critic_schedule: Literal["fixed", "run_length"] = "fixed"
     critic_reference_steps: int = PAPER_CRITIC_STEPS
@@ -215,18 +230,25 @@ class AIKDConfig:
     ema_decay: float = 0.99
     superior_start: float = 0.5  # fraction of the epochs (in-run sources only)
 
+    # Keys renamed so that each thing has one name (the critic, the previous predictions), read under their old
+    # names for one release with a warning (aikd.config.build).
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "prev": "previous", **{f"disc_{key}": f"critic_{key}"
+                               for key in ("hidden", "out", "slope", "reduce", "norm", "lr", "betas")}}
+
     def __post_init__(self) -> None:
         a_g, a_p = self.alpha_g, self.alpha_p
         require(a_g >= 0 and a_p >= 0 and a_g + a_p <= 1, "aikd.alpha_g", a_g,
                 f"and aikd.alpha_p ({a_p}) must be >= 0 and sum to at most 1 (the CE weight is 1 - alpha_p - alpha_g)")
-        for key in ("temp_g", "temp_p", "disc_lr", "critic_max_lr", "gp_weight"):
+        for key in ("temp_g", "temp_p", "critic_lr", "critic_max_lr", "gp_weight"):
             positive(f"aikd.{key}", getattr(self, key))
         non_negative("aikd.adv_weight", self.adv_weight)
-        non_negative("aikd.disc_slope", self.disc_slope)
-        for key in ("critic_steps", "critic_reference_steps", "critic_max_steps", "disc_hidden", "disc_out"):
+        non_negative("aikd.critic_slope", self.critic_slope)
+        for key in ("critic_steps", "critic_reference_steps", "critic_max_steps", "critic_hidden", "critic_out"):
             positive(f"aikd.{key}", getattr(self, key))
-        require(self.disc_betas is None or (len(self.disc_betas) == 2 and all(0 <= b < 1 for b in self.disc_betas)),
-                "aikd.disc_betas", self.disc_betas, "holds Adam's two betas in [0, 1), or is null")
+        betas = self.critic_betas
+        require(betas is None or (len(betas) == 2 and all(0 <= b < 1 for b in betas)),
+                "aikd.critic_betas", betas, "holds Adam's two betas in [0, 1), or is null")
         require(0 <= self.ema_decay < 1, "aikd.ema_decay", self.ema_decay, "is a decay in [0, 1)")
         require(0 <= self.superior_start < 1, "aikd.superior_start", self.superior_start,
                 "is the fraction of the epochs before the in-run superior model is used, in [0, 1)")
@@ -239,10 +261,31 @@ class AIKDConfig:
         return self.alpha_g > 0 or self.adv_weight > 0
 
 
-ABLATED_TERMS = ("guide", "prev", "adv")  # the paper's Table 4 columns: L_G, L_P, L_A
+ABLATED_TERMS = ("guide", "progressive", "adv")  # the paper's Table 4 columns: L_G, L_P, L_A
 # The ablation names of the terms on besides CE (the paper's Table 4 rows), in the paper's order of rows.
-ABLATION_NAMES = {frozenset({"guide"}): "Only Guide", frozenset({"prev"}): "Only Progressive",
-                  frozenset({"guide", "prev"}): "No Adv", frozenset(ABLATED_TERMS): "AI-KD"}
+ABLATION_NAMES = {frozenset({"guide"}): "Only Guide", frozenset({"progressive"}): "Only Progressive",
+                  frozenset({"guide", "progressive"}): "No Adv", frozenset(ABLATED_TERMS): "AI-KD"}
+
+
+class AIKDRow(IntEnum):
+    """The places of AI-KD's rows among its own in the report's tables (Method.report_row), first to last: the
+    paper's Table 4 rows with the pre-trained superior model (in ABLATION_NAMES' order), a combination of
+    terms the paper does not name, then the in-run superior models, EMA before milestone, each with all three
+    terms first and an ablation of it after."""
+
+    ONLY_GUIDE = 0
+    ONLY_PROGRESSIVE = 1
+    NO_ADV = 2
+    AIKD = 3
+    OTHER_TERMS = 4
+    ONLINE_EMA = 5
+    ONLINE_EMA_ABLATION = 6
+    ONLINE_MILESTONE = 7
+    ONLINE_MILESTONE_ABLATION = 8
+
+
+ABLATION_ROWS = {"Only Guide": AIKDRow.ONLY_GUIDE, "Only Progressive": AIKDRow.ONLY_PROGRESSIVE,
+                 "No Adv": AIKDRow.NO_ADV, "AI-KD": AIKDRow.AIKD}
 # The paper's Table 4 as steps between neighbouring rows: (recipe, reference recipe, the paper's difference in
 # Top-1 error on CIFAR-100). AI-KD against CE trained as long is not in the paper; its claim implies a negative sign.
 PAPER_STEPS = (
@@ -295,9 +338,9 @@ class AIKD(Method):
         return paper_critic(self.hparams, self.ctx.num_classes)
 
     def _previous_source(self) -> BufferPrevious | SnapshotPrevious:
-        if self.hparams.prev == "buffer":
+        if self.hparams.previous == "buffer":
             return build_buffer(self.ctx.num_train, self.ctx.num_classes, self.ctx.gather_step_rows)
-        return SnapshotPrevious(self._student("aikd.prev=snapshot"), self.ctx.compile)
+        return SnapshotPrevious(self._student("aikd.previous=snapshot"), self.ctx.compile)
 
     def _superior_source(self) -> PretrainedSuperior | EMASuperior | MilestoneSuperior:
         h = self.hparams
@@ -321,16 +364,16 @@ class AIKD(Method):
         """The critic's learning rate and steps per student step under ``critic_schedule``."""
         h, ctx = self.hparams, self.ctx
         if h.critic_schedule == "fixed":
-            return h.disc_lr, h.critic_steps
+            return h.critic_lr, h.critic_steps
         if ctx.steps_per_epoch is None:
             raise ConfigError("aikd.critic_schedule=run_length needs the run's length: pass "
                               "MethodContext(steps_per_epoch=...) (the aikd trainer does).")
-        return critic_schedule(ctx.epochs * ctx.steps_per_epoch, h.disc_lr, h.critic_steps,
+        return critic_schedule(ctx.epochs * ctx.steps_per_epoch, h.critic_lr, h.critic_steps,
                                h.critic_reference_steps, h.critic_max_lr, h.critic_max_steps)
 
     @classmethod
     def loss_terms(cls, hparams: AIKDConfig) -> set[str]:
-        named = {"guide": hparams.alpha_g > 0, "prev": hparams.alpha_p > 0, "adv": hparams.adv_weight > 0}
+        named = {"guide": hparams.alpha_g > 0, "progressive": hparams.alpha_p > 0, "adv": hparams.adv_weight > 0}
         return {"ce", *(name for name, on in named.items() if on)}
 
     @classmethod
@@ -339,13 +382,13 @@ class AIKD(Method):
         and "AI-KD online (EMA|milestone)" for an in-run superior model; in the paper's order."""
         terms = cls.loss_terms(hparams) - {"ce"}
         name = ABLATION_NAMES.get(frozenset(terms), "AI-KD (" + ", ".join(sorted(terms)) + ")")
-        names = list(ABLATION_NAMES.values())
-        place = names.index(name) if name in names else len(names)
         if hparams.superior == "pretrained" or not hparams.uses_superior:
-            return place, name
-        online = f"AI-KD online ({'EMA' if hparams.superior == 'ema' else 'milestone'})"
-        full = name == "AI-KD"
-        return 5 + 2 * (hparams.superior != "ema") + (not full), online if full else f"{online}, {name}"
+            return ABLATION_ROWS.get(name, AIKDRow.OTHER_TERMS), name
+        ema, full = hparams.superior == "ema", name == "AI-KD"
+        online = f"AI-KD online ({'EMA' if ema else 'milestone'})"
+        place = (AIKDRow.ONLINE_EMA if ema else AIKDRow.ONLINE_MILESTONE) if full else \
+            (AIKDRow.ONLINE_EMA_ABLATION if ema else AIKDRow.ONLINE_MILESTONE_ABLATION)
+        return place, online if full else f"{online}, {name}"
 
     @classmethod
     def is_ablation(cls, hparams: AIKDConfig) -> bool:
@@ -424,7 +467,7 @@ class AIKDLoss(nn.Module):
                  critic: nn.Module | None = None) -> None:
         super().__init__()
         h = self.hparams = AIKDConfig(alpha_g=alpha_g, alpha_p=alpha_p, temp_g=temp_g, temp_p=temp_p,
-                                      adv_weight=adv_weight, disc_lr=critic_lr, critic_steps=critic_steps,
+                                      adv_weight=adv_weight, critic_lr=critic_lr, critic_steps=critic_steps,
                                       gp_weight=gp_weight)  # checks the ranges
         self.given_strategy = strategy
         self.adversary = build_adversary(h, critic if critic is not None else paper_critic(h, num_classes),
@@ -452,7 +495,7 @@ class AIKDLoss(nn.Module):
         if self.adversary is not None:
             self.adversary.strategy = strategy  # the critic's gradients are averaged over the ranks
             if self.training and strategy.distributed and not self.critic_shared:
-                for weights in self.adversary.disc.parameters():  # a Critic's: its one flat theta
+                for weights in self.adversary.critic.parameters():  # a Critic's: its one flat theta
                     weights.data.copy_(strategy.gather_rows(weights.data.unsqueeze(0))[0])  # rank 0's, as DDP does
                 self.critic_shared = True
             if superior is not None:

@@ -1,6 +1,6 @@
 """AMKD (adversarial metric knowledge distillation): a documented reconstruction on top of BSS.
 
-Only the abstract is public (seeds/amkd-abstract.txt): adversarial samples near
+Only the abstract is public (docs/methods/amkd.md): adversarial samples near
 the teacher's boundary between two classes are placed, with a triplet loss,
 relative to samples of the *negative* class (the class the attack aimed at).
 The choices below are config keys and are argued in docs/methods/amkd.md:

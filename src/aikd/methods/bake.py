@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.data.loaders import EpochSampler
+from aikd.data.loaders import EpochSampler, epoch_generator
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, StepOutput, non_negative, positive, register_method, require
 from aikd.methods.functional import kl_from_probs
@@ -105,7 +105,7 @@ class IntraClassBatchSampler(EpochSampler):
         return self.by_class[positions]
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = epoch_generator(self.seed, self.epoch)
         order = torch.randperm(len(self.labels), generator=g)
         companions = self.companions(order, g)  # (N, M)
         for i in range(len(self)):

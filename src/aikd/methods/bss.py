@@ -4,7 +4,7 @@ The frozen teacher is attacked toward a class k it finds plausible, producing
 samples near its decision boundary between its top-1 class b and k; the
 student then matches the teacher on those samples too.
 
-Attack (batched, on the teacher's logits f; METHODS.md):
+Attack (batched, on the teacher's logits f; docs/methods/amkd.md):
     b = teacher top-1, k ~ softmax(f) over the classes other than b
     repeat up to 10 times:  g = grad_x (f_k - f_b)
         x <- x + eta (f_b - f_k + 1e-4) g / ||g||_2,  eta = 0.3 while the teacher still predicts b, else 0

@@ -479,7 +479,7 @@ def train_critic(critic: nn.Module, optimizer: torch.optim.Optimizer, superior_l
 class Adversary(Part):
     """The critic together with what trains it: its Adam, its steps per student step, the penalty's weight and
     the run's processes. :meth:`learn` is one student step's worth of Eq. 6; the student's L_A (Eq. 7) reads
-    ``disc``. The critic is a :class:`Critic` (the closed form) or any other module (autograd). Its optimizer's
+    ``critic``. The critic is a :class:`Critic` (the closed form) or any other module (autograd). Its optimizer's
     state is the part's extra state (``get_extra_state``): ``state_dict()`` holds it, under whichever owner."""
 
     def __init__(self, critic: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), steps: int = 1,
@@ -487,7 +487,7 @@ class Adversary(Part):
         super().__init__()
         if not has_closed_form(critic):  # trained by autograd: its weights are constants outside its steps (L_A)
             critic.requires_grad_(False)
-        self.disc = critic
+        self.critic = critic
         self.optimizer = critic_optimizer(critic, lr, betas)
         self.steps, self.gp_weight, self.strategy = steps, gp_weight, strategy
         # With train.compile the critic's K closed-form steps (no double backward) and Adam's updates are one
@@ -497,7 +497,7 @@ class Adversary(Part):
             if compile and has_closed_form(critic) else None
 
     def learn(self, superior_logits: Tensor, student_logits: Tensor) -> CriticStats:
-        return train_critic(self.disc, self.optimizer, superior_logits, student_logits, self.steps, self.gp_weight,
+        return train_critic(self.critic, self.optimizer, superior_logits, student_logits, self.steps, self.gp_weight,
                             self.strategy, fused_steps=self.fused_steps)
 
     def get_extra_state(self) -> dict:

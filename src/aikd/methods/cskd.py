@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aikd.data.loaders import EpochSampler
+from aikd.data.loaders import EpochSampler, epoch_generator
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, StepOutput, non_negative, positive, register_method
 from aikd.methods.functional import distillation_kl
@@ -49,7 +49,7 @@ class ClassPairBatchSampler(EpochSampler):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = epoch_generator(self.seed, self.epoch)
         anchors = torch.randperm(len(self.labels), generator=g)
         cls = self.labels[anchors]
         offset = (torch.rand(len(anchors), generator=g) * self.class_count[cls]).long()

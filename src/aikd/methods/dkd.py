@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aikd.methods.base import Batch, Method, StepOutput, hard_labels, non_negative, positive, register_method
-from aikd.methods.functional import kl_from_probs, one_hot
+from aikd.methods.functional import kl_per_sample, one_hot
 
 
 def binary_split(probs: Tensor, target_mask: Tensor) -> Tensor:
@@ -26,21 +26,34 @@ def binary_split(probs: Tensor, target_mask: Tensor) -> Tensor:
     return torch.cat([p_t, p_rest], dim=1)
 
 
+def tckd_rows(student_probs: Tensor, teacher_probs: Tensor, target_mask: Tensor) -> Tensor:
+    """Target-class KD of every sample, without T^2: KL between the binary target / non-target distributions,
+    from the class probabilities at T (DKD's and AEKT's TCKD)."""
+    b_s, b_t = binary_split(student_probs, target_mask), binary_split(teacher_probs, target_mask)
+    return kl_per_sample(b_t, b_s.clamp_min(1e-30).log())
+
+
+def nckd_rows(student_logits: Tensor, teacher_logits: Tensor, target_mask: Tensor, temperature: float) -> Tensor:
+    """Non-target-class KD of every sample, without T^2: KL among the non-target classes (target logit pushed
+    down by 1000; DKD's and AEKT's NCKD). mdistiller masks after the division, so the target logit is always
+    1000 below the others."""
+    p_t = F.softmax(teacher_logits / temperature - 1000.0 * target_mask, dim=1)
+    log_p_s = F.log_softmax(student_logits / temperature - 1000.0 * target_mask, dim=1)
+    return kl_per_sample(p_t, log_p_s)
+
+
 def tckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """Target-class KD: KL between the binary target / non-target distributions, times T^2."""
     mask = one_hot(labels, student_logits.shape[1])
-    b_s = binary_split(F.softmax(student_logits / temperature, dim=1), mask)
-    b_t = binary_split(F.softmax(teacher_logits / temperature, dim=1), mask)
-    return temperature**2 * kl_from_probs(b_t, b_s.clamp_min(1e-30).log())
+    rows = tckd_rows(F.softmax(student_logits / temperature, dim=1), F.softmax(teacher_logits / temperature, dim=1),
+                     mask)
+    return temperature**2 * rows.mean()
 
 
 def nckd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """Non-target-class KD: KL among the non-target classes (target logit pushed down by 1000), times T^2."""
     mask = one_hot(labels, student_logits.shape[1])
-    # mdistiller masks after the division, so the target logit is always 1000 below the others.
-    p_t = F.softmax(teacher_logits / temperature - 1000.0 * mask, dim=1)
-    log_p_s = F.log_softmax(student_logits / temperature - 1000.0 * mask, dim=1)
-    return temperature**2 * kl_from_probs(p_t, log_p_s)
+    return temperature**2 * nckd_rows(student_logits, teacher_logits, mask, temperature).mean()
 
 
 def dkd_warmup(epoch: int, warmup: int) -> float:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aikd.checks import require
-from aikd.data.loaders import EpochSampler
+from aikd.data.loaders import EpochSampler, epoch_generator
 from aikd.errors import ConfigError
 from aikd.methods.base import Batch, Method, MethodContext, StepOutput, non_negative, positive, register_method
 from aikd.methods.functional import kl_rows_at
@@ -113,7 +113,7 @@ class LastBatchSampler(EpochSampler):
 
     def chunks(self, epoch: int) -> list[list[int]]:
         """The epoch's chunks of new samples, in order."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = epoch_generator(self.seed, epoch)
         order = torch.randperm(self.num_train, generator=g)
         if self.last_batch == "pad":
             order = order.repeat(math.ceil(self.num_samples / self.num_train))[: self.num_samples]

@@ -17,6 +17,12 @@ def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32
     return rows.scatter_(1, labels.unsqueeze(1), 1)
 
 
+def target_probs(targets: Tensor, num_classes: int) -> Tensor:
+    """Targets as (N, C) class probabilities: soft targets (a mixed batch's, CutMix or MixUp) as they are, class
+    indices as one-hot float32 rows. What the methods that mix labels with other targets start from."""
+    return targets if targets.ndim == 2 else one_hot(targets, num_classes)
+
+
 def distillation_kl(target_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
     """T^2 KL(p(target; T) || p(student; T)), summed over classes, mean over the batch.
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from aikd.distributed import current, strategy_for
 from aikd.methods.base import Batch, Method, MethodContext, StepOutput, register_method, weight
 from aikd.methods.buffer import PredictionBuffer
-from aikd.methods.functional import one_hot, soft_cross_entropy
+from aikd.methods.functional import soft_cross_entropy, target_probs
 from aikd.strategy import Strategy
 
 
@@ -32,7 +32,7 @@ def pskd_alpha(epoch: int, epochs: int, alpha_T: float = 0.8) -> float:
 
 def pskd_targets(labels: Tensor, previous_probs: Tensor, has_previous: Tensor, alpha_t: float) -> Tensor:
     """(1 - a_t) q + a_t P_prev for samples with a previous prediction, q for the others."""
-    q = labels if labels.ndim == 2 else one_hot(labels, previous_probs.shape[1])
+    q = target_probs(labels, previous_probs.shape[1])
     mixed = (1 - alpha_t) * q + alpha_t * previous_probs
     return mixed.where(has_previous.unsqueeze(1), q)
 

@@ -21,14 +21,16 @@ from aikd.methods.ema import EMAModel, FrozenCopy
 
 
 class PretrainedSuperior(Source):
-    """A frozen pre-trained model's logits (``teacher_logits``: the method's, which runs it in inference mode)."""
+    """A frozen pre-trained model's logits. ``logits_of`` is the method's ``teacher_logits``: the engine loads
+    every method's pre-trained model from the config's ``teacher`` section, and to AI-KD that model is its
+    superior model (docs/methods/aikd.md, "Names")."""
 
-    def __init__(self, teacher_logits: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, logits_of: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
-        self.teacher_logits = teacher_logits
+        self.logits_of = logits_of
 
     def for_batch(self, batch: Batch) -> Targets:
-        return Targets(self.teacher_logits(batch.images))
+        return Targets(self.logits_of(batch.images))
 
 
 class EMASuperior(EMAModel, Source):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aikd.methods.base import Batch, Method, StepOutput, positive, register_method, require, weight
-from aikd.methods.functional import distillation_kl, kl_from_probs, one_hot
+from aikd.methods.functional import distillation_kl, kl_from_probs, target_probs
 
 
 @dataclass
@@ -78,7 +78,7 @@ class TFKDSelf(Method):
 
 def virtual_teacher(targets: Tensor, num_classes: int, correct_prob: float = 0.99) -> Tensor:
     """p_d: ``correct_prob`` on the label, the rest spread evenly; soft targets are mixed the same way."""
-    q = targets if targets.ndim == 2 else one_hot(targets, num_classes)
+    q = target_probs(targets, num_classes)
     return correct_prob * q + (1 - correct_prob) / (num_classes - 1) * (1 - q)
 
 

@@ -34,7 +34,7 @@ class Run:
     model: str
     seed: int
     metrics: dict[str, Any]
-    terms: frozenset[str] | None  # the loss terms it trained with (Method.loss_terms); None: method unknown
+    loss_terms: frozenset[str] | None  # what it trained with (Method.loss_terms), its ablation switches; None: unknown
     folder: Path
     subset: int = 0  # data.subset_seed: which draw of the training images
     row: RowKey = UNPLACED  # its row's place and name in the tables: from its method (MethodFacts.row)
@@ -102,7 +102,7 @@ def _read_run(path: Path, root: Path) -> Run:
     subset = int((config.get("data") or {}).get("subset_seed") or 0)
     recipe = summary.get("recipe") or method
     facts = _method_facts(config, method, recipe)
-    return Run(recipe, method, dataset, model, seed, summary, facts.terms, path.parent, subset, facts.row,
+    return Run(recipe, method, dataset, model, seed, summary, facts.loss_terms, path.parent, subset, facts.row,
                facts.ablation, facts.calibration_figure)
 
 
@@ -161,7 +161,7 @@ def _total_time(summary: dict[str, Any], run_dir: Path) -> float | None:
 class MethodFacts:
     """What a run's method says about the run's saved settings."""
 
-    terms: frozenset[str] | None  # the loss terms it trained with; None when the method or settings are unknown
+    loss_terms: frozenset[str] | None  # the loss terms it trained with; None when the method or settings are unknown
     row: RowKey  # its row: the method's place among methods, the row's among the method's, the row's name
     ablation: bool = False  # Method.is_ablation: shown in the method's ablation table only
     calibration_figure: bool = False  # the method's own recipe, with Method.calibration_figure
@@ -172,7 +172,7 @@ def _method_facts(config: dict[str, Any], method: str, recipe: str) -> MethodFac
     (``Method.loss_terms``), its row in the tables (``table_rank``, ``Method.recipe_rows`` or
     ``Method.report_row``, and a grid point's settings in brackets), whether it is an ablation, and whether
     its reliability curve is drawn after temperature scaling too."""
-    from aikd.config import from_dict
+    from aikd.config import from_saved
     from aikd.errors import ConfigError
     from aikd.methods import METHODS, table_rank
 
@@ -180,7 +180,7 @@ def _method_facts(config: dict[str, Any], method: str, recipe: str) -> MethodFac
     grid = f" [{variant}" if bracket else ""
     try:  # a run without its config.yaml trained with the defaults
         method_cls = METHODS.get(method)
-        hparams = from_dict({**(config or {}), "method": method}, source="saved config").method_config()
+        hparams = from_saved({**(config or {}), "method": method}).method_config()
     except ConfigError:  # a method no longer known, or a config that no longer validates: named by its recipe
         return MethodFacts(None, (*table_rank(method), 0, recipe))
     place, name = method_cls.recipe_rows.get(base) or method_cls.report_row(hparams)

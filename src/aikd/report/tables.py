@@ -249,10 +249,10 @@ def ablation_table(runs: Sequence[Run], owner: type[Method]) -> Table:
     rows = Rows(runs)
 
     def member(run: Run) -> bool:
-        return run.terms is not None and (run.method == owner.name or run.method in ablation.references)
+        return run.loss_terms is not None and (run.method == owner.name or run.method in ablation.references)
 
     table = build_table(f"{ablation.table}: {owner.label} ablation, Top-1 error (%)", runs, [TOP1], member)
-    switches = {rows.label(r.recipe): ablation.switches(r.terms) for r in runs if member(r)}
+    switches = {rows.label(r.recipe): ablation.switches(r.loss_terms) for r in runs if member(r)}
     table.lead = list(ablation.columns)
     table.lead_cells = [["✓" if on else "" for on in switches[name]] for name in table.row_names]
     table.notes = ablation_order_notes(table, ablation.paper_order)
