@@ -141,6 +141,27 @@ def test_sampler_gives_every_anchor_m_companions_of_its_class():
     assert list(again) != batches
 
 
+def test_under_data_parallelism_each_rank_takes_its_anchors_with_their_own_companions():
+    """Ranks split the anchors and each keeps its M companions, laid out as a batch of its own: a contiguous slice
+    of [anchors | companions] would give one rank the anchors and another only companions of them."""
+    from aikd.data.loaders import ShardedBatchSampler
+
+    labels = torch.arange(30) % 5
+    sampler = IntraClassBatchSampler(labels, anchors=6, intra_imgs=3, seed=1)
+    sampler.set_epoch(1)
+    shards = [ShardedBatchSampler(sampler, rank, 2) for rank in range(2)]
+    assert [len(shard) for shard in shards] == [len(sampler)] * 2 == [5, 5]
+    for whole, *parts in zip(sampler, *shards, strict=True):
+        anchors, companions = whole[:6], whole[6:]
+        for rank, part in enumerate(parts):
+            mine = list(range(3 * rank, 3 * rank + 3))  # anchors 0-2 on rank 0, 3-5 on rank 1
+            assert part == [anchors[k] for k in mine] + [c for k in mine for c in companions[3 * k:3 * k + 3]]
+    # The last batch is counted in anchors, not images: 30 = 3 x 8 + 6 keeps it (6 anchors give 2 ranks 3 each),
+    # 30 = 3 x 9 + 3 drops it (3 anchors cannot give 2 ranks 2 each), though it holds 12 images.
+    assert len(ShardedBatchSampler(IntraClassBatchSampler(labels, anchors=8, intra_imgs=3), 0, 2)) == 4
+    assert len(ShardedBatchSampler(IntraClassBatchSampler(labels, anchors=9, intra_imgs=3), 0, 2)) == 3
+
+
 def test_companions_are_drawn_uniformly_from_the_others():
     labels = torch.zeros(6, dtype=torch.int64)
     sampler = IntraClassBatchSampler(labels, anchors=6, intra_imgs=2, seed=0)

@@ -162,7 +162,7 @@ def test_last_batch_too_small_for_every_rank_is_dropped_on_all_ranks():
 
 def test_class_pairs_stay_together_on_each_rank():
     labels = torch.arange(60) % 4
-    shards = [ShardedBatchSampler(ClassPairBatchSampler(labels, 10, seed=1), r, 2, paired=True) for r in range(2)]
+    shards = [ShardedBatchSampler(ClassPairBatchSampler(labels, 10, seed=1), r, 2) for r in range(2)]
     whole = list(ClassPairBatchSampler(labels, 10, seed=1))
     for k, batch in enumerate(whole):
         anchors = []

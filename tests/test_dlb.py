@@ -159,7 +159,7 @@ def test_under_data_parallelism_each_ranks_shared_rows_are_its_own_previous_new_
     """The loader's paired sharding (src/aikd/data/loaders.py) over DLB's batches, two epochs, every rank."""
     n, b = 50, 12
     for rank in range(world):
-        sharded = ShardedBatchSampler(LastBatchSampler(n, b, seed=0), rank, world, paired=True)
+        sharded = ShardedBatchSampler(LastBatchSampler(n, b, seed=0), rank, world)
         assert len(sharded) == 5  # the padded last batch is full: never dropped
         previous = None
         for epoch in range(2):

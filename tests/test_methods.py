@@ -666,4 +666,4 @@ def test_every_methods_own_batch_sampler_declares_what_the_loaders_read():
         sampler.set_epoch(1)
         batches = list(sampler)
         assert len(batches) == len(sampler) and sampler.num_samples > 0 and sampler.batch_size > 0, cls.name
-        assert len(ShardedBatchSampler(sampler, 0, 2, paired=cls.paired_batches)) <= len(sampler), cls.name
+        assert len(ShardedBatchSampler(sampler, 0, 2)) <= len(sampler), cls.name

@@ -45,6 +45,10 @@ class EpochSampler(Protocol):
 
     num_samples: int  # the samples an epoch's batches are cut from (CS-KD: its anchors)
     batch_size: int  # how many of them one batch takes
+    # Images each of them brings into its batch, laid out [the B samples | the (group_size - 1) B others, each
+    # sample's together, in the samples' order]: CS-KD's partners, DDGSD's second views and DLB's shared half
+    # (2), BAKE's M same-class companions (M + 1). Sharding keeps every sample with its own.
+    group_size: int = 1
 
     def set_epoch(self, epoch: int) -> None: ...
 
@@ -117,15 +121,16 @@ class ShardedBatchSampler:
     ``data.batch_size`` stays the global batch: the inner sampler draws the same
     batches on every rank (its order depends only on seed and epoch) and rank r
     keeps the r-th contiguous slice of each, so N ranks together train on exactly
-    the batches a single process would, each on batch_size / N samples. With
-    ``paired`` batches ([anchors | partners], CS-KD) the anchors are sliced and
-    each anchor keeps its partner. A last global batch too small to give every
-    rank two samples (BatchNorm cannot train on one) is dropped on all ranks, so
-    they always take the same number of steps.
+    the batches a single process would, each on batch_size / N samples. Where the
+    sampler's samples bring others with them (``group_size`` > 1: CS-KD's
+    [anchors | partners], BAKE's [anchors | companions]) the anchors are sliced and
+    each keeps its own, in the same layout. A last global batch too small to give
+    every rank two samples (BatchNorm cannot train on one) is dropped on all ranks,
+    so they always take the same number of steps.
     """
 
-    def __init__(self, inner: EpochSampler, rank: int, world_size: int, paired: bool = False) -> None:
-        self.inner, self.rank, self.world_size, self.paired = inner, rank, world_size, paired
+    def __init__(self, inner: EpochSampler, rank: int, world_size: int) -> None:
+        self.inner, self.rank, self.world_size = inner, rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
@@ -136,11 +141,13 @@ class ShardedBatchSampler:
         return items[start:start + size + (self.rank < extra)]
 
     def __iter__(self) -> Iterator[list[int]]:
+        others = self.inner.group_size - 1
         for batch in itertools.islice(iter(self.inner), len(self)):
-            if self.paired:
-                half = len(batch) // 2
-                anchors = self._share(list(range(half)))
-                yield [batch[i] for i in anchors] + [batch[half + i] for i in anchors]
+            if others:
+                count = len(batch) // (others + 1)
+                anchors = self._share(list(range(count)))
+                yield [batch[i] for i in anchors] + [batch[count + i * others + j] for i in anchors
+                                                     for j in range(others)]
             else:
                 yield self._share(batch)
 
@@ -175,14 +182,14 @@ class BlockBatchSampler:
         return -(-(self.stop - self.start) // self.batch_size)
 
 
-def rank_train_sampler(sampler: EpochSampler | None, num_samples: int, batch_size: int, seed: int, paired: bool,
+def rank_train_sampler(sampler: EpochSampler | None, num_samples: int, batch_size: int, seed: int,
                        rank: int, world_size: int) -> EpochSampler | ShardedBatchSampler | None:
     """This rank's training batches: the method's epoch sampler (None: the loader's shuffled batches) alone, or,
     in a run of several processes, this rank's slice of every global batch (``data.batch_size`` stays global)."""
     if world_size == 1:
         return sampler
     sampler = sampler or EpochBatchSampler(num_samples, batch_size, seed)
-    return ShardedBatchSampler(sampler, rank, world_size, paired)
+    return ShardedBatchSampler(sampler, rank, world_size)
 
 
 def rank_eval_sampler(num_samples: int, batch_size: int, rank: int, world_size: int) -> BlockBatchSampler | None:

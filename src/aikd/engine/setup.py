@@ -100,8 +100,7 @@ def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
     method = _build_method(cfg, data, model, strategy, device)
     pin = device.type == "cuda"
     sampler = rank_train_sampler(method.batch_sampler(cfg.data.batch_size, cfg.seed), len(data.train),
-                                 cfg.data.batch_size, cfg.seed, method.paired_batches, strategy.rank,
-                                 strategy.world_size)
+                                 cfg.data.batch_size, cfg.seed, strategy.rank, strategy.world_size)
     train_loader = data.loader(True, sampler, seed=cfg.seed, pin_memory=pin, device=device)
     train_model = strategy.wrap(model, device)
     if cfg.train.compile:

@@ -69,7 +69,8 @@ class IntraClassBatchSampler(EpochSampler):
     def __init__(self, labels: Tensor, anchors: int, intra_imgs: int, seed: int = 0) -> None:
         self.labels = labels.cpu()
         self.anchors, self.intra_imgs, self.seed = anchors, intra_imgs, seed
-        self.batch_size = anchors * (intra_imgs + 1)  # images per batch
+        self.batch_size = anchors  # samples an epoch is cut into per batch (EpochSampler); images: A (M + 1)
+        self.group_size = intra_imgs + 1  # an anchor and its M companions stay together on one rank
         self.epoch = 0
         self.by_class = torch.argsort(self.labels, stable=True)  # indices grouped by class
         self.place = torch.empty_like(self.by_class)

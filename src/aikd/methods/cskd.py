@@ -34,6 +34,8 @@ class ClassPairBatchSampler(EpochSampler):
     (seed, epoch), like :class:`~aikd.data.loaders.EpochBatchSampler`.
     """
 
+    group_size = 2  # [anchors | partners]
+
     def __init__(self, labels: Tensor, batch_size: int, seed: int = 0) -> None:
         self.labels = labels.cpu()
         self.batch_size = batch_size

@@ -61,6 +61,8 @@ def ddgsd_loss(logits_a: Tensor, logits_b: Tensor, feats_a: Tensor, feats_b: Ten
 class TwoViewBatchSampler(EpochBatchSampler):
     """:class:`~aikd.data.loaders.EpochBatchSampler`'s shuffled batches, each index twice: [i1..iB | i1..iB]."""
 
+    group_size = 2  # the second view of sample i sits at B + i
+
     def __iter__(self) -> Iterator[list[int]]:
         for batch in super().__iter__():
             yield batch + batch

@@ -95,6 +95,8 @@ class LastBatchSampler(EpochSampler):
     ``sampler.set_epoch(epoch)`` before each epoch.
     """
 
+    group_size = 2  # [new | shared]: sharded half by half, so a rank's shared rows were its own new ones
+
     def __init__(self, num_train: int, batch_size: int, seed: int = 0, last_batch: LastBatch = "pad") -> None:
         require(last_batch in ("pad", "partial"), "dlb.last_batch", last_batch, "must be pad or partial")
         self.num_train, self.batch_size, self.seed, self.last_batch = num_train, batch_size, seed, last_batch
