@@ -387,7 +387,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from aikd.engine.sweep import run_sweep
 
     if args.status:
-        from aikd.engine.slurm import format_status, sweep_status
+        from aikd.engine.slurm_queue import format_status, sweep_status
 
         print(format_status(sweep_status(Path(args.status))))
         return 0
@@ -408,7 +408,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _slurm_sweep(args: argparse.Namespace) -> int:
-    from aikd.engine.slurm import format_status, read_options, submit_sweep, wait_for, write_results
+    from aikd.engine.slurm import read_options, submit_sweep, write_results
+    from aikd.engine.slurm_queue import format_status, wait_for
     from aikd.engine.sweep import sweep_tasks
 
     if args.jobs != 1:
@@ -455,10 +456,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_tsne(args: argparse.Namespace) -> int:
+    from aikd.evaluation import tsne_panels
     from aikd.report.tsne import tsne_plot
 
     check_output_file(args.out, "t-SNE figure", example="tsne.png")  # before the features and the embedding
-    path = tsne_plot(args.checkpoints, args.names, args.classes, args.per_class, args.out, args.overrides)
+    panels, class_names = tsne_panels(args.checkpoints, args.names, args.classes, args.per_class, args.overrides)
+    path = tsne_plot(panels, args.classes, class_names, args.out)
     print(f"aikd tsne: wrote {path}")
     return 0
 

@@ -62,6 +62,24 @@ def split_phase_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str
     return common, per_phase
 
 
+def _read_phases(config: str | Path, overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The config file with the common overrides applied, and each phase's own overrides."""
+    common, per_phase = split_phase_overrides(overrides)
+    return apply_overrides(read_yaml(config), common), per_phase
+
+
+def _phase_config(base: dict[str, Any], per_phase: dict[str, list[str]], phase: str, source: str) -> RunConfig:
+    """One phase's config, validated: ``base`` with that phase's overrides."""
+    return from_dict(apply_overrides(base, per_phase[phase]), source=source)
+
+
+def student_config(config: str | Path, overrides: Sequence[str], source: str | None = None) -> RunConfig:
+    """The student's (phase 2's) config from the config file and the overrides, validated; ``source`` names it in
+    a refusal (default: the file)."""
+    base, per_phase = _read_phases(config, overrides)
+    return _phase_config(base, per_phase, "phase2", source or str(config))
+
+
 def superior_config(student: RunConfig, teacher_model: str | None = None) -> RunConfig:
     """Phase 1's config, derived from the student's: its data and recipe with plain CE and no teacher.
 
@@ -125,6 +143,12 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: b
         raise for_rerun(err) from None
 
 
+def _finished_with_another_config(run_dir: Path) -> AikdError:
+    """The refusal to replace a finished run of another config without ``overwrite``."""
+    return AikdError(f"'{run_dir}' holds a finished run made with another config. Choose another output "
+                     f"folder, or pass --overwrite to replace it.")
+
+
 def _refuse_a_student_of_another_config(student: Path, cfg: RunConfig, overwrite: bool) -> None:
     """Before phase 1 trains anything: a student run (finished, or started) of another config is kept unless
     ``overwrite``, and the message names the keys that differ and the options that work."""
@@ -137,8 +161,7 @@ def _refuse_a_student_of_another_config(student: Path, cfg: RunConfig, overwrite
     if not differ:
         return
     if (student / "summary.json").is_file():
-        raise AikdError(f"'{student}' holds a finished run made with another config. Choose another output "
-                        f"folder, or pass --overwrite to replace it.")
+        raise _finished_with_another_config(student)
     raise AikdError(f"'{student}' holds an unfinished run made with another config (it differs in "
                     f"{', '.join(differ)}). Continue it with the command that started it, choose another output "
                     f"folder, or pass --overwrite to replace it.")
@@ -155,8 +178,7 @@ def _train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: 
     if not started or overwrite:
         return train(cfg, run_dir, overwrite=overwrite, quiet=quiet, recipe=recipe)
     if finished:
-        raise AikdError(f"'{run_dir}' holds a finished run made with another config. Choose another output "
-                        f"folder, or pass --overwrite to replace it.")
+        raise _finished_with_another_config(run_dir)
     log(f"aikd: resuming the unfinished run in {run_dir}")
     # train() refuses, naming the differing keys, if cfg changed since the checkpoint.
     return train(cfg, run_dir, resume="auto", quiet=quiet, recipe=recipe)
@@ -206,9 +228,8 @@ def plan_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | P
                   cache_dir: str | Path | None = None, variant: str | None = None) -> PipelinePlan:
     """The student's config, its phase-1 model's config and cache entry, from the config file and overrides."""
     out = Path(out_dir)
-    common, per_phase = split_phase_overrides(overrides)
-    base = apply_overrides(read_yaml(config), common)
-    student_cfg = from_dict(apply_overrides(base, per_phase["phase2"]), source=str(config))
+    base, per_phase = _read_phases(config, overrides)
+    student_cfg = _phase_config(base, per_phase, "phase2", str(config))
     method_cls = METHODS.get(student_cfg.method)
     teacher_model = student_cfg.teacher.model
     if method_cls.teacher_same_architecture and teacher_model not in (None, student_cfg.model.name):
@@ -218,10 +239,10 @@ def plan_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | P
         )
     recipe = recipe_name(config, student_cfg.model.name, student_cfg.method)
     plan = PipelinePlan(student_cfg, f"{recipe}[{variant}]" if variant else recipe)
-    if method_cls.needs_teacher(student_cfg.method_config()) and student_cfg.teacher.checkpoint is None:
+    if method_cls.needs_teacher(student_cfg.hparams) and student_cfg.teacher.checkpoint is None:
         # The common settings with the phase-1 overrides, before any phase-2 override: the model other methods share.
         phase1 = student_cfg if not (per_phase["phase1"] or per_phase["phase2"]) else \
-            from_dict(apply_overrides(base, per_phase["phase1"]), source=f"{config} (phase 1)")
+            _phase_config(base, per_phase, "phase1", f"{config} (phase 1)")
         plan.superior = superior_config(phase1, teacher_model)
         plan.superior_dir = cached_superior(Path(cache_dir or out / "superior"), plan.superior)
         student_cfg.teacher.checkpoint = str(plan.superior_dir / "checkpoints" / LAST)

@@ -140,14 +140,14 @@ def _build_method(cfg: RunConfig, data: DataBundle, model: nn.Module, strategy: 
                   device: torch.device) -> Method:
     method_cls = METHODS.get(cfg.method)
     teacher = None
-    if method_cls.needs_teacher(cfg.method_config()):
+    if method_cls.needs_teacher(cfg.hparams):
         teacher = _load_teacher(cfg, data, device, cfg.model.name if method_cls.teacher_same_architecture else None)
     ctx = MethodContext(num_classes=data.num_classes, num_train=len(data.train), epochs=cfg.train.epochs,
                         device=device, train_labels=data.train.labels, teacher=teacher,
                         steps_per_epoch=len(EpochBatchSampler(len(data.train), cfg.data.batch_size)),
                         student=model, strategy=strategy, compile=cfg.train.compile,
                         step_rows=(2 if method_cls.paired_batches else 1) * cfg.data.batch_size // strategy.world_size)
-    return method_cls(cfg.method_config(), ctx).to(device)
+    return method_cls(cfg.hparams, ctx).to(device)
 
 
 def _load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device, same_architecture_as: str | None

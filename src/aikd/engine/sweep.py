@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aikd.config import apply_overrides, from_dict, read_yaml
 from aikd.engine.checkpoint import atomic_write_bytes
-from aikd.engine.pipeline import PipelinePlan, plan_pipeline, run_pipeline, split_phase_overrides
+from aikd.engine.pipeline import PipelinePlan, plan_pipeline, run_pipeline, student_config
 from aikd.errors import AikdError
 from aikd.fileio import check_output_folder
 
@@ -111,10 +110,8 @@ def check_configs(configs: Sequence[str | Path], seeds: Sequence[int], overrides
     if repeated:
         raise AikdError(f"--seeds repeats {', '.join(map(str, repeated))}: give each seed once.")
     for config, point in itertools.product(configs, grid):
-        common, per_phase = split_phase_overrides([*overrides, *point.overrides])
-        data = apply_overrides(read_yaml(config), [*common, *per_phase["phase2"], f"seed={seeds[0]}"])
         where = f"{config} with --grid {' '.join(point.overrides)}" if point else str(config)
-        from_dict(data, source=where)
+        student_config(config, [*overrides, *point.overrides, f"seed={seeds[0]}"], source=where)
     clash = {}
     for config in configs:
         key = config_folder(config)
