@@ -17,8 +17,10 @@ from aikd.distributed import DistInfo, device_for
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.engine.evaluator import Evaluator
 from aikd.engine.model_io import check_fits, model_from_checkpoint
+from aikd.engine.output import Output
 from aikd.engine.runtime import pick_device
 from aikd.errors import AikdError, CheckpointError
+from aikd.strategy import Placement
 
 
 @dataclass
@@ -35,7 +37,7 @@ class LoadedModel:
 
     def evaluator(self, quiet: bool = True) -> Evaluator:
         """The evaluator a training run uses, for this model as saved (it keeps its answers: hold on to it)."""
-        return Evaluator(self.model, self.data, self.device, quiet=quiet)
+        return Evaluator(self.model, self.data, Placement(self.device), Output(quiet=quiet))
 
     def predict(self, split=None, quiet: bool = True, description: str = "eval") -> tuple[Tensor, Tensor]:
         """Logits and labels on ``split`` (default: the test split)."""

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from aikd.engine.checkpoint import atomic_write_bytes
+from aikd.engine.output import Output
 from aikd.engine.pipeline import phase1_finished, student_finished
 from aikd.engine.slurm_queue import (
     NO_JOB,
@@ -278,11 +279,9 @@ def run_unit(listing: Path, index: int) -> int:
                      Path(unit.sweep_dir), Path(unit.cache_dir))
     job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "?"))
     print(f"aikd: slurm job {job}_{index}: {unit.name} -> {unit.run_dir}", file=sys.stderr, flush=True)
-    def log(message: str) -> None:  # one voice in a job of several tasks
-        if os.environ.get("RANK", "0") == "0":
-            print(message, file=sys.stderr, flush=True)
-
-    task.run(quiet=False, log=log, phase1_only=unit.phase1_only)  # epoch lines into the job's log
+    # Epoch lines and messages into the job's log; one voice in a job of several tasks.
+    output = Output.on_stderr().for_rank(os.environ.get("RANK", "0") == "0")
+    task.run(output, phase1_only=unit.phase1_only)
     return 0
 
 
