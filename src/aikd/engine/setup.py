@@ -144,6 +144,9 @@ def _build_method(cfg: RunConfig, data: DataBundle, model: nn.Module, strategy: 
     teacher = None
     if method_cls.needs_teacher(cfg.hparams):
         teacher = _load_teacher(cfg, data, device, cfg.model.name if method_cls.teacher_same_architecture else None)
+    # The method counts global batches per epoch before the loader exists (the method builds its own sampler);
+    # the scheduler counts the batches of this rank's loader, which in a distributed run leaves out a last
+    # global batch too small to split over the ranks. Two counts, kept apart: one would change such runs.
     ctx = MethodContext(num_classes=data.num_classes, num_train=len(data.train), epochs=cfg.train.epochs,
                         device=device, train_labels=data.train.labels, teacher=teacher,
                         steps_per_epoch=len(EpochBatchSampler(len(data.train), cfg.data.batch_size)),
