@@ -574,3 +574,36 @@ def test_command_line_takes_overrides_after_options_and_names_config_mistakes(tm
                  "train.batch_size=0"]) == 2
     assert "Unknown config key 'train.batch_size'. Did you mean 'data.batch_size'?" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_command_is_one_registered_function(monkeypatch, capsys):
+    """@command adds a sub-command with its arguments, help and handler; nothing else is edited."""
+    from aikd import cli
+
+    monkeypatch.setattr(cli, "_COMMANDS", dict(cli._COMMANDS))  # the real registry is left as it was
+
+    @cli.command("hello", help="say hello", description="Say hello to NAME.", example="aikd hello -n you",
+                 arguments=(cli.arg("-n", "--name", required=True, help="whom to greet"),), overrides="overrides")
+    def cmd_hello(args) -> int:
+        print(f"hello {args.name} {args.overrides} {args.quiet}")
+        return 3
+
+    assert cli.main(["hello", "-n", "you", "seed=1", "-q"]) == 3
+    assert capsys.readouterr().out == "hello you ['seed=1'] True\n"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "say hello" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="registered twice"):
+        cli.command("hello", help="", description="", example="")(cmd_hello)
+
+
+def test_output_settings_are_replaced_only_where_given_and_silent_off_rank_zero():
+    from aikd.engine.output import SILENT, Output
+
+    said: list[str] = []
+    output = Output(log=said.append)
+    assert output.with_() is output and output.with_(quiet=True) == Output(quiet=True, log=said.append)
+    assert output.for_rank(True) is output and output.for_rank(False) is SILENT
+    SILENT.log("nothing")
+    output.log("something")
+    assert said == ["something"] and Output.on_stderr(quiet=True) is SILENT
