@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
-from aikd.report.summaries import format_mean_std, load_summaries
+from aikd.report.stats import mean_std
 
 TABLES = {
     "AI-KD and its ablations (paper Table 4)": {
@@ -23,6 +27,22 @@ TABLES = {
         "kd": "KD", "dkd": "DKD", "aekt": "AEKT", "bss": "BSS", "amkd": "AMKD",
     },
 }
+
+
+def load_summaries(root: str | Path) -> list[dict[str, Any]]:
+    """Every summary.json under ``root``, each with its ``run_dir`` (relative to ``root``)."""
+    root = Path(root)
+    rows = []
+    for path in sorted(root.rglob("summary.json")):
+        summary = json.loads(path.read_text())
+        summary["run_dir"] = str(path.parent.relative_to(root))
+        rows.append(summary)
+    return rows
+
+
+def format_mean_std(values: Iterable[float], digits: int = 2) -> str:
+    mean, std, _ = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def main(root: str) -> None:

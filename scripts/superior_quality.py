@@ -41,7 +41,7 @@ def _quality(loaded: LoadedModel, temp_g: float) -> dict[str, float]:
 
 def _superior(student_checkpoint: Path, student: LoadedModel) -> LoadedModel:
     """The run's superior model: the pre-trained checkpoint in its config, or the copy in its checkpoint."""
-    if student.cfg.method_config().superior == "pretrained":
+    if student.cfg.hparams.superior == "pretrained":
         return load_model(student.cfg.teacher.checkpoint)
     method_state = load_checkpoint(student_checkpoint).state["method"]
     weights = {k.removeprefix(PREFIX): v for k, v in method_state.items() if k.startswith(PREFIX)}
@@ -61,7 +61,7 @@ def summarize(folder: Path) -> dict[str, dict[str, float]]:
     rows: dict[str, list[dict[str, float]]] = {"student": [], "superior": []}
     for checkpoint in finished_runs(folder):
         student = load_model(checkpoint)
-        temp_g = student.cfg.method_config().temp_g
+        temp_g = student.cfg.hparams.temp_g
         with torch.no_grad():
             rows["student"].append(_quality(student, temp_g))
             rows["superior"].append(_quality(_superior(checkpoint, student), temp_g))

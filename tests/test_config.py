@@ -116,12 +116,11 @@ def test_to_dict_round_trips_through_from_dict(cfg_file, tmp_path):
     assert load_config(tmp_path / "saved.yaml") == cfg
 
 
-def test_method_config_is_the_selected_methods_section():
-    cfg = from_dict({"method": "ce"})
-    assert cfg.method_config() is cfg.hparams
+def test_hparams_is_the_selected_methods_section():
+    assert type(from_dict({"method": "ce"}).hparams).__name__ != type(from_dict({"method": "kd"}).hparams).__name__
     kd = from_dict({"method": "kd", "kd": {"alpha": 0.3}})
-    assert kd.method_config().alpha == 0.3 and kd.to_dict()["kd"]["alpha"] == 0.3
-    assert from_dict({"method": "kd"}).method_config() == type(kd.hparams)()  # no section: the defaults
+    assert kd.hparams.alpha == 0.3 and kd.to_dict()["kd"]["alpha"] == 0.3
+    assert from_dict({"method": "kd"}).hparams == type(kd.hparams)()  # no section: the defaults
 
 
 def test_another_methods_section_is_checked_and_dropped():
@@ -627,3 +626,36 @@ def test_a_saved_config_with_the_old_names_is_read_without_a_warning():
     assert section["previous"] == cfg.hparams.previous == "snapshot"
     assert section["critic_norm"] == cfg.hparams.critic_norm == "layer"
     assert "prev" not in section and "disc_norm" not in section
+
+
+def test_a_command_is_one_registered_function(monkeypatch, capsys):
+    """@command adds a sub-command with its arguments, help and handler; nothing else is edited."""
+    from aikd import cli
+
+    monkeypatch.setattr(cli, "_COMMANDS", dict(cli._COMMANDS))  # the real registry is left as it was
+
+    @cli.command("hello", help="say hello", description="Say hello to NAME.", example="aikd hello -n you",
+                 arguments=(cli.arg("-n", "--name", required=True, help="whom to greet"),), overrides="overrides")
+    def cmd_hello(args) -> int:
+        print(f"hello {args.name} {args.overrides} {args.quiet}")
+        return 3
+
+    assert cli.main(["hello", "-n", "you", "seed=1", "-q"]) == 3
+    assert capsys.readouterr().out == "hello you ['seed=1'] True\n"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "say hello" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="registered twice"):
+        cli.command("hello", help="", description="", example="")(cmd_hello)
+
+
+def test_output_settings_are_replaced_only_where_given_and_silent_off_rank_zero():
+    from aikd.engine.output import SILENT, Output
+
+    said: list[str] = []
+    output = Output(log=said.append)
+    assert output.with_() is output and output.with_(quiet=True) == Output(quiet=True, log=said.append)
+    assert output.for_rank(True) is output and output.for_rank(False) is SILENT
+    SILENT.log("nothing")
+    output.log("something")
+    assert said == ["something"] and Output.on_stderr(quiet=True) is SILENT

@@ -14,6 +14,7 @@ from aikd.engine.evaluator import Evaluator
 from aikd.evaluation import evaluate_checkpoint
 from aikd.metrics import classification_metrics
 from aikd.models import build_model
+from aikd.strategy import Placement
 
 DIGITS = ["data.name=digits", "model.name=small_cnn", "data.batch_size=64", "deterministic=true", "device=cpu",
           "train.epochs=1", "data.holdout=0.1", "data.train_limit=400"]
@@ -36,7 +37,7 @@ def evaluator():
     data = load_data(DataConfig(name="digits", holdout=0.2, eval_batch_size=50))
     torch.manual_seed(0)
     return Evaluator(CountingModel(build_model("small_cnn", data.num_classes, data.in_channels, data.image_size)),
-                     data, torch.device("cpu"))
+                     data, Placement(torch.device("cpu")))
 
 
 def test_each_answer_is_computed_once_per_epoch_and_again_after_the_model_moved(evaluator):

@@ -12,7 +12,7 @@ from PIL import Image
 from aikd.config import load_config
 from aikd.engine import Trainer
 from aikd.errors import AikdError
-from aikd.evaluation import load_model, penultimate_features
+from aikd.evaluation import load_model, penultimate_features, tsne_panels
 from aikd.metrics.calibration import reliability_bins
 from aikd.report.figures import reliability_figures
 from aikd.report.runs import collect_runs
@@ -44,13 +44,15 @@ def test_features_are_the_penultimate_layer_of_the_same_images(checkpoints):
 
 
 def test_tsne_png_has_one_panel_per_model(checkpoints, tmp_path):
-    path = tsne_plot(checkpoints, ["student", "superior"], [0, 1, 2], 30, tmp_path / "tsne.png")
+    panels, class_names = tsne_panels(checkpoints, ["student", "superior"], [0, 1, 2], 30)
+    assert [title for title, _, _ in panels] == ["student", "superior"] and len(class_names) == 3
+    path = tsne_plot(panels, [0, 1, 2], class_names, tmp_path / "tsne.png")
     width, height = Image.open(path).size
     assert width > 1.8 * height  # two square panels side by side
     with pytest.raises(AikdError, match=r"Classes \[12\] do not exist"):
-        tsne_plot(checkpoints[:1], None, [0, 12], 30, tmp_path / "x.png")
+        tsne_panels(checkpoints[:1], None, [0, 12], 30)
     with pytest.raises(AikdError, match="2 names for 1 checkpoints"):
-        tsne_plot(checkpoints[:1], ["a", "b"], [0, 1], 30, tmp_path / "x.png")
+        tsne_panels(checkpoints[:1], ["a", "b"], [0, 1], 30)
 
 
 def test_report_pools_reliability_bins_over_seeds(tmp_path):

@@ -48,7 +48,8 @@ def test_type_checking_imports_count(edges, tmp_path):
 @pytest.mark.parametrize(("lower", "upper"), [
     ("aikd.engine", "aikd.report"), ("aikd.evaluation", "aikd.report"), ("aikd.distributed", "aikd.data"),
     ("aikd.strategy", "aikd.distributed"), ("aikd.methods.base", "aikd.distributed"),
-    ("aikd.config", "aikd.engine"), ("aikd.data", "aikd.config"),
+    ("aikd.config", "aikd.engine"), ("aikd.data", "aikd.config"), ("aikd.report", "aikd.engine"),
+    ("aikd.report", "aikd.evaluation"),
 ])
 def test_a_lower_layer_never_imports_a_higher_one(edges, lower, upper):
     graph, _ = edges

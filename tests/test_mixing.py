@@ -113,7 +113,7 @@ def test_every_method_trains_on_cutmix_and_cutout_batches(tmp_path, digits_teach
 
     cfg = load_config(None, [*DIGITS, f"method={method}", "train.epochs=1", "data.mix=cutmix", "data.cutout=4",
                              f"teacher.checkpoint={digits_teacher}"])
-    if not METHODS.get(method).needs_teacher(cfg.method_config()):
+    if not METHODS.get(method).needs_teacher(cfg.hparams):
         cfg.teacher.checkpoint = None
     trainer = Trainer(cfg, tmp_path, quiet=True)
     soft = []

@@ -180,10 +180,6 @@ class RunConfig:
         require(dev in ("auto", "cpu", "cuda", "mps") or dev.startswith("cuda:"), "device", dev,
                 "must be auto, cpu, cuda, cuda:N or mps")
 
-    def method_config(self) -> Any:
-        """The hyper-parameters of the selected method (its dataclass instance)."""
-        return self.hparams
-
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML-ready form, with the selected method's section as a top-level key.
 

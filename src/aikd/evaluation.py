@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -15,8 +17,10 @@ from aikd.distributed import DistInfo, device_for
 from aikd.engine.checkpoint import load_checkpoint
 from aikd.engine.evaluator import Evaluator
 from aikd.engine.model_io import check_fits, model_from_checkpoint
+from aikd.engine.output import Output
 from aikd.engine.runtime import pick_device
 from aikd.errors import AikdError, CheckpointError
+from aikd.strategy import Placement
 
 
 @dataclass
@@ -33,7 +37,7 @@ class LoadedModel:
 
     def evaluator(self, quiet: bool = True) -> Evaluator:
         """The evaluator a training run uses, for this model as saved (it keeps its answers: hold on to it)."""
-        return Evaluator(self.model, self.data, self.device, quiet=quiet)
+        return Evaluator(self.model, self.data, Placement(self.device), Output(quiet=quiet))
 
     def predict(self, split=None, quiet: bool = True, description: str = "eval") -> tuple[Tensor, Tensor]:
         """Logits and labels on ``split`` (default: the test split)."""
@@ -134,3 +138,22 @@ def penultimate_features(loaded: LoadedModel, classes: list[int], per_class: int
         feats.append(f.float().cpu())
         labels.append(batch_labels.cpu())
     return torch.cat(feats), torch.cat(labels)
+
+
+def tsne_panels(checkpoints: Sequence[str | Path], names: Sequence[str] | None, classes: Sequence[int],
+                per_class: int, overrides: Sequence[str] = (), seed: int = 0
+                ) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], list[str]]:
+    """What ``aikd tsne`` draws (:func:`aikd.report.tsne.tsne_plot`): each checkpoint's penultimate features of
+    the same test images of ``classes``, titled, and the classes' names."""
+    if names is not None and len(names) != len(checkpoints):
+        raise AikdError(f"--names gives {len(names)} names for {len(checkpoints)} checkpoints.")
+    panels, class_names = [], []
+    for i, path in enumerate(checkpoints):
+        loaded = load_model(path, list(overrides))
+        feats, labels = penultimate_features(loaded, list(classes), per_class, seed)
+        if len(labels) < 5:
+            raise AikdError(f"Only {len(labels)} test images in classes {list(classes)}: t-SNE needs more.")
+        title = names[i] if names else f"{loaded.cfg.method} ({Path(path).parent.parent.name})"
+        panels.append((title, feats.numpy(), labels.numpy()))
+        class_names = [loaded.data.test.classes[c] for c in classes]
+    return panels, class_names

@@ -1,13 +1,15 @@
 """The distribution strategy's interface, and the strategy of a run of one process.
 
-A leaf module (torch only): methods, guards and the engine annotate with :class:`Strategy` and
-default to :data:`SINGLE_PROCESS` without importing :mod:`aikd.distributed`, where
+A leaf module (torch only): methods, guards and the engine annotate with :class:`Strategy` (and
+:class:`Placement`, a process's device and strategy together) and default to :data:`SINGLE_PROCESS`
+without importing :mod:`aikd.distributed`, where
 :class:`~aikd.distributed.DataParallel`, the process group and torchrun's variables live.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -78,3 +80,14 @@ class SingleProcess:
 
 
 SINGLE_PROCESS: Strategy = SingleProcess()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one process of a run computes: its device, how it relates to the other processes (the strategy),
+    and whether its images and model are channels-last. The engine's parts that place tensors or call
+    collectives (the evaluator, the non-finite guard, the checkpoints) receive this one object."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    strategy: Strategy = SINGLE_PROCESS
+    channels_last: bool = False

@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from aikd.data import DataBundle
 from aikd.data.loaders import rank_eval_sampler
 from aikd.data.splits import Split
-from aikd.engine.logger import progress_bar
+from aikd.engine.output import SILENT, Output
 from aikd.metrics import classification_metrics, predict
 from aikd.metrics.calibration import ReliabilityBins, calibrate
-from aikd.strategy import SINGLE_PROCESS, Strategy
+from aikd.strategy import Placement
 
 Calibration = tuple[dict[str, float], dict[str, ReliabilityBins]]  # (temperature, ece_ts, nll_ts), bins
 
@@ -30,10 +30,11 @@ class Evaluator:
     """Evaluates ``model`` on the splits of ``data`` (test: the test split, or the validation images), in float32
     whatever precision it trained in (:func:`aikd.metrics.predict` says why)."""
 
-    def __init__(self, model: nn.Module, data: DataBundle, device: torch.device, channels_last: bool = False,
-                 strategy: Strategy = SINGLE_PROCESS, quiet: bool = True) -> None:
-        self.model, self.data, self.device = model, data, device
-        self.channels_last, self.strategy, self.quiet = channels_last, strategy, quiet
+    def __init__(self, model: nn.Module, data: DataBundle, placement: Placement | None = None,
+                 output: Output = SILENT) -> None:
+        placement = placement or Placement()
+        self.model, self.data, self.device = model, data, placement.device
+        self.channels_last, self.strategy, self.output = placement.channels_last, placement.strategy, output
         self._loaders: dict[str, Any] = {}  # kept: an image-file loader's workers persist between epochs
         self._answers: dict[str, tuple[int | None, Any]] = {}  # question -> (epoch of the model, answer)
 
@@ -57,7 +58,7 @@ class Evaluator:
             loader = self.loader(split)
         else:
             loader = self._loaders[name] = self._loaders.get(name) or self.loader(split)
-        bar = progress_bar(len(loader), description, self.quiet)
+        bar = self.output.bar(len(loader), description)
         logits, labels = predict(self.model, loader, self.prepare, self.device, bar)
         bar.close()
         gather = self.strategy.gather_rows  # on the device: NCCL moves GPU tensors only

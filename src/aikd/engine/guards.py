@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from aikd.config import TrainConfig
 from aikd.engine.state import RunState
 from aikd.errors import RESUME_TRAIN, AikdError, RunInterrupted
-from aikd.strategy import Strategy
+from aikd.strategy import Placement, Strategy
 
 CHECK_EVERY = 25  # steps between divergence checks (and progress-bar updates), each a device sync
 
@@ -63,11 +63,11 @@ class NonFiniteWatch:
 class NonFiniteGuard:
     """The non-finite policy of one run (``train.on_nonfinite``, ``train.max_skipped_steps``)."""
 
-    def __init__(self, cfg: TrainConfig, strategy: Strategy, device: torch.device, student: nn.Module,
-                 state: RunState, last_checkpoint: Path) -> None:
+    def __init__(self, cfg: TrainConfig, placement: Placement, student: nn.Module, state: RunState,
+                 last_checkpoint: Path) -> None:
         self.skip = cfg.on_nonfinite == "skip"
         self.max_skipped = cfg.max_skipped_steps
-        self.strategy, self.device, self.last_checkpoint = strategy, device, last_checkpoint
+        self.strategy, self.device, self.last_checkpoint = placement.strategy, placement.device, last_checkpoint
         self.state = state  # state.skipped_steps counts the run's skips (checkpointed with it)
         self.watch: NonFiniteWatch | None = None
         # The student's running statistics, rolled back when a step is skipped (collected once: the

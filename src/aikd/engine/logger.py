@@ -7,28 +7,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from aikd.engine.output import Output
 from aikd.engine.tracking import NO_TRACKER, Tracker
-
-
-def show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
-
-
-def progress_bar(total: int, desc: str, quiet: bool, leave: bool = False) -> tqdm:
-    """A tqdm bar on stderr; silent with --quiet or when stderr is not a terminal."""
-    return tqdm(total=total, desc=desc, leave=leave, disable=not show_progress(quiet),
-                dynamic_ncols=True, file=sys.stderr)
 
 
 class RunLogger:
     """Appends one JSON object per epoch to metrics.jsonl and mirrors it elsewhere."""
 
-    def __init__(self, out_dir: Path, quiet: bool = False, tensorboard: bool = True,
+    def __init__(self, out_dir: Path, output: Output | None = None, tensorboard: bool = True,
                  tracker: Tracker = NO_TRACKER) -> None:
         self.path = out_dir / "metrics.jsonl"
-        self.quiet = quiet
+        self.quiet = (output or Output()).quiet  # no epoch lines, no banner
         self.tracker = tracker  # the trainer opens and finishes it; the logger hands it each epoch
         self.writer = None
         if tensorboard:

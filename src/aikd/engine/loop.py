@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from aikd.engine.guards import CHECK_EVERY, NonFiniteGuard, StopSignals
-from aikd.engine.logger import progress_bar
+from aikd.engine.output import Output
 from aikd.engine.runtime import epoch_generator
 from aikd.engine.setup import RunParts
 from aikd.engine.state import LAST, RunCheckpoints, RunState
@@ -41,7 +41,7 @@ class Epoch:
     guard: NonFiniteGuard
     signals: StopSignals
     checkpoints: RunCheckpoints
-    quiet: bool
+    output: Output
 
 
 def train_epoch(run: Epoch, epoch: int) -> dict[str, Any]:
@@ -60,7 +60,7 @@ def train_epoch(run: Epoch, epoch: int) -> dict[str, Any]:
     p.method.on_epoch_start(epoch, p.model)
     skipped_before = state.skipped_steps
     run.guard.begin_epoch(epoch, state.step - first, len(p.train_loader))
-    bar = progress_bar(len(p.train_loader), f"epoch {epoch + 1}/{p.epochs}", run.quiet)
+    bar = run.output.bar(len(p.train_loader), f"epoch {epoch + 1}/{p.epochs}")
     bar.update(first)
     for number, (images, labels, indices) in enumerate(p.train_loader, start=first + 1):
         batch = p.to_batch(images, labels, indices, epoch, state.step, generator)

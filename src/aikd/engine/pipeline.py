@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from aikd.config import (
 )
 from aikd.distributed import current
 from aikd.engine.locks import cache_entry_lock
+from aikd.engine.output import Output
 from aikd.engine.state import config_diff
 from aikd.engine.trainer import LAST, train
 from aikd.errors import AikdError, ConfigError, DiskFullError, RunInterrupted, for_rerun
@@ -60,6 +61,24 @@ def split_phase_overrides(overrides: Sequence[str]) -> tuple[list[str], dict[str
         else:
             common.append(text)
     return common, per_phase
+
+
+def _read_phases(config: str | Path, overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The config file with the common overrides applied, and each phase's own overrides."""
+    common, per_phase = split_phase_overrides(overrides)
+    return apply_overrides(read_yaml(config), common), per_phase
+
+
+def _phase_config(base: dict[str, Any], per_phase: dict[str, list[str]], phase: str, source: str) -> RunConfig:
+    """One phase's config, validated: ``base`` with that phase's overrides."""
+    return from_dict(apply_overrides(base, per_phase[phase]), source=source)
+
+
+def student_config(config: str | Path, overrides: Sequence[str], source: str | None = None) -> RunConfig:
+    """The student's (phase 2's) config from the config file and the overrides, validated; ``source`` names it in
+    a refusal (default: the file)."""
+    base, per_phase = _read_phases(config, overrides)
+    return _phase_config(base, per_phase, "phase2", source or str(config))
 
 
 def superior_config(student: RunConfig, teacher_model: str | None = None) -> RunConfig:
@@ -112,7 +131,7 @@ def _same_config(saved: dict[str, Any], cfg: RunConfig) -> bool:
     return saved is not None and not config_diff(saved, with_teacher_hash(cfg).to_dict())
 
 
-def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: bool = False,
+def train_or_reuse(cfg: RunConfig, run_dir: Path, output: Output, overwrite: bool = False,
                    recipe: str | None = None) -> dict[str, Any]:
     """Train ``cfg`` in ``run_dir``, reuse a finished identical run, or resume an unfinished one.
 
@@ -120,9 +139,15 @@ def train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: b
     the call stops with a message (a finished run is never lost silently).
     """
     try:
-        return _train_or_reuse(cfg, run_dir, quiet, log, overwrite, recipe)
+        return _train_or_reuse(cfg, run_dir, output, overwrite, recipe)
     except (RunInterrupted, DiskFullError) as err:  # a pipeline continues its runs when run again: say so
         raise for_rerun(err) from None
+
+
+def _finished_with_another_config(run_dir: Path) -> AikdError:
+    """The refusal to replace a finished run of another config without ``overwrite``."""
+    return AikdError(f"'{run_dir}' holds a finished run made with another config. Choose another output "
+                     f"folder, or pass --overwrite to replace it.")
 
 
 def _refuse_a_student_of_another_config(student: Path, cfg: RunConfig, overwrite: bool) -> None:
@@ -137,29 +162,27 @@ def _refuse_a_student_of_another_config(student: Path, cfg: RunConfig, overwrite
     if not differ:
         return
     if (student / "summary.json").is_file():
-        raise AikdError(f"'{student}' holds a finished run made with another config. Choose another output "
-                        f"folder, or pass --overwrite to replace it.")
+        raise _finished_with_another_config(student)
     raise AikdError(f"'{student}' holds an unfinished run made with another config (it differs in "
                     f"{', '.join(differ)}). Continue it with the command that started it, choose another output "
                     f"folder, or pass --overwrite to replace it.")
 
 
-def _train_or_reuse(cfg: RunConfig, run_dir: Path, quiet: bool, log, overwrite: bool, recipe: str | None
+def _train_or_reuse(cfg: RunConfig, run_dir: Path, output: Output, overwrite: bool, recipe: str | None
                     ) -> dict[str, Any]:
     done = _finished(run_dir, cfg)
     if done is not None:
-        log(f"aikd: reusing the finished run in {run_dir}")
+        output.log(f"aikd: reusing the finished run in {run_dir}")
         return done
     finished = (run_dir / "summary.json").is_file()
     started = finished or (run_dir / "checkpoints" / LAST).is_file()
     if not started or overwrite:
-        return train(cfg, run_dir, overwrite=overwrite, quiet=quiet, recipe=recipe)
+        return train(cfg, run_dir, overwrite=overwrite, output=output, recipe=recipe)
     if finished:
-        raise AikdError(f"'{run_dir}' holds a finished run made with another config. Choose another output "
-                        f"folder, or pass --overwrite to replace it.")
-    log(f"aikd: resuming the unfinished run in {run_dir}")
+        raise _finished_with_another_config(run_dir)
+    output.log(f"aikd: resuming the unfinished run in {run_dir}")
     # train() refuses, naming the differing keys, if cfg changed since the checkpoint.
-    return train(cfg, run_dir, resume="auto", quiet=quiet, recipe=recipe)
+    return train(cfg, run_dir, resume="auto", output=output, recipe=recipe)
 
 
 def _as_phase1_model(cfg: RunConfig, recipe: str, out: Path, cache_dir: str | Path | None) -> Path | None:
@@ -175,11 +198,11 @@ def _as_phase1_model(cfg: RunConfig, recipe: str, out: Path, cache_dir: str | Pa
     return cached_superior(Path(cache_dir), cfg) if superior_config(cfg) == cfg else None
 
 
-def _train_phase1_model(entry: Path, cfg: RunConfig, student: Path, quiet: bool, log) -> dict[str, Any]:
+def _train_phase1_model(entry: Path, cfg: RunConfig, student: Path, output: Output) -> dict[str, Any]:
     """Train (or reuse) the Baseline in its phase-1 cache entry; ``student`` becomes a link to it."""
-    log(f"aikd: the Baseline is this seed's phase-1 model -> {entry}")
-    with cache_entry_lock(entry, log) if current().is_main else contextlib.nullcontext():
-        summary = train_or_reuse(cfg, entry, quiet, log, recipe=PHASE1_RECIPE)
+    output.log(f"aikd: the Baseline is this seed's phase-1 model -> {entry}")
+    with cache_entry_lock(entry, output.log) if current().is_main else contextlib.nullcontext():
+        summary = train_or_reuse(cfg, entry, output, recipe=PHASE1_RECIPE)
     if current().is_main and not student.exists():
         student.parent.mkdir(parents=True, exist_ok=True)
         student.symlink_to(os.path.relpath(entry.resolve(), student.parent.resolve()), target_is_directory=True)
@@ -206,9 +229,8 @@ def plan_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | P
                   cache_dir: str | Path | None = None, variant: str | None = None) -> PipelinePlan:
     """The student's config, its phase-1 model's config and cache entry, from the config file and overrides."""
     out = Path(out_dir)
-    common, per_phase = split_phase_overrides(overrides)
-    base = apply_overrides(read_yaml(config), common)
-    student_cfg = from_dict(apply_overrides(base, per_phase["phase2"]), source=str(config))
+    base, per_phase = _read_phases(config, overrides)
+    student_cfg = _phase_config(base, per_phase, "phase2", str(config))
     method_cls = METHODS.get(student_cfg.method)
     teacher_model = student_cfg.teacher.model
     if method_cls.teacher_same_architecture and teacher_model not in (None, student_cfg.model.name):
@@ -218,10 +240,10 @@ def plan_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | P
         )
     recipe = recipe_name(config, student_cfg.model.name, student_cfg.method)
     plan = PipelinePlan(student_cfg, f"{recipe}[{variant}]" if variant else recipe)
-    if method_cls.needs_teacher(student_cfg.method_config()) and student_cfg.teacher.checkpoint is None:
+    if method_cls.needs_teacher(student_cfg.hparams) and student_cfg.teacher.checkpoint is None:
         # The common settings with the phase-1 overrides, before any phase-2 override: the model other methods share.
         phase1 = student_cfg if not (per_phase["phase1"] or per_phase["phase2"]) else \
-            from_dict(apply_overrides(base, per_phase["phase1"]), source=f"{config} (phase 1)")
+            _phase_config(base, per_phase, "phase1", f"{config} (phase 1)")
         plan.superior = superior_config(phase1, teacher_model)
         plan.superior_dir = cached_superior(Path(cache_dir or out / "superior"), plan.superior)
         student_cfg.teacher.checkpoint = str(plan.superior_dir / "checkpoints" / LAST)
@@ -246,14 +268,18 @@ def student_finished(plan: PipelinePlan, out_dir: str | Path) -> bool:
 
 
 def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *,
-                 cache_dir: str | Path | None = None, quiet: bool = False, overwrite: bool = False,
-                 log=print, variant: str | None = None, phase1_only: bool = False) -> dict[str, Any]:
+                 cache_dir: str | Path | None = None, output: Output | None = None, quiet: bool | None = None,
+                 log: Callable[[str], None] | None = None, overwrite: bool = False, variant: str | None = None,
+                 phase1_only: bool = False) -> dict[str, Any]:
     """Run phase 1 (when the method needs it) and phase 2; return both summaries.
+
+    ``output`` says where the runs' words go; ``quiet`` and ``log`` replace its settings of the same names.
 
     ``overwrite`` replaces a student run in ``out_dir`` made with another config.
     ``variant`` tags the student's recipe (``aikd[aikd.alpha_p=0.1]``): a sweep's grid point.
     ``phase1_only`` stops after phase 1 (a Slurm sweep trains each phase-1 model as a job of its own).
     """
+    output = (output or Output()).with_(quiet=quiet, log=log)
     out = Path(out_dir)
     check_output_folder(out, "pipeline folder")
     if cache_dir is not None:
@@ -263,19 +289,19 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
     if plan.shared_entry is None:
         _refuse_a_student_of_another_config(out / "student", plan.student, overwrite)
     if plan.superior is not None:
-        log(f"aikd: phase 1, superior model -> {plan.superior_dir}")
+        output.log(f"aikd: phase 1, superior model -> {plan.superior_dir}")
         # Two pipelines that need this model (a sweep with --jobs) train it once: the second waits, then reuses it.
         # Under torchrun only rank 0 takes the lock; the other ranks follow it through the run's collectives.
-        with cache_entry_lock(plan.superior_dir, log) if current().is_main else contextlib.nullcontext():
-            result["superior"] = train_or_reuse(plan.superior, plan.superior_dir, quiet, log, recipe=PHASE1_RECIPE)
+        with cache_entry_lock(plan.superior_dir, output.log) if current().is_main else contextlib.nullcontext():
+            result["superior"] = train_or_reuse(plan.superior, plan.superior_dir, output, recipe=PHASE1_RECIPE)
         result["superior"]["run_dir"] = str(plan.superior_dir)
     if phase1_only and plan.shared_entry is None:
         return result
     if plan.shared_entry is not None:
-        result["student"] = _train_phase1_model(plan.shared_entry, plan.student, out / "student", quiet, log)
+        result["student"] = _train_phase1_model(plan.shared_entry, plan.student, out / "student", output)
     else:
-        log(f"aikd: phase 2, {plan.student.method} student -> {out / 'student'}")
-        result["student"] = train_or_reuse(plan.student, out / "student", quiet, log, overwrite, plan.recipe)
+        output.log(f"aikd: phase 2, {plan.student.method} student -> {out / 'student'}")
+        result["student"] = train_or_reuse(plan.student, out / "student", output, overwrite, plan.recipe)
         result["student"]["run_dir"] = str(out / "student")
     if current().is_main:  # under torchrun every rank runs the pipeline; rank 0 writes its files
         atomic_write_bytes(out / "pipeline.json", json.dumps(result, indent=2).encode())

@@ -32,7 +32,7 @@ from aikd.errors import ConfigError
 from aikd.methods import METHODS, Batch, Method, MethodContext
 from aikd.models import build_model, resolve_stem
 from aikd.models.weights import load_weights
-from aikd.strategy import Strategy
+from aikd.strategy import Placement, Strategy
 
 
 @dataclass
@@ -41,10 +41,8 @@ class RunParts:
 
     seed: int  # the run's seed: each epoch's augmentation stream derives from it
     epochs: int
-    strategy: Strategy  # SingleProcess or DataParallel (aikd.distributed)
-    device: torch.device
+    placement: Placement  # the device, the strategy (SingleProcess or DataParallel) and the memory format
     amp_dtype: torch.dtype | None
-    channels_last: bool
     data: DataBundle
     model: nn.Module  # the bare student: what is saved, evaluated and handed to the method's hooks
     method: Method
@@ -56,9 +54,13 @@ class RunParts:
     scaler: torch.amp.GradScaler
     describe: dict[str, Any]  # the model's description saved with its weights (architecture, classes)
 
+    strategy = property(lambda self: self.placement.strategy)
+    device = property(lambda self: self.placement.device)
+    channels_last = property(lambda self: self.placement.channels_last)
+
     def trained(self) -> Trained:
         """What a full checkpoint saves besides the run state."""
-        return Trained(self.model, self.optimizer, self.scheduler, self.scaler, self.method)
+        return Trained(self.model, self.describe, self.optimizer, self.scheduler, self.scaler, self.method)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -108,8 +110,8 @@ def build_parts(cfg: RunConfig, data: DataBundle | None = None) -> RunParts:
     optimizer = build_optimizer(model, cfg.train, method.student_parameters(), method.student_parameters_lr_scale())
     amp_dtype = autocast_dtype(cfg.train, device)
     return RunParts(
-        seed=cfg.seed, epochs=cfg.train.epochs, strategy=strategy, device=device, amp_dtype=amp_dtype,
-        channels_last=channels_last, data=data, model=model, method=method,
+        seed=cfg.seed, epochs=cfg.train.epochs, placement=Placement(device, strategy, channels_last),
+        amp_dtype=amp_dtype, data=data, model=model, method=method,
         mixer=BatchMixer(cfg.data, data.num_classes, paired=method.paired_batches, seed=cfg.seed),
         train_loader=train_loader, train_model=train_model, optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg.train, len(train_loader)),
@@ -139,14 +141,17 @@ def _build_method(cfg: RunConfig, data: DataBundle, model: nn.Module, strategy: 
                   device: torch.device) -> Method:
     method_cls = METHODS.get(cfg.method)
     teacher = None
-    if method_cls.needs_teacher(cfg.method_config()):
+    if method_cls.needs_teacher(cfg.hparams):
         teacher = _load_teacher(cfg, data, device, cfg.model.name if method_cls.teacher_same_architecture else None)
+    # The method counts global batches per epoch before the loader exists (the method builds its own sampler);
+    # the scheduler counts the batches of this rank's loader, which in a distributed run leaves out a last
+    # global batch too small to split over the ranks. Two counts, kept apart: one would change such runs.
     ctx = MethodContext(num_classes=data.num_classes, num_train=len(data.train), epochs=cfg.train.epochs,
                         device=device, train_labels=data.train.labels, teacher=teacher,
                         steps_per_epoch=len(EpochBatchSampler(len(data.train), cfg.data.batch_size)),
                         student=model, strategy=strategy, compile=cfg.train.compile,
                         step_rows=(2 if method_cls.paired_batches else 1) * cfg.data.batch_size // strategy.world_size)
-    return method_cls(cfg.method_config(), ctx).to(device)
+    return method_cls(cfg.hparams, ctx).to(device)
 
 
 def _load_teacher(cfg: RunConfig, data: DataBundle, device: torch.device, same_architecture_as: str | None

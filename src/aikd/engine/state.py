@@ -25,7 +25,7 @@ from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, 
 from aikd.engine.optim import load_optimizer_state
 from aikd.errors import RESUME_TRAIN, CheckpointError, ConfigError, DiskFullError
 from aikd.methods.base import Method
-from aikd.strategy import SINGLE_PROCESS, Strategy
+from aikd.strategy import Placement, Strategy
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 
@@ -60,6 +60,7 @@ class Trained:
     """What a full checkpoint saves besides the run state: the student and everything that trains it."""
 
     model: nn.Module  # the bare student
+    describe: dict[str, Any]  # its description saved with its weights (architecture, classes)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -100,18 +101,18 @@ class RankStreams:
 class RunCheckpoints:
     """The checkpoints of one run folder: OUT/checkpoints/{last,best,epoch-NNNN}.safetensors.
 
-    ``describe`` is the model's description (architecture, classes: what loading the weights alone needs) and
-    ``config`` the run's config as saved, which a resumed run must match; only rank 0 writes, but every rank
+    ``trained.describe`` is the model's description (architecture, classes: what loading the weights alone
+    needs) and ``config`` the run's config as saved, which a resumed run must match; only rank 0 writes, but every rank
     calls :meth:`save` (its random streams travel to rank 0).
     """
 
-    def __init__(self, out: Path, trained: Trained, state: RunState, describe: dict[str, Any],
-                 config: dict[str, Any], keep_last: int = 1, strategy: Strategy = SINGLE_PROCESS,
-                 device: torch.device | None = None) -> None:
+    def __init__(self, out: Path, trained: Trained, state: RunState, config: dict[str, Any], keep_last: int = 1,
+                 placement: Placement | None = None) -> None:
+        placement = placement or Placement()
         self.folder = out / "checkpoints"
         self.trained, self.state = trained, state
-        self.describe, self.config, self.keep_last, self.is_main = describe, config, keep_last, strategy.is_main
-        self.streams = RankStreams(strategy, device or torch.device("cpu"))
+        self.config, self.keep_last, self.is_main = config, keep_last, placement.strategy.is_main
+        self.streams = RankStreams(placement.strategy, placement.device)
         self.last_epoch_end: int | None = None  # epoch of last.safetensors when it was saved at an epoch's end
 
     @property
@@ -119,7 +120,7 @@ class RunCheckpoints:
         return self.folder / LAST
 
     def meta(self) -> dict[str, Any]:
-        return {**self.describe, "config": self.config, "epoch": self.state.epoch, "step": self.state.step}
+        return {**self.trained.describe, "config": self.config, "epoch": self.state.epoch, "step": self.state.step}
 
     def save(self, name: str, full: bool = True, position: dict[str, Any] | None = None) -> Path:
         """Write a checkpoint (rank 0 writes; the other ranks hold the same state but their own random streams,

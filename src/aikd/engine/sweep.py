@@ -15,17 +15,16 @@ import itertools
 import json
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aikd.config import apply_overrides, from_dict, read_yaml
 from aikd.engine.checkpoint import atomic_write_bytes
-from aikd.engine.pipeline import PipelinePlan, plan_pipeline, run_pipeline, split_phase_overrides
+from aikd.engine.output import Output, to_stderr
+from aikd.engine.pipeline import PipelinePlan, plan_pipeline, run_pipeline, student_config
 from aikd.errors import AikdError
 from aikd.fileio import check_output_folder
 
@@ -111,10 +110,8 @@ def check_configs(configs: Sequence[str | Path], seeds: Sequence[int], overrides
     if repeated:
         raise AikdError(f"--seeds repeats {', '.join(map(str, repeated))}: give each seed once.")
     for config, point in itertools.product(configs, grid):
-        common, per_phase = split_phase_overrides([*overrides, *point.overrides])
-        data = apply_overrides(read_yaml(config), [*common, *per_phase["phase2"], f"seed={seeds[0]}"])
         where = f"{config} with --grid {' '.join(point.overrides)}" if point else str(config)
-        from_dict(data, source=where)
+        student_config(config, [*overrides, *point.overrides, f"seed={seeds[0]}"], source=where)
     clash = {}
     for config in configs:
         key = config_folder(config)
@@ -148,9 +145,9 @@ class SweepTask:
         return plan_pipeline(self.config, self.pipeline_overrides, self.run_dir, cache_dir=self.cache_dir,
                              variant=self.point.name or None)
 
-    def run(self, quiet: bool, log, phase1_only: bool = False) -> dict[str, Any]:
+    def run(self, output: Output, phase1_only: bool = False) -> dict[str, Any]:
         result = run_pipeline(self.config, self.pipeline_overrides, self.run_dir, cache_dir=self.cache_dir,
-                              quiet=quiet, log=log, variant=self.point.name or None, phase1_only=phase1_only,
+                              output=output, variant=self.point.name or None, phase1_only=phase1_only,
                               overwrite=self.overwrite)
         trained = result.get("student") or result["superior"]  # phase1_only: the phase-1 model alone
         run_dir = result["superior"]["run_dir"] if "student" not in result else str(self.run_dir / "student")
@@ -179,7 +176,8 @@ def sweep_tasks(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: st
 
 def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str | Path,
               overrides: Sequence[str] = (), *, grid: Sequence[str] = (), cache_dir: str | Path | None = None,
-              jobs: int = 1, quiet: bool = False, log=print, overwrite: bool = False) -> list[dict[str, Any]]:
+              jobs: int = 1, output: Output | None = None, quiet: bool | None = None,
+              log: Callable[[str], None] | None = None, overwrite: bool = False) -> list[dict[str, Any]]:
     """Run every (config, grid point, seed), seeds outermost (a first complete table comes early).
 
     ``grid`` holds ``KEY=V1,V2,...`` specs (``--grid``); each combination of their values
@@ -189,7 +187,9 @@ def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str 
     lends its models to this one. ``jobs`` > 1 runs that many pipelines at once, each in its
     own process (:func:`run_parallel`); the folders and results are those of a serial sweep.
     ``overwrite`` replaces a student run made with another config (``--overwrite``; refused otherwise).
+    ``output`` says where the runs' words go; ``quiet`` and ``log`` replace its settings of the same names.
     """
+    output = (output or Output()).with_(quiet=quiet, log=log)
     if jobs < 1:
         raise AikdError(f"--jobs must be at least 1, got {jobs}.")
     tasks = sweep_tasks(configs, seeds, out_dir, overrides, grid=grid, cache_dir=cache_dir, overwrite=overwrite)
@@ -204,10 +204,10 @@ def run_sweep(configs: Sequence[str | Path], seeds: Sequence[int], out_dir: str 
 
     if jobs == 1:
         for task in tasks:
-            log(f"aikd sweep: [{task.number + 1}/{len(tasks)}] {_describe(task)} -> {task.run_dir}")
-            finished(task, task.run(quiet, log))
+            output.log(f"aikd sweep: [{task.number + 1}/{len(tasks)}] {_describe(task)} -> {task.run_dir}")
+            finished(task, task.run(output))
     else:
-        run_parallel(tasks, jobs, log, finished)
+        run_parallel(tasks, jobs, output.log, finished)
     return [{k: v for k, v in r.items() if k != "number"} for r in done]
 
 
@@ -215,7 +215,7 @@ def _describe(task: SweepTask) -> str:
     return f"{task.config}{f' [{task.point.name}]' if task.point else ''} seed {task.seed}"
 
 
-def run_parallel(tasks: Sequence[SweepTask], jobs: int, log, finished) -> None:
+def run_parallel(tasks: Sequence[SweepTask], jobs: int, log: Callable[[str], None], finished) -> None:
     """Run the tasks ``jobs`` at a time, in the serial order, each in a fresh process.
 
     Each process gets its share of the CPU threads (cpu count // jobs), or one GPU of the
@@ -257,15 +257,15 @@ def run_parallel(tasks: Sequence[SweepTask], jobs: int, log, finished) -> None:
         raise error
 
 
-def _quiet_log(message: str) -> None:
-    """A worker's pipeline messages (phase 1, reuse, waiting for a cache entry) go to its stderr."""
-    print(message, file=sys.stderr, flush=True)
+# A worker's pipeline messages (phase 1, reuse, waiting for a cache entry) go to its stderr; no bars or epoch
+# lines from several runs at once.
+WORKER_OUTPUT = Output(quiet=True, log=to_stderr)
 
 
 def _run_in_worker(task: SweepTask) -> dict[str, Any]:
     """A task in a worker; a worker whose sweep has died leaves once its run has saved (no idle orphan)."""
     try:
-        return task.run(True, _quiet_log)
+        return task.run(WORKER_OUTPUT)
     finally:
         if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
             os._exit(1)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aikd.config import RunConfig
+from aikd.engine.output import Output, RunIdentity
 from aikd.errors import AikdError, RunInterrupted
 from aikd.extras import TRACKING, missing, require
 from aikd.fileio import atomic_write_bytes
@@ -59,11 +60,12 @@ class Tracker:
 NO_TRACKER = Tracker()
 
 
-def open_tracker(cfg: RunConfig, out: Path, *, recipe: str, resumed_at: int | None, quiet: bool) -> Tracker:
+def open_tracker(cfg: RunConfig, out: Path, *, identity: RunIdentity, output: Output, resumed_at: int | None
+                 ) -> Tracker:
     """The tracker ``cfg.tracking`` asks for, started: a new MLflow run, or for a run resumed after epoch
     ``resumed_at`` the folder's own (a new one, given the epochs of metrics.jsonl so far, where it has none)."""
     if cfg.tracking.backend == "mlflow":
-        return MlflowTracker.start(cfg, out, recipe=recipe, resumed_at=resumed_at, quiet=quiet)
+        return MlflowTracker.start(cfg, out, identity=identity, output=output, resumed_at=resumed_at)
     return NO_TRACKER
 
 
@@ -82,8 +84,9 @@ class MlflowTracker(Tracker):
         self.ended = False
 
     @classmethod
-    def start(cls, cfg: RunConfig, out: Path, *, recipe: str, resumed_at: int | None, quiet: bool
+    def start(cls, cfg: RunConfig, out: Path, *, identity: RunIdentity, output: Output, resumed_at: int | None
               ) -> MlflowTracker:
+        recipe, quiet = identity.recipe, output.quiet
         mlflow = _mlflow()
         from mlflow.tracking import MlflowClient
 

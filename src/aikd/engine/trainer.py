@@ -29,6 +29,7 @@ from aikd.engine.guards import NonFiniteGuard, StopSignals
 from aikd.engine.locks import run_folder_lock
 from aikd.engine.logger import RunLogger
 from aikd.engine.loop import Epoch, train_epoch
+from aikd.engine.output import SILENT, Output, RunIdentity
 from aikd.engine.runtime import nondeterministic_ops_explained
 from aikd.engine.setup import RunParts, build_parts
 from aikd.engine.state import BEST, LAST, RunCheckpoints, RunState, find_resume_checkpoint
@@ -43,23 +44,28 @@ __all__ = ["BEST", "LAST", "Trainer", "find_resume_checkpoint", "train"]
 
 
 class Trainer:
-    """Trains one model with one method; :meth:`fit` returns the run's summary."""
+    """Trains one model with one method; :meth:`fit` returns the run's summary.
 
-    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, quiet: bool = False,
-                 data: DataBundle | None = None, recipe: str | None = None) -> None:
+    ``output`` says where the run's words go (``quiet=True`` is the short form of ``output=Output(quiet=True)``);
+    ``recipe`` names the run in reports (by default the method).
+    """
+
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, *, output: Output | None = None,
+                 quiet: bool | None = None, data: DataBundle | None = None, recipe: str | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
         check_output_folder(self.out, "run folder", ("checkpoints",))  # before the data and the model are built
-        self.recipe = recipe or cfg.method  # the row label in reports (the config's name)
+        self.identity = RunIdentity.of(cfg, recipe)
         self.parts: RunParts = build_parts(cfg, data)
         p = self.parts
-        self.quiet = quiet or not p.strategy.is_main  # one voice (progress bars, epoch lines) per run
+        # One voice (progress bars, epoch lines) per run: rank 0's.
+        self.output = (output or Output()).with_(quiet=quiet).for_rank(p.strategy.is_main)
         self.state = RunState()
-        self.checkpoints = RunCheckpoints(self.out, p.trained(), self.state, p.describe, cfg.to_dict(),
-                                          cfg.train.keep_last, p.strategy, p.device)
-        self.guard = NonFiniteGuard(cfg.train, p.strategy, p.device, p.model, self.state, self.checkpoints.last)
+        self.checkpoints = RunCheckpoints(self.out, p.trained(), self.state, cfg.to_dict(), cfg.train.keep_last,
+                                          p.placement)
+        self.guard = NonFiniteGuard(cfg.train, p.placement, p.model, self.state, self.checkpoints.last)
         # Test metrics and temperature scaling, each computed once per epoch of the model (shared with aikd eval).
-        self.evaluator = Evaluator(p.model, p.data, p.device, p.channels_last, p.strategy, self.quiet)
+        self.evaluator = Evaluator(p.model, p.data, p.placement, self.output)
 
     # The parts and counters tests, benchmarks and users reach for.
     data = property(lambda self: self.parts.data)
@@ -70,6 +76,7 @@ class Trainer:
     optimizer = property(lambda self: self.parts.optimizer)
     step = property(lambda self: self.state.step)
     epoch = property(lambda self: self.state.epoch)
+    recipe = property(lambda self: self.identity.recipe)
 
     def resume(self, path: str | Path | None = None) -> None:
         """Continue from a full checkpoint (by default OUT/checkpoints/last.safetensors)."""
@@ -87,57 +94,80 @@ class Trainer:
         SIGTERM and SIGINT stop the run at the next step boundary with a
         checkpoint there, and raise :class:`RunInterrupted`.
         """
-        with contextlib.ExitStack() as lock:
-            return self._fit(lock, resume, overwrite, stop_after)
+        with contextlib.ExitStack() as held:  # the folder's lock and the tracked run, released at the end
+            logger = self._open(held, resume, overwrite)
+            try:
+                self._run_epochs(logger, stop_after)
+            finally:
+                logger.close()
+            return self._finish(logger.tracker) if self.state.epoch >= self.cfg.train.epochs else None
 
-    def _fit(self, lock: contextlib.ExitStack, resume: bool | str | Path, overwrite: bool,
-             stop_after: int | None) -> dict[str, Any] | None:
-        p, state, epochs = self.parts, self.state, self.cfg.train.epochs
-        tracker: Tracker = NO_TRACKER  # rank 0's MLflow run with tracking.backend=mlflow; it ends with the stack
-
-        def take_folder() -> None:  # rank 0 locks the folder for the whole run, then checks and prepares it
-            lock.enter_context(run_folder_lock(self.out))
-            self._prepare_out_dir(source is not None, overwrite)
-
-        def start_tracking() -> None:  # after a resume was accepted, so a refused one leaves the tracked run as it was
-            nonlocal tracker
-            tracker = lock.enter_context(open_tracker(self.cfg, self.out, recipe=self.recipe, quiet=self.quiet,
-                                                      resumed_at=None if source is None else state.epoch))
-
+    def _open(self, held: contextlib.ExitStack, resume: bool | str | Path, overwrite: bool) -> RunLogger:
+        """Take the run folder, resume, start tracking, save the config; the run's logger, which said so."""
+        p, state = self.parts, self.state
         source = find_resume_checkpoint(self.out, resume) if resume else None
-        p.strategy.main_then_share(take_folder)  # a refusal there stops every rank with rank 0's message
+        # Rank 0 locks the folder for the whole run, then checks and prepares it; a refusal there stops every
+        # rank with rank 0's message.
+        p.strategy.main_then_share(lambda: self._take_folder(held, source is not None, overwrite))
         if source is not None:
             self.resume(source)
-        if self.cfg.tracking.backend != "none":
-            p.strategy.main_then_share(start_tracking)
+        tracker = self._start_tracking(held, resumed_at=None if source is None else state.epoch)
         if p.strategy.is_main:
             save_config(self.cfg, self.out / "config.yaml")
-        logger = RunLogger(self.out, self.quiet, tracker=tracker) if p.strategy.is_main else RunLogger.silent()
+        logger = RunLogger(self.out, self.output, tracker=tracker) if p.strategy.is_main else RunLogger.silent()
         logger.info(self._banner())
         if source is not None:
             logger.info(f"aikd: resuming from '{source}' (epoch {state.epoch}"
                         f"{', batch ' + str(state.position['batch']) if state.position else ''})")
-        try:
-            with StopSignals(p.strategy, p.device) as signals, nondeterministic_ops_explained():
-                run = Epoch(p, state, self.guard, signals, self.checkpoints, self.quiet)
-                while state.epoch < min(epochs, stop_after or epochs):
-                    record = train_epoch(run, state.epoch)
-                    state.epoch += 1
-                    if state.epoch % self.cfg.train.eval_every == 0 or state.epoch == epochs:
-                        record.update({f"test.{k}": v for k, v in self._evaluate_now().items()})
-                    self.checkpoints.save(LAST)
-                    logger.log_epoch(record)
-                    if signals.requested():
-                        raise signals.interrupted(f"at the end of epoch {state.epoch}", self.checkpoints.last)
-        finally:
-            logger.close()
-        if state.epoch < epochs:
-            return None
+        return logger
+
+    def _take_folder(self, held: contextlib.ExitStack, resume: bool, overwrite: bool) -> None:
+        held.enter_context(run_folder_lock(self.out))
+        self._prepare_out_dir(resume, overwrite)
+
+    def _start_tracking(self, held: contextlib.ExitStack, resumed_at: int | None) -> Tracker:
+        """Rank 0's tracked run with tracking.backend=mlflow (it ends with ``held``); started after a resume was
+        accepted, so a refused one leaves the tracked run as it was."""
+        tracker: list[Tracker] = [NO_TRACKER]  # the other ranks and tracking.backend=none track nothing
+
+        def start() -> None:
+            tracker[0] = held.enter_context(open_tracker(self.cfg, self.out, identity=self.identity,
+                                                         output=self.output, resumed_at=resumed_at))
+
+        if self.cfg.tracking.backend != "none":
+            self.parts.strategy.main_then_share(start)
+        return tracker[0]
+
+    def _run_epochs(self, logger: RunLogger, stop_after: int | None) -> None:
+        """The epochs up to ``train.epochs`` (or ``stop_after``), each logged; a stop signal ends the run at the
+        end of an epoch, after its checkpoint."""
+        p, state, epochs = self.parts, self.state, self.cfg.train.epochs
+        with StopSignals(p.strategy, p.device) as signals, nondeterministic_ops_explained():
+            run = Epoch(p, state, self.guard, signals, self.checkpoints, self.output)
+            while state.epoch < min(epochs, stop_after or epochs):
+                logger.log_epoch(self._epoch(run))
+                if signals.requested():
+                    raise signals.interrupted(f"at the end of epoch {state.epoch}", self.checkpoints.last)
+
+    def _epoch(self, run: Epoch) -> dict[str, Any]:
+        """One epoch: train, evaluate (every ``train.eval_every`` epochs and after the last), checkpoint; its
+        record."""
+        state, epochs = self.state, self.cfg.train.epochs
+        record = train_epoch(run, state.epoch)
+        state.epoch += 1
+        if state.epoch % self.cfg.train.eval_every == 0 or state.epoch == epochs:
+            record.update({f"test.{k}": v for k, v in self._evaluate_now().items()})
+        self.checkpoints.save(LAST)
+        return record
+
+    def _finish(self, tracker: Tracker) -> dict[str, Any]:
+        """The finished run's summary; rank 0 writes it with the reliability files and hands it to the tracker."""
+        p = self.parts
         summary, bins = self.summary(), self.reliability()
         if p.strategy.is_main:
             atomic_write_bytes(self.out / "summary.json", json.dumps(summary, indent=2).encode())
             if bins is not None:
-                write_reliability(bins, summary["temperature"], f"{self.recipe} - {self.cfg.data.name}",
+                write_reliability(bins, summary["temperature"], f"{self.identity.recipe} - {self.cfg.data.name}",
                                   self.out / "reliability.png", self.out / "reliability.json")
             tracker.finish(summary)
         p.strategy.barrier()  # every file of the run is written before any rank moves on (pipeline phase 2)
@@ -146,7 +176,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One training epoch on its own (benchmarks time it); :meth:`fit` runs the whole schedule."""
         with StopSignals(self.parts.strategy, self.parts.device) as signals:
-            return train_epoch(Epoch(self.parts, self.state, self.guard, signals, self.checkpoints, True), epoch)
+            return train_epoch(Epoch(self.parts, self.state, self.guard, signals, self.checkpoints, SILENT), epoch)
 
     def _evaluate_now(self) -> dict[str, float]:
         """Test metrics after this epoch; a new best error also writes best.safetensors (weights only)."""
@@ -175,11 +205,11 @@ class Trainer:
         return {
             **self.evaluate(),
             **(calibration[0] if calibration else {}),
-            "recipe": self.recipe,
+            "recipe": self.identity.recipe,
             "method": self.cfg.method,
             "model": self.cfg.model.name,
             "dataset": self.cfg.data.name,
-            "seed": self.cfg.seed,
+            "seed": self.identity.seed,
             "epochs": state.epoch,
             "best_top1_err": state.best["top1_err"],
             "best_epoch": state.best["epoch"],
@@ -223,14 +253,16 @@ class Trainer:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool | str | Path = False, overwrite: bool = False,
-          quiet: bool = False, recipe: str | None = None, stop_after: int | None = None) -> dict[str, Any] | None:
+          quiet: bool | None = None, recipe: str | None = None, stop_after: int | None = None,
+          output: Output | None = None) -> dict[str, Any] | None:
     """Library entry point: train one run and return its summary (None when ``stop_after`` ended it early).
 
-    ``recipe`` names the run in reports (``aikd report``); by default the method.
+    ``recipe`` names the run in reports (``aikd report``); by default the method. ``output`` (or its short form
+    ``quiet``) says where the run's words go.
     """
     cfg = with_teacher_hash(cfg)  # the teacher is known by its weights in config.yaml and the checkpoints
-    return Trainer(cfg, out_dir, quiet=quiet, recipe=recipe).fit(resume=resume, overwrite=overwrite,
-                                                                 stop_after=stop_after)
+    return Trainer(cfg, out_dir, output=output, quiet=quiet, recipe=recipe).fit(resume=resume, overwrite=overwrite,
+                                                                                stop_after=stop_after)
 
 
 def _peak_gpu_memory(device: torch.device) -> dict[str, float]:

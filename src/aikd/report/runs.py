@@ -180,7 +180,7 @@ def _method_facts(config: dict[str, Any], method: str, recipe: str) -> MethodFac
     grid = f" [{variant}" if bracket else ""
     try:  # a run without its config.yaml trained with the defaults
         method_cls = METHODS.get(method)
-        hparams = from_saved({**(config or {}), "method": method}).method_config()
+        hparams = from_saved({**(config or {}), "method": method}).hparams
     except ConfigError:  # a method no longer known, or a config that no longer validates: named by its recipe
         return MethodFacts(None, (*table_rank(method), 0, recipe))
     place, name = method_cls.recipe_rows.get(base) or method_cls.report_row(hparams)

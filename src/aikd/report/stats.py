@@ -1,4 +1,4 @@
-"""Paired comparisons over seeds: the statistic a reviewer asks for.
+"""Statistics over seeds: each cell's mean ± std, and paired comparisons, the statistic a reviewer asks for.
 
 Runs of two methods with the same seed share the data order, the subset and
 (for two-phase methods) the superior model's seed, so their difference on one
@@ -15,8 +15,17 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for a single value) and count."""
+    values = list(values)
+    if not values:
+        raise ValueError("no values to average")
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), std, len(values)
 
 
 @dataclass(frozen=True)

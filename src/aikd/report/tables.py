@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aikd.report.runs import Run
-from aikd.report.stats import PairedDifference, paired_difference
-from aikd.report.summaries import mean_std
+from aikd.report.stats import PairedDifference, mean_std, paired_difference
 
 if TYPE_CHECKING:  # the report imports the methods (torch) only when it reads runs
     from aikd.methods import Method
