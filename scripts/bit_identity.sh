@@ -41,8 +41,9 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 timing = {"time_per_epoch_s", "train_time_s", "run_dir", "teacher", "teacher_sha256"}  # the teacher file holds its times
+renamed = {"loss.prev": "loss.progressive"}  # logged terms renamed since (issue 34): commits before it compare too
 def untimed(record):
-    return {k: v for k, v in record.items() if k not in timing and k != "time_s"}
+    return {renamed.get(k, k): v for k, v in record.items() if k not in timing and k != "time_s"}
 runs = {}
 for p in sorted(out.glob("*/student/summary.json")):  # the final numbers and every epoch's record
     epochs = [untimed(json.loads(line)) for line in (p.parent / "metrics.jsonl").read_text().splitlines()]
