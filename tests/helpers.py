@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +66,31 @@ def one_line_error_of(stderr: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("aikd: error: "), stderr
     assert "Traceback" not in stderr
     return lines[0]
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Whether two saved states are equal, tensors bit for bit, through the dicts and lists of an extra state
+    (an optimizer's state_dict inside a method's ``_extra_state``)."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def tensors_of(state: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every tensor of a saved state with its dotted path, through the dicts and lists of extra states."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        yield prefix, state
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            yield from tensors_of(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(state, list | tuple):
+        for i, value in enumerate(state):
+            yield from tensors_of(value, f"{prefix}.{i}")
