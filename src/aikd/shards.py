@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from aikd.strategy import Strategy
 
@@ -53,6 +54,26 @@ class RowShard:
     strategy: Strategy
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """The whole tensor's shape."""
         return (self.blocks.rows, *self.local.shape[1:])
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """``(start, stop)``: the rows of the whole tensor that ``local`` holds."""
+        return self.blocks.bounds(self.strategy.rank if self.blocks.ranks > 1 else 0)
+
+
+def row_shards_of(module: nn.Module) -> dict[str, RowShard]:
+    """The ``state_dict()`` entries of ``module`` that are one rank's block of a tensor split by rows, by key:
+    those of every submodule with a ``row_shards()`` method (a :class:`~aikd.methods.buffer.PredictionBuffer`)."""
+    found = {}
+    for name, sub in module.named_modules():
+        row_shards = getattr(sub, "row_shards", None)
+        if callable(row_shards):
+            found.update({f"{name}.{key}" if name else key: shard for key, shard in row_shards().items()})
+    return found

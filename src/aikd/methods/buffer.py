@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from aikd.shards import RowBlocks
+from aikd.shards import RowBlocks, RowShard
 from aikd.strategy import SINGLE_PROCESS, Strategy
 
 if TYPE_CHECKING:
@@ -124,10 +124,12 @@ class PredictionBuffer(nn.Module):
         local, _ = self._owned(indices)
         self.table[local] = values
 
-    def sharded_state(self) -> dict[str, RowBlocks]:
-        """The ``state_dict()`` keys that hold one block of a tensor split by rows (a checkpoint writes them
-        whole, block by block), with how the rows are split."""
-        return {"logits": self.blocks}
+    def row_shards(self) -> dict[str, RowShard]:
+        """The ``state_dict()`` entries that hold one block of a tensor split by rows: a checkpoint writes the
+        whole tensor, block by block, and a resume reads each rank's block alone (src/aikd/engine/state.py)."""
+        # Unsharded, rank 0's copy is the whole tensor and the other ranks send nothing.
+        strategy = self.strategy if self.sharded else SINGLE_PROCESS
+        return {"logits": RowShard(self.logits.detach(), self.blocks, strategy)}
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
