@@ -118,6 +118,8 @@ class StoredRows:
     shape: tuple[int, ...]
 
     def rows(self, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)``: a view of the file's private (copy-on-write) memory map, whose pages are
+        read as they are touched; copy what is kept (a buffer copies them into its own rows)."""
         with safe_open(str(self.path), framework="pt") as fh:
             return fh.get_slice(self.key)[start:stop]
 
@@ -243,7 +245,7 @@ def load_checkpoint(path: str | Path, lazy_rows: bool = False) -> Checkpoint:
             stored = {key: StoredRows(path, key, tuple(info["shape"])) for key, info in header.tensors.items()}
             tensors = _Reader(fh)
             state = unflatten_state(header.tree, tensors, stored if lazy_rows else None)
-            model = {k.removeprefix("model/"): fh.get_tensor(k) for k in header.tensors if k.startswith("model/")}
+            model = {k.removeprefix("model/"): tensors[k] for k in header.tensors if k.startswith("model/")}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise CheckpointError(
             f"Checkpoint '{path}' is truncated or is not a safetensors file ({err}). "
@@ -255,14 +257,16 @@ def load_checkpoint(path: str | Path, lazy_rows: bool = False) -> Checkpoint:
 
 
 class _Reader(dict):
-    """The tensors of an open file, each read when the state first refers to it."""
+    """The tensors of an open file, each read when the state first refers to it, into memory of its own: a view
+    of the memory map would keep the file (or, once a newer checkpoint replaced it, its disk space) for as long
+    as the tensor lives, which for optimizer moments is the whole run."""
 
     def __init__(self, handle: Any) -> None:
         super().__init__()
         self.handle = handle
 
     def __missing__(self, key: str) -> Tensor:
-        self[key] = value = self.handle.get_tensor(key)
+        self[key] = value = self.handle.get_tensor(key).clone()
         return value
 
 
