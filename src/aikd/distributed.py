@@ -212,7 +212,8 @@ class DataParallel(SingleProcess):
             if local.shape[0]:
                 dist.send(local.contiguous(), dst=0)
             return
-        assert visit is not None, "rank 0 visits every block"
+        if visit is None:
+            raise ValueError("shards_to_main: rank 0 receives every block and needs a visit for them")
         visit(local)
         for source, rows in enumerate(sizes[1:], start=1):
             block = local.new_empty((rows, *local.shape[1:]))

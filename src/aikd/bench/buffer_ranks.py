@@ -38,7 +38,11 @@ def _status_kib(field: str) -> int:
 def peak_extra_bytes(step: Callable[[], Any]) -> tuple[int, Any]:
     """(resident bytes ``step`` adds at its peak, its result): the high-water mark is reset first, so the
     peak is this step's alone."""
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    except OSError as err:
+        raise RuntimeError(f"cannot reset the resident high-water mark ({err}): this measure needs Linux's "
+                           f"/proc/self/clear_refs") from None
     before = _status_kib("VmRSS")
     result = step()
     return (_status_kib("VmHWM") - before) * 1024, result

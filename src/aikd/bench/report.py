@@ -118,6 +118,8 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
 
 def buffer_ranks_lines(scaling: dict[str, Any]) -> list[str]:
     """The buffer's memory per rank and per node at the ImageNet-1k shape, before issue 35 and after."""
+    if "unmeasured" in scaling:
+        return [f"The buffer's memory over the ranks was not measured: {scaling['unmeasured']}", ""]
     measured, multiples, imagenet = scaling["measured"], scaling["multiples"], scaling["imagenet1k"]
     ranks = imagenet["node_ranks"]
     rows = [[when, f"{imagenet[when]['per_rank_gib']:.2f}", f"{imagenet[when]['per_node_gib']:.2f}",

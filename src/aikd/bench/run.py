@@ -117,14 +117,18 @@ def run_bench(plan: BenchPlan = FULL_PLAN, log: Callable[[str], None] = _to_stde
     memory = {"peak_rss": peak_rss_ratio(plan.memory_setting),
               "buffer": buffer_footprint({s.model: s.classes for s in plan.settings})}
     log(f"memory: the prediction buffer sharded over 2 gloo ranks, {plan.buffer_rows:,} x 1000, saved and resumed")
-    memory["buffer_ranks"] = buffer_scaling(plan.buffer_rows)
+    try:
+        memory["buffer_ranks"] = buffer_scaling(plan.buffer_rows)
+    except RuntimeError as err:  # no /proc to read the high-water mark from, or no gloo: said in the report
+        memory["buffer_ranks"] = {"unmeasured": str(err)}
     return {
         "machine": host, "quick": plan.quick,
         **headline(rows, plan.settings),
         "loader_speedup": min(r["loader_speedup"] for r in loaders),
         "aikd_over_ce_peak_rss": memory["peak_rss"]["aikd_over_ce"],
         "buffer_imagenet1k_gib": memory["buffer"]["imagenet1k"]["gib"],
-        "buffer_imagenet1k_per_node_gib": memory["buffer_ranks"]["imagenet1k"]["after"]["per_node_gib"],
+        "buffer_imagenet1k_per_node_gib": memory["buffer_ranks"].get("imagenet1k", {}).get("after", {}).get(
+            "per_node_gib"),
         "step_costs": {"settings": [s.to_dict() for s in plan.settings], "methods": methods, "rows": rows,
                        "pairs": pair_ratios(rows)},
         "loaders": loaders, "end_to_end": e2e, "memory": memory,
