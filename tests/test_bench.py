@@ -32,7 +32,7 @@ from aikd.methods.base import METHODS
 
 TINY = Setting("small_cnn", 1, 28, 10, batch=16, steps=1, rounds=2)
 TINY_PLAN = BenchPlan(settings=(TINY,), methods=("ce", "aikd", "pskd"), loader_batches=2, cifar_train_images=300,
-                      end_to_end_steps=2, memory_setting=TINY, fashion_source=None, workers=(0,))
+                      end_to_end_steps=2, memory_setting=TINY, fashion_source=None, workers=(0,), buffer_rows=20_000)
 HEADLINE_RATIOS = ("aikd_over_ce_time", "loader_speedup", "aikd_over_ce_peak_rss")
 
 
@@ -97,6 +97,22 @@ def test_a_child_reports_its_own_peak_not_its_parents():
                           if line.startswith("VmRSS:")))
     assert int(done.stdout) < parent_kib - 512 * 1024
     del ballast
+
+
+def test_the_sharded_buffer_is_one_copy_per_node_and_saves_with_at_most_one_shard_extra(result):
+    """Measured on a real 2-rank gloo job: each rank allocates its shard alone, rank 0's save adds about one shard
+    (its own is written in place, one other rank's is received at a time), a resume about one shard (the file's
+    pages); before, every rank held the whole buffer and rank 0's save added three copies of it."""
+    scaling = result["memory"]["buffer_ranks"]
+    ranks = scaling["measured"]["ranks"]
+    assert [r["shard_bytes"] for r in ranks] == [10_000 * 2000, 10_000 * 2000]  # 20 000 rows x 1000 float16
+    before, after = scaling["multiples"]["before"], scaling["multiples"]["after"]
+    assert after["alloc"] < 1.1 and after["save_extra"] < 1.25 and after["resume_extra"] < 1.25
+    assert before["save_extra"] > 2.5 and before["resume_extra"] > 1.5  # the clone + bytes + copy it replaced
+    imagenet = scaling["imagenet1k"]
+    assert imagenet["after"]["per_node_gib"] == pytest.approx(imagenet["buffer_gib"], rel=1e-5)
+    assert imagenet["before"]["per_node_gib"] == pytest.approx(8 * imagenet["buffer_gib"])
+    assert "per node (8 ranks)" in markdown_report(result)
 
 
 @pytest.mark.parametrize("classes", [10, 100, 1000])

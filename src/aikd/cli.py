@@ -577,7 +577,9 @@ def cmd_configs(args: argparse.Namespace) -> int:
                 "transforms + DataLoader at its best worker count, on the same Fashion-MNIST IDX and "
                 "CIFAR-100 pickle files, alone and feeding the same CE training steps; (3) peak resident "
                 "memory of AI-KD over CE in fresh processes, and the prediction buffer's bytes per sample "
-                "with its size for ImageNet-1k. The full run takes about 10 minutes on 2 CPU cores.",
+                "with its size for ImageNet-1k, and its memory per rank and per node there before and after "
+                "sharding (measured on a real 2-rank gloo job at a smaller shape: allocation, rank 0's save, "
+                "a resume). The full run takes about 10 minutes on 2 CPU cores.",
     example="aikd bench --quick -o bench.json   # also writes bench.md",
     arguments=(
         arg("--quick", action="store_true",

@@ -199,6 +199,29 @@ class DataParallel(SingleProcess):
         dist.all_gather_object(out, obj)
         return out
 
+    def shards_to_main(self, local: Tensor, sizes: Sequence[int], visit: Callable[[Tensor], None] | None) -> None:
+        """Every rank's block of rows, one at a time, to rank 0, which calls ``visit`` on each in rank order.
+
+        A checkpoint of a tensor split by rows (a sharded prediction buffer) is written as the blocks arrive:
+        rank 0 holds its own block and at most one other rank's at any moment, never the whole tensor.
+        Point-to-point sends, so every rank must call this for the same tensors in the same order.
+        """
+        if len(sizes) != self.world_size or local.shape[0] != sizes[self.rank]:
+            raise ValueError(f"shards_to_main: rank {self.rank} holds {local.shape[0]} rows; the sizes are {sizes}")
+        if not self.is_main:
+            if local.shape[0]:
+                dist.send(local.contiguous(), dst=0)
+            return
+        if visit is None:
+            raise ValueError("shards_to_main: rank 0 receives every block and needs a visit for them")
+        visit(local)
+        for source, rows in enumerate(sizes[1:], start=1):
+            block = local.new_empty((rows, *local.shape[1:]))
+            if rows:
+                dist.recv(block, src=source)
+            visit(block)
+            del block  # before the next one arrives
+
     def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
         """One flat all-reduce for the gradients of parameters DDP does not see (a critic, a method's head);
         parameters without a gradient take part as zeros, so every rank sends the same shapes."""

@@ -8,12 +8,19 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from aikd.errors import AikdError, DiskFullError
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` via temp file + fsync + rename.
+    """Write ``payload`` to ``path`` via temp file + fsync + rename (:func:`atomic_write_stream`)."""
+    atomic_write_stream(path, lambda fh: fh.write(payload), len(payload))
+
+
+def atomic_write_stream(path: Path, write: Callable[[BinaryIO], object], size: int) -> None:
+    """Let ``write`` write ``size`` bytes, piece by piece, to a temporary file beside ``path``, then fsync it and
+    rename it onto ``path``: a file too large to hold in memory twice is never built as one bytes object.
 
     A full disk (ENOSPC, or EDQUOT for a quota) raises :class:`DiskFullError` naming the file
     and the space it needs; the temporary file is removed and ``path`` is left as it was.
@@ -22,18 +29,18 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
-        raise _disk_full(err, path, len(payload)) from None
+        raise _disk_full(err, path, size) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results get the mode of every other file
         with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise _disk_full(err, path, len(payload)) from None
+            raise _disk_full(err, path, size) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

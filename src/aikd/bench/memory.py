@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,55 @@ def buffer_footprint(classes_by_model: dict[str, int]) -> dict[str, Any]:
                        "bytes_per_sample": per_sample, "bytes": total, "gib": total / 2**30},
     }
 
+
+
+NODE_RANKS = 8  # ranks per node for the per-node figures: a node of 8 GPUs (a DGX)
+
+
+def measure_buffer_ranks(rows: int, classes: int) -> dict[str, Any]:
+    """The 2-rank gloo job of :mod:`aikd.bench.buffer_ranks` at ``rows x classes``: each rank's measured bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "buffer_ranks.json"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        source_root = str(Path(__file__).resolve().parents[2])  # this aikd, as start_rss_child explains
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               "-m", "aikd.bench.buffer_ranks", str(rows), str(classes), str(out)],
+                              capture_output=True, text=True, env=env, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"the 2-rank buffer memory job failed:\n{done.stderr[-2000:]}")
+        return json.loads(out.read_text())
+
+
+def buffer_scaling(rows: int, classes: int = IMAGENET_1K_CLASSES, node_ranks: int = NODE_RANKS) -> dict[str, Any]:
+    """The buffer's memory per rank and per node before issue 35 and after, at the ImageNet-1k shape.
+
+    Measured on a real 2-rank gloo job at ``rows x classes`` (float16): what each rank allocates, the peak
+    extra resident bytes of rank 0's save and of each rank's resume read, each as a multiple of the buffer
+    (before: every rank holds it whole) or of a shard (after). The ImageNet-1k figures are computed from
+    those multiples and the shape: a node of ``node_ranks`` ranks holds ``node_ranks`` copies before and one
+    after; allocation and the rank-0 save scale with the bytes involved, which the 2-rank job measures.
+    """
+    measured = measure_buffer_ranks(rows, classes)
+    main, ranks = measured["ranks"][0], measured["ranks"]
+    whole, shard = main["buffer_bytes"], max(r["shard_bytes"] for r in ranks)
+    multiples = {
+        "before": {"alloc": main["whole_alloc"] / whole, "save_extra": main["whole_save_extra"] / whole,
+                   "resume_extra": max(r["whole_resume_extra"] for r in ranks) / whole},
+        "after": {"alloc": max(r["shard_alloc"] / r["shard_bytes"] for r in ranks),
+                  "save_extra": main["shard_save_extra"] / shard,
+                  "resume_extra": max(r["shard_resume_extra"] / r["shard_bytes"] for r in ranks)},
+    }
+    full = 2 * IMAGENET_1K_CLASSES * IMAGENET_1K_SAMPLES  # float16
+    full_shard = -(-IMAGENET_1K_SAMPLES // node_ranks) * 2 * IMAGENET_1K_CLASSES
+    gib = 2**30
+    imagenet = {
+        "node_ranks": node_ranks, "buffer_gib": full / gib, "shard_gib": full_shard / gib,
+        "before": {"per_rank_gib": full / gib, "per_node_gib": node_ranks * full / gib,
+                   "save_extra_rank0_gib": multiples["before"]["save_extra"] * full / gib,
+                   "resume_extra_per_rank_gib": multiples["before"]["resume_extra"] * full / gib},
+        "after": {"per_rank_gib": full_shard / gib, "per_node_gib": node_ranks * full_shard / gib,
+                  "save_extra_rank0_gib": multiples["after"]["save_extra"] * full_shard / gib,
+                  "resume_extra_per_rank_gib": multiples["after"]["resume_extra"] * full_shard / gib},
+    }
+    return {"measured": measured, "multiples": multiples, "imagenet1k": imagenet}

@@ -113,7 +113,27 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
             f"Prediction buffer (PS-KD, AI-KD): 2 x classes bytes per sample (float16 logits, a NaN row for a sample "
             f"not seen yet): {per_model}. For ImageNet-1k ({imagenet['samples']:,} samples x "
             f"{imagenet['classes']} classes, {imagenet['bytes_per_sample']} B each): {imagenet['bytes']:,} B "
-            f"= {imagenet['gib']:.2f} GiB.", ""]
+            f"= {imagenet['gib']:.2f} GiB.", "", *buffer_ranks_lines(memory["buffer_ranks"])]
+
+
+def buffer_ranks_lines(scaling: dict[str, Any]) -> list[str]:
+    """The buffer's memory per rank and per node at the ImageNet-1k shape, before issue 35 and after."""
+    if "unmeasured" in scaling:
+        return [f"The buffer's memory over the ranks was not measured: {scaling['unmeasured']}", ""]
+    measured, multiples, imagenet = scaling["measured"], scaling["multiples"], scaling["imagenet1k"]
+    ranks = imagenet["node_ranks"]
+    rows = [[when, f"{imagenet[when]['per_rank_gib']:.2f}", f"{imagenet[when]['per_node_gib']:.2f}",
+             f"{imagenet[when]['save_extra_rank0_gib']:.2f} ({multiples[when]['save_extra']:.2f}x)",
+             f"{imagenet[when]['resume_extra_per_rank_gib']:.2f} ({multiples[when]['resume_extra']:.2f}x)"]
+            for when in ("before", "after")]
+    return [f"The buffer over the ranks of a data-parallel run, at the ImageNet-1k shape on a node of {ranks} ranks "
+            f"(GiB; before issue 35 every rank held the whole buffer, after it one shard each). The multiples are "
+            f"measured on a real 2-rank gloo job at {measured['rows']:,} x {measured['classes']} float16 (peak extra "
+            f"resident bytes of rank 0's save and of each rank's resume read, over the buffer before and over one "
+            f"shard after); the GiB are those multiples times the ImageNet-1k buffer (before) or its 1/{ranks} "
+            f"shard (after):", "",
+            *pipe_table(["", "per rank", f"per node ({ranks} ranks)", "rank 0's save, extra", "a resume, extra"],
+                        rows, "lrrrr"), ""]
 
 
 def markdown_report(result: dict[str, Any]) -> str:

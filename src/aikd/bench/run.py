@@ -17,7 +17,7 @@ from aikd.bench.inputs import (
     worker_counts,
     write_cifar100_files,
 )
-from aikd.bench.memory import buffer_footprint, peak_rss_ratio
+from aikd.bench.memory import buffer_footprint, buffer_scaling, peak_rss_ratio
 from aikd.bench.report import machine
 from aikd.bench.steps import (
     PREACT_RESNET18,
@@ -43,6 +43,7 @@ class BenchPlan:
     end_to_end_steps: int  # timed training steps with each loader
     memory_setting: Setting  # the run whose peak RSS is compared, AI-KD against CE
     quick: bool = False
+    buffer_rows: int = 200_000  # rows of the 1000-class buffer whose memory a 2-rank gloo job measures
     fashion_source: Path | None = Path(FASHION_MNIST_ROOT)  # real Fashion-MNIST; None or absent: random IDX files
     workers: tuple[int, ...] | None = None  # DataLoader worker counts to try; None: 0, 1, 2, ... up to the CPUs
     device: str = "cpu"  # where the step costs are timed (the loader and memory parts run on the CPU)
@@ -54,7 +55,7 @@ QUICK_PLAN = BenchPlan(settings=(Setting("small_cnn", 1, 28, 10, steps=2, rounds
                        methods=("ce", "aikd", "aikd_critic10", "aikd_no_adv", "aikd_online_ema",
                                 "aikd_online_milestone", "pskd", "kd"),
                        loader_batches=20, cifar_train_images=10_000, end_to_end_steps=10,
-                       memory_setting=Setting("small_cnn", 1, 28, 10, steps=2), quick=True)
+                       memory_setting=Setting("small_cnn", 1, 28, 10, steps=2), quick=True, buffer_rows=20_000)
 # Both models: about 10 minutes on 2 CPU cores, most of it PreAct ResNet-18.
 FULL_PLAN = BenchPlan(settings=(SMALL_CNN, PREACT_RESNET18), methods=None, loader_batches=60,
                       cifar_train_images=10_000, end_to_end_steps=30,
@@ -115,12 +116,19 @@ def run_bench(plan: BenchPlan = FULL_PLAN, log: Callable[[str], None] = _to_stde
     log(f"memory: peak RSS of CE and AI-KD on {plan.memory_setting.model}, each in a fresh process")
     memory = {"peak_rss": peak_rss_ratio(plan.memory_setting),
               "buffer": buffer_footprint({s.model: s.classes for s in plan.settings})}
+    log(f"memory: the prediction buffer sharded over 2 gloo ranks, {plan.buffer_rows:,} x 1000, saved and resumed")
+    try:
+        memory["buffer_ranks"] = buffer_scaling(plan.buffer_rows)
+    except RuntimeError as err:  # no /proc to read the high-water mark from, or no gloo: said in the report
+        memory["buffer_ranks"] = {"unmeasured": str(err)}
     return {
         "machine": host, "quick": plan.quick,
         **headline(rows, plan.settings),
         "loader_speedup": min(r["loader_speedup"] for r in loaders),
         "aikd_over_ce_peak_rss": memory["peak_rss"]["aikd_over_ce"],
         "buffer_imagenet1k_gib": memory["buffer"]["imagenet1k"]["gib"],
+        "buffer_imagenet1k_per_node_gib": memory["buffer_ranks"].get("imagenet1k", {}).get("after", {}).get(
+            "per_node_gib"),
         "step_costs": {"settings": [s.to_dict() for s in plan.settings], "methods": methods, "rows": rows,
                        "pairs": pair_ratios(rows)},
         "loaders": loaders, "end_to_end": e2e, "memory": memory,

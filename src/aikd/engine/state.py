@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from aikd.config import normalized, same_teacher
-from aikd.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from aikd.engine.checkpoint import StoredRows, load_checkpoint, read_header, rng_state, save_checkpoint, set_rng_state
 from aikd.engine.optim import load_optimizer_state
 from aikd.errors import RESUME_TRAIN, CheckpointError, ConfigError, DiskFullError
 from aikd.methods.base import Method
+from aikd.shards import row_shards_of
 from aikd.strategy import Placement, Strategy
 
 LAST, BEST = "last.safetensors", "best.safetensors"
@@ -124,7 +125,8 @@ class RunCheckpoints:
 
     def save(self, name: str, full: bool = True, position: dict[str, Any] | None = None) -> Path:
         """Write a checkpoint (rank 0 writes; the other ranks hold the same state but their own random streams,
-        which a full checkpoint gathers); ``position`` marks a mid-epoch one (where in the epoch it stopped)."""
+        which a full checkpoint gathers, and their own rows of a sharded buffer, which they send to rank 0 as
+        it writes them); ``position`` marks a mid-epoch one (where in the epoch it stopped)."""
         t = self.trained
         state = None
         if full:
@@ -132,7 +134,8 @@ class RunCheckpoints:
                 "optimizer": t.optimizer.state_dict(),
                 "scheduler": t.scheduler.state_dict(),
                 "scaler": t.scaler.state_dict(),
-                "method": t.method.state_dict(),  # its extra state included (get_extra_state)
+                # its extra state included (get_extra_state); a buffer split over the ranks as its blocks
+                "method": {**t.method.state_dict(), **row_shards_of(t.method)},
                 "rng": self.streams.gather(),  # one per rank
                 **self.state.to_checkpoint(),
             }
@@ -140,6 +143,8 @@ class RunCheckpoints:
                 state["position"] = position
         path = self.folder / name
         if not self.is_main:
+            if state is not None:
+                save_checkpoint(path, {}, {}, state, writer=False)  # sends this rank's blocks
             return path
         if name == LAST:
             self._keep_previous_last()
@@ -153,6 +158,22 @@ class RunCheckpoints:
         if name == LAST:
             self.last_epoch_end = None if position is not None else self.state.epoch
         return path
+
+    def _own_rows(self, saved: dict[str, Any], path: Path) -> dict[str, Any]:
+        """The method's saved state with each tensor split by rows (the buffer) cut to the rows this rank owns,
+        read from the file alone; a split tensor this run holds whole is read whole. The file holds every row
+        whichever number of ranks wrote it, so a run resumes with any number."""
+        shards = row_shards_of(self.trained.method)
+        own = {}
+        for key, value in saved.items():
+            if isinstance(value, StoredRows):
+                shard = shards.get(key)
+                if shard is not None and value.shape != shard.shape:
+                    raise CheckpointError(f"Checkpoint '{path}' does not fit this run: '{key}' holds "
+                                          f"{value.shape}, this run's {shard.shape}.")
+                value = value.rows(*shard.bounds) if shard is not None else value.load()
+            own[key] = value
+        return own
 
     def _keep_previous_last(self) -> None:
         """With train.keep_last > 1, keep the checkpoint about to be replaced as epoch-NNNN.safetensors.
@@ -177,7 +198,7 @@ class RunCheckpoints:
         path = Path(path) if path else self.last
         if not path.is_file():
             raise CheckpointError(f"Cannot resume: '{path}' does not exist. Start without --resume.")
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, lazy_rows=True)
         if not ckpt.state:
             raise CheckpointError(f"'{path}' holds only weights; resume needs a full checkpoint "
                                   f"such as checkpoints/{LAST}.")
@@ -194,7 +215,7 @@ class RunCheckpoints:
             load_optimizer_state(t.optimizer, ckpt.state["optimizer"])
             t.scheduler.load_state_dict(ckpt.state["scheduler"])
             t.scaler.load_state_dict(ckpt.state["scaler"])
-            method_state = ckpt.state["method"]
+            method_state = self._own_rows(ckpt.state["method"], path)
             if "method_extra" in ckpt.state:  # written before issue 34: the extra state apart
                 method_state = t.method.upgrade_state_dict(method_state, ckpt.state["method_extra"])
             t.method.load_state_dict(method_state)
@@ -210,7 +231,10 @@ def find_resume_checkpoint(out: Path, which: bool | str | Path) -> Path | None:
 
     "auto" skips damaged files (a kill during a write on a filesystem without
     atomic rename, a truncated copy) and returns None when the folder holds no
-    checkpoint at all, so a preemptible job can always pass --resume auto.
+    checkpoint at all, so a preemptible job can always pass --resume auto. It
+    chooses from the files' headers alone (:func:`~aikd.engine.checkpoint.read_header`,
+    which checks that a file is as long as its header says), never loading a
+    candidate's tensors.
     """
     folder = out / "checkpoints"
     if which is True or which == "last":
@@ -223,13 +247,14 @@ def find_resume_checkpoint(out: Path, which: bool | str | Path) -> Path | None:
     ranked, broken = [], []
     for path in candidates:
         try:
-            ckpt = load_checkpoint(path)
+            header = read_header(path)  # the file's length is checked against its header; no tensor is read
         except CheckpointError as err:
             broken.append(f"{path.name} ({err})")
             continue
-        if ckpt.state:
-            position = ckpt.state.get("position") or {}
-            ranked.append(((int(ckpt.meta.get("step", 0)), position.get("batch", 0), path.name == LAST), path))
+        state = header.outline()
+        if state:
+            position = state.get("position") or {}
+            ranked.append(((int(header.meta.get("step", 0)), position.get("batch", 0), path.name == LAST), path))
     if not ranked:
         raise CheckpointError(f"No usable checkpoint in '{folder}' to resume from: {'; '.join(broken)}.")
     return max(ranked)[1]

@@ -22,7 +22,6 @@ in docs/methods/aikd.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar, Literal
@@ -180,11 +179,11 @@ def build_adversary(h: AIKDConfig, critic: nn.Module, lr: float, steps: int, str
                                           steps, h.gp_weight, strategy, compile))
 
 
-def build_buffer(num_train: int, num_classes: int, gather_rows: Callable[[Tensor], Tensor] | None = None
-                 ) -> BufferPrevious:
-    """z_{t-1} from the student's own last logits per sample: :class:`AIKD`'s ``aikd.previous=buffer``, and
-    :class:`AIKDLoss`'s (a loop of one's own has no student to snapshot)."""
-    return BufferPrevious(num_train, num_classes, gather_rows)
+def build_buffer(num_train: int, num_classes: int, ctx: MethodContext | None = None) -> BufferPrevious:
+    """z_{t-1} from the student's own last logits per sample: :class:`AIKD`'s ``aikd.previous=buffer`` (``ctx``:
+    the run's, whose ranks share the buffer's rows), and :class:`AIKDLoss`'s (a loop of one's own has no student
+    to snapshot; every rank holds the whole buffer)."""
+    return BufferPrevious(num_train, num_classes, None if ctx is None else PredictionBuffer.for_run(ctx))
 
 
 # --------------------------------------------------------------------------- the method
@@ -339,7 +338,7 @@ class AIKD(Method):
 
     def _previous_source(self) -> BufferPrevious | SnapshotPrevious:
         if self.hparams.previous == "buffer":
-            return build_buffer(self.ctx.num_train, self.ctx.num_classes, self.ctx.gather_step_rows)
+            return build_buffer(self.ctx.num_train, self.ctx.num_classes, self.ctx)
         return SnapshotPrevious(self._student("aikd.previous=snapshot"), self.ctx.compile)
 
     def _superior_source(self) -> PretrainedSuperior | EMASuperior | MilestoneSuperior:
@@ -488,7 +487,7 @@ class AIKDLoss(nn.Module):
 
     def forward(self, logits: Tensor, labels: Tensor, indices: Tensor, superior_logits: Tensor | None) -> Tensor:
         strategy = self.strategy
-        self.buffer.gather_rows = strategy.gather_rows  # a write stores every rank's rows
+        self.buffer.strategy = strategy  # a write stores every rank's rows
         superior = None if superior_logits is None else superior_logits.detach().float()
         previous, filled = self.buffer.read(indices)
         terms, _ = aikd_terms(self.hparams, logits, labels, superior, previous, filled)

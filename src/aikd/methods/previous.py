@@ -10,8 +10,6 @@ Each is a :class:`~aikd.methods.base.Source`: :meth:`for_batch` answers with :cl
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
@@ -23,10 +21,9 @@ from aikd.methods.ema import FrozenCopy
 class BufferPrevious(Source):
     """The last logits of every training sample, written after each step that stands."""
 
-    def __init__(self, num_train: int, num_classes: int,
-                 gather_rows: Callable[[Tensor], Tensor] | None = None) -> None:
+    def __init__(self, num_train: int, num_classes: int, buffer: PredictionBuffer | None = None) -> None:
         super().__init__()
-        self.buffer = PredictionBuffer(num_train, num_classes, gather_rows=gather_rows)
+        self.buffer = buffer if buffer is not None else PredictionBuffer(num_train, num_classes)
 
     def for_batch(self, batch: Batch) -> Targets:
         return Targets(*self.buffer.read(batch.indices))

@@ -51,7 +51,7 @@ class PSKD(Method):
 
     def __init__(self, hparams: PSKDConfig, ctx: MethodContext) -> None:
         super().__init__(hparams, ctx)
-        self.buffer = PredictionBuffer(ctx.num_train, ctx.num_classes, gather_rows=ctx.gather_step_rows)
+        self.buffer = PredictionBuffer.for_run(ctx)
 
     @classmethod
     def loss_terms(cls, hparams: PSKDConfig) -> set[str]:
@@ -78,9 +78,11 @@ class PSKDLoss(nn.Module):
         criterion = PSKDLoss(num_classes, len(train_set), epochs)
         loss = criterion(student(images), labels, indices, epoch)
 
-    Under data parallelism each write gathers every rank's rows, as in ``aikd train``, so a sample's
-    previous prediction is found on whichever rank the next reshuffle sends it to. ``strategy`` defaults
-    to that of the process group joined by the time of the call (:class:`~aikd.methods.aikd.AIKDLoss`).
+    Under data parallelism each write gathers every rank's rows, so a sample's previous prediction is
+    found on whichever rank the next reshuffle sends it to; every rank holds the whole buffer (its
+    ``state_dict()`` is what your loop saves), where ``aikd train`` shards it (src/aikd/methods/buffer.py).
+    ``strategy`` defaults to that of the process group joined by the time of the call
+    (:class:`~aikd.methods.aikd.AIKDLoss`).
     """
 
     def __init__(self, num_classes: int, num_train: int, epochs: int, alpha_T: float = 0.8,
@@ -100,6 +102,6 @@ class PSKDLoss(nn.Module):
         targets = pskd_targets(labels, previous.softmax(dim=1), has_previous,
                                pskd_alpha(epoch, self.epochs, self.alpha_T))
         if self.training:
-            self.buffer.gather_rows = self.strategy.gather_rows  # a write stores every rank's rows
+            self.buffer.strategy = self.strategy  # a write stores every rank's rows
             self.buffer.write(indices, logits)
         return soft_cross_entropy(logits.float(), targets)
