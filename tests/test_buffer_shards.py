@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save, save_file
 
 from aikd.config import load_config
 from aikd.engine import Trainer
-from aikd.engine.checkpoint import SafetensorsStream, load_checkpoint, save_checkpoint
+from aikd.engine.checkpoint import SafetensorsStream, abandon_checkpoint, load_checkpoint, save_checkpoint
 from aikd.engine.state import find_resume_checkpoint
 from aikd.errors import CheckpointError
 from aikd.methods.buffer import PredictionBuffer
@@ -145,6 +145,13 @@ def test_each_rank_holds_the_rows_it_owns_and_no_other(exchange):
         assert torch.equal(bits(block), bits(whole[start:stop]))
 
 
+def test_a_checkpoint_abandoned_by_rank_0_releases_the_ranks_that_send_blocks(exchange):
+    """The exchange job ends (a rank left waiting to send would hold it until the subprocess times out) and
+    nothing was written."""
+    assert not (exchange / "abandoned.safetensors").exists()
+    assert (exchange / "rank1.json").is_file()
+
+
 def test_the_checkpoint_streamed_from_both_ranks_holds_the_whole_buffer_in_order(exchange):
     whole = load_file(exchange / "whole.safetensors")["logits"]
     streamed = load_file(exchange / "sharded.safetensors")  # safetensors' own reader
@@ -210,6 +217,13 @@ def _exchange(out: Path) -> None:
         save_file({"logits": whole.logits.contiguous()}, str(out / "whole.safetensors"))
     save_checkpoint(out / "sharded.safetensors", {}, {}, {"buffer": sharded.row_shards()["logits"]},
                     writer=rank == 0)
+    # Rank 0 gives up before writing (train.keep_last's copy of the old file failed): rank 1's blocks are
+    # still taken, so it does not wait forever to send them and both reach the barrier.
+    state = {"buffer": sharded.row_shards()["logits"]}
+    if rank == 0:
+        abandon_checkpoint(state)
+    else:
+        save_checkpoint(out / "abandoned.safetensors", {}, {}, state, writer=False)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -231,6 +231,14 @@ def save_checkpoint(path: str | Path, model_state: dict[str, Tensor], meta: dict
     return path
 
 
+def abandon_checkpoint(state: dict[str, Any] | None) -> None:
+    """On the writing rank, when it gives up before :func:`save_checkpoint`: take and drop the blocks the other
+    ranks are about to send for ``state``, so that none of them waits forever to send its own."""
+    tensors: dict[str, Tensor | RowShard] = {}
+    flatten_state(state or {}, tensors)
+    SafetensorsStream(tensors, {}).drain()
+
+
 def load_checkpoint(path: str | Path, lazy_rows: bool = False) -> Checkpoint:
     """Read a checkpoint, with a clear error for anything that is not a whole aikd checkpoint.
 

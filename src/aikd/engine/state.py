@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from aikd.config import normalized, same_teacher
-from aikd.engine.checkpoint import StoredRows, load_checkpoint, read_header, rng_state, save_checkpoint, set_rng_state
+from aikd.engine.checkpoint import (
+    StoredRows,
+    abandon_checkpoint,
+    load_checkpoint,
+    read_header,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from aikd.engine.optim import load_optimizer_state
 from aikd.errors import RESUME_TRAIN, CheckpointError, ConfigError, DiskFullError
 from aikd.methods.base import Method
@@ -147,7 +155,11 @@ class RunCheckpoints:
                 save_checkpoint(path, {}, {}, state, writer=False)  # sends this rank's blocks
             return path
         if name == LAST:
-            self._keep_previous_last()
+            try:
+                self._keep_previous_last()
+            except BaseException:
+                abandon_checkpoint(state)  # the other ranks are sending their blocks of the buffer
+                raise
         try:
             save_checkpoint(path, t.model.state_dict(), self.meta(), state)
         except DiskFullError as err:
