@@ -296,14 +296,11 @@ def launch_lines(tasks: int, command: str) -> list[str]:
     """How a job script starts its ranks: one process in place, or one srun task per rank.
 
     ``srun --kill-on-bad-exit=1``: a rank that exits with an error or dies ends every other rank of the step
-    at once, instead of leaving them to wait for it. The trap keeps the script alive when Slurm signals the
-    whole job (time limit, preemption, ``scancel --full``) until the ranks have saved their checkpoint;
-    a trap that runs a command, unlike one that ignores the signal, leaves srun's and the ranks' handling of
-    SIGTERM as it is.
+    at once, instead of leaving them to wait for it, and the script (``set -e``) then fails the job.
     """
     if tasks <= 1:
         return [f"exec {command}"]
-    return ["trap : TERM", f"srun --kill-on-bad-exit=1 {command}"]
+    return [f"srun --kill-on-bad-exit=1 {command}"]
 
 
 # ---------------------------------------------------------------------------
