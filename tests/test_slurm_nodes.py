@@ -211,3 +211,27 @@ def _assert_resumed_like(run: Path, reference: Path, stopped_in: int | None) -> 
     assert {k: v for k, v in summary.items() if k not in floats} == \
         {k: v for k, v in want_summary.items() if k not in floats}
     assert {k: summary[k] for k in floats} == pytest.approx({k: want_summary[k] for k in floats}, rel=1e-3, abs=1e-5)
+
+
+@pytest.mark.timeout(1800)  # 8 runs of 2 processes each; on a loaded 2-core machine each takes 20-60 s
+def test_a_sweep_on_two_nodes_reports_the_table_of_local_two_process_runs(nodes, tmp_path):
+    configs, seeds = ("ce", "pskd"), ("0", "1")
+    started = time.monotonic()
+    done = _run(nodes, "sweep", "-c", *(f"fmnist_proxy/{c}" for c in configs), "--seeds", *seeds,
+                "-o", str(tmp_path / "slurm"), "-q", *TINY, "--launcher", "slurm", "--nodes", "2", "--wait")
+    print(f"\nsweep of 4 runs on two nodes: {time.monotonic() - started:.1f} s")
+    assert done.stdout.strip().endswith("4 finished"), done.stdout
+    script = next((tmp_path / "slurm" / "slurm" / "jobs").glob("*.sh")).read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert "set -euo pipefail" in script and "srun --kill-on-bad-exit=1 " in script
+    logs = "".join(p.read_text() for p in (tmp_path / "slurm" / "slurm" / "logs").glob("*.log"))
+    assert logs.count("x 2 processes") == 4
+    for config in configs:
+        for seed in seeds:
+            student = tmp_path / "local" / "fmnist_proxy" / config / f"seed{seed}" / "student"
+            _run(nodes, "train", "-c", f"fmnist_proxy/{config}", *TINY, f"seed={seed}", "-o", str(student), "-q",
+                 "--nproc", "2")
+            assert _numbers(tmp_path / "slurm" / "fmnist_proxy" / config / f"seed{seed}" / "student") == \
+                _numbers(student), (config, seed)
+    tables = [_run(nodes, "report", str(tmp_path / where)).stdout for where in ("slurm", "local")]
+    assert tables[0] == tables[1] and "pskd" in tables[0].lower()
