@@ -45,7 +45,7 @@ from aikd.errors import AikdError, ConfigError
 from aikd.strategy import SINGLE_PROCESS, SingleProcess, Strategy
 
 __all__ = ["SINGLE_PROCESS", "DataParallel", "DistInfo", "SingleProcess", "Strategy", "cuda_index", "current",
-           "setup", "strategy_for"]
+           "is_main_rank", "setup", "strategy_for"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,19 @@ def current() -> DistInfo:
     if not (dist.is_available() and dist.is_initialized()):
         return DistInfo()
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_main_rank() -> bool:
+    """Whether this process is rank 0: of the joined group, or else of the run that torchrun or srun started.
+
+    Known before the group is joined (from RANK, or Slurm's task variables): a pipeline decides whether to take
+    the lock of a phase-1 cache entry before its training joins the group, and if every rank took it, rank 1
+    would wait for the lock that rank 0 holds while rank 0 waits for rank 1 in the rendezvous.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    rendezvous.adopt_slurm_ranks()
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cuda_index(requested: str, local_rank: int | None, visible: int) -> int:
