@@ -233,5 +233,10 @@ def test_a_sweep_on_two_nodes_reports_the_table_of_local_two_process_runs(nodes,
                  "--nproc", "2")
             assert _numbers(tmp_path / "slurm" / "fmnist_proxy" / config / f"seed{seed}" / "student") == \
                 _numbers(student), (config, seed)
-    tables = [_run(nodes, "report", str(tmp_path / where)).stdout for where in ("slurm", "local")]
-    assert tables[0] == tables[1] and "pskd" in tables[0].lower()
+    tables = [_untimed(_run(nodes, "report", str(tmp_path / where)).stdout) for where in ("slurm", "local")]
+    assert tables[0] == tables[1] and "PS-KD" in tables[0] and "Baseline" in tables[0]
+
+
+def _untimed(report: str) -> str:
+    """``aikd report``'s tables without the one of wall times (measured, so never the same twice)."""
+    return report.split("### Training cost")[0]
