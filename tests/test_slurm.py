@@ -18,7 +18,7 @@ import pytest
 import slurm_cluster
 from aikd.config import file_sha256
 from aikd.engine.checkpoint import load_checkpoint
-from aikd.engine.slurm import plan_units, ranks_from_slurm, read_options
+from aikd.engine.slurm import launch_lines, plan_units, read_options
 from aikd.engine.sweep import sweep_tasks
 from aikd.errors import ConfigError
 from aikd.run_files import teacher_path
@@ -54,16 +54,43 @@ def test_bad_options_are_named(given, message):
         read_options(None, given)
 
 
-def test_ranks_come_from_slurm_task_variables_like_torchrun_sets_them():
-    env = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_ARRAY_JOB_ID": "40",
-           "SLURM_ARRAY_TASK_ID": "3"}
-    ranks = ranks_from_slurm(env)
-    assert {k: ranks[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == \
-        {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1"}
-    other_task = ranks_from_slurm({**env, "SLURM_ARRAY_TASK_ID": "4"})
-    assert other_task["MASTER_PORT"] != ranks["MASTER_PORT"]  # two arrays' tasks on one node do not collide
-    assert ranks_from_slurm({**env, "SLURM_NTASKS": "1"}) == {}
-    assert ranks_from_slurm({**env, "RANK": "0"}) == {}  # torchrun inside the job set them already
+def test_options_by_node_size_a_multi_node_job():
+    options = read_options(None, {"nodes": 2, "gpus_per_node": 4, "time": "1:00:00"})
+    assert options.tasks == 8
+    assert options.directives() == ["--nodes=2", "--ntasks-per-node=4", "--cpus-per-task=1", "--time=1:00:00",
+                                    "--gpus-per-node=4"]
+    cpu = read_options(None, {"nodes": 3, "tasks_per_node": 2})
+    assert (cpu.tasks, cpu.directives()[:2]) == (6, ["--nodes=3", "--ntasks-per-node=2"])
+    assert read_options(None, {"nodes": 2}).tasks == 2  # one rank per node without GPUs or tasks_per_node
+
+
+def test_options_by_node_come_from_the_yaml_file_too(tmp_path):
+    path = tmp_path / "slurm.yaml"
+    path.write_text("slurm:\n  nodes: 2\n  gpus_per_node: 8\n")
+    assert read_options(path, {"nodes": 4}).tasks == 32  # the command line wins
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    ({"nodes": 2, "gpus_per_job": 4}, r"gpus_per_job size a job on one node and nodes size it by node"),
+    ({"tasks_per_job": 2, "tasks_per_node": 2}, r"tasks_per_job size a job on one node and tasks_per_node"),
+    ({"gpus_per_node": 4, "tasks_per_node": 2}, r"2 tasks for 4 GPUs \(tasks_per_node, gpus_per_node\)"),
+    ({"nodes": 0}, r"'nodes' must be a whole number of at least 1, got 0"),
+])
+def test_conflicting_or_bad_node_options_are_refused(given, message):
+    with pytest.raises(ConfigError, match=message):
+        read_options(None, given)
+
+
+def test_a_job_of_several_ranks_fails_as_a_whole_when_one_rank_fails():
+    assert launch_lines(1, "python -m aikd.engine.slurm x.json") == ["exec python -m aikd.engine.slurm x.json"]
+    assert launch_lines(4, "python -m aikd.engine.slurm x.json")[-1] == \
+        "srun --kill-on-bad-exit=1 python -m aikd.engine.slurm x.json"
+
+
+def test_node_options_belong_to_the_slurm_launcher():
+    done = subprocess.run([*AIKD, "sweep", "-c", "fmnist_proxy/ce", "-o", "x", "--nodes", "2"], capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and "--nodes applies to --launcher slurm only" in done.stderr
 
 
 def test_each_phase1_model_is_one_unit_and_the_runs_that_need_it_wait_for_it(tmp_path):

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aikd.errors import RESUME_RERUN, RESUME_TRAIN, AikdError, exit_code
+from aikd.errors import RESUME_RERUN, RESUME_TRAIN, AikdError, RunInterrupted, exit_code
 from aikd.fileio import atomic_write_bytes, check_output_file, check_output_folder
+from aikd.rendezvous import adopt_slurm_ranks
 from aikd.shipped import CONFIG_ROOT, resolve_config, shipped_configs
 
 if TYPE_CHECKING:
@@ -170,7 +171,8 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     rest = [a for i, a in enumerate(argv) if not (a == "--nproc" or a.startswith("--nproc=")
                                                   or (i > 0 and argv[i - 1] == "--nproc"))]
     if launched_by_torchrun():
-        raise AikdError("--nproc starts torchrun itself; under torchrun, leave it out.")
+        raise AikdError("--nproc starts torchrun itself; under torchrun (or as one of several tasks of srun), "
+                        "leave it out.")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
                "-m", "aikd", *rest]
     print(f"aikd: {' '.join(command[1:])}", file=sys.stderr, flush=True)
@@ -213,7 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-SLURM_OPTIONS = ("partition", "time", "cpus_per_task", "gpus_per_job", "tasks_per_job", "mem", "array_parallelism")
+SLURM_OPTIONS = ("partition", "time", "cpus_per_task", "gpus_per_job", "tasks_per_job", "nodes", "gpus_per_node",
+                 "tasks_per_node", "mem", "array_parallelism")
 
 
 @command(
@@ -255,6 +258,12 @@ SLURM_OPTIONS = ("partition", "time", "cpus_per_task", "gpus_per_job", "tasks_pe
                   help="GPUs per job, on one node; the job runs one data-parallel task per GPU"),
               arg("--tasks-per-job", type=int, metavar="N",
                   help="data-parallel tasks (ranks) per job without GPUs (gloo), for example to test DDP"),
+              arg("--nodes", type=int, metavar="N",
+                  help="nodes per job: one data-parallel run across N nodes (with --gpus-per-node, or "
+                       "--tasks-per-node without GPUs; instead of --gpus-per-job / --tasks-per-job)"),
+              arg("--gpus-per-node", type=int, metavar="G", help="GPUs on each node of a job; one task per GPU"),
+              arg("--tasks-per-node", type=int, metavar="T",
+                  help="data-parallel tasks (ranks) on each node of a job (default: --gpus-per-node, or 1)"),
               arg("--mem", help="memory per node (16G)"),
               arg("--array-parallelism", type=int, metavar="N", help="at most N tasks of each job array at once"),
         ),
@@ -625,7 +634,7 @@ def _output(args: argparse.Namespace) -> Output:
 
 
 def _is_main_process() -> bool:
-    """Rank 0 under torchrun (read from the environment: works before the process group exists)."""
+    """Rank 0 under torchrun or srun (read from the environment: works before the process group exists)."""
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -671,27 +680,32 @@ def _resolve_configs(args: argparse.Namespace) -> None:
         args.config = str(resolve_config(config))
 
 
-def _leave_process_group(succeeded: bool) -> None:
-    """A rank started by torchrun leaves its group before it exits (aikd.distributed.shutdown says why).
+def _leave_process_group(together: bool) -> None:
+    """A rank started by torchrun or srun leaves its group before it exits (aikd.distributed.shutdown says why).
 
     Only a command that built a run can have joined one; the others never imported torch.distributed.
     """
     if "aikd.distributed" in sys.modules:
         from aikd import distributed
 
-        distributed.shutdown(together=succeeded)
+        distributed.shutdown(together=together)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(build_parser(), argv)
     args.argv = argv
-    code = 1
+    adopt_slurm_ranks()  # a task of srun is a rank, known before any output is made
+    code, together = 1, False
     try:
         _resolve_configs(args)
         code = _COMMANDS[args.command].run(args)
+        together = code == 0
         return code
     except AikdError as err:  # a stopped run (exit 128 + N) or a message naming the problem (exit 2)
+        # The ranks of a stopped run agreed on the step to stop at, so all of them reach the barrier: none exits
+        # while rank 0 still writes the checkpoint (which srun --kill-on-bad-exit would cut short).
+        together = isinstance(err, RunInterrupted)
         return exit_code(err)
     except BrokenPipeError:  # the reader left early (aikd configs | head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -709,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
         print("aikd: interrupted", file=sys.stderr)
         return 130
     finally:
-        _leave_process_group(succeeded=code == 0)
+        _leave_process_group(together)
 
 
 if __name__ == "__main__":

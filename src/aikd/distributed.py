@@ -2,8 +2,9 @@
 
 A distributed run is started by ``torchrun`` (or ``aikd train --nproc N``), which
 sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables in every
-process; :func:`setup` joins the group once per process (NCCL on GPUs, gloo on
-CPU).
+process, or by Slurm's ``srun`` (one task per rank, on one node or several), whose
+task variables :mod:`aikd.rendezvous` turns into the same; :func:`setup` joins the
+group once per process (NCCL on GPUs, gloo on CPU), with a timeout that holds.
 
 Two strategies share one small interface, :class:`aikd.strategy.Strategy`.
 :class:`SingleProcess` (in that leaf module, so that methods need not import this one) is a run
@@ -31,18 +32,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from aikd import rendezvous
 from aikd.compat import distributed_data_parallel
 from aikd.errors import AikdError, ConfigError
 from aikd.strategy import SINGLE_PROCESS, SingleProcess, Strategy
 
 __all__ = ["SINGLE_PROCESS", "DataParallel", "DistInfo", "SingleProcess", "Strategy", "cuda_index", "current",
-           "setup", "strategy_for"]
+           "is_main_rank", "setup", "strategy_for"]
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,17 @@ class DistInfo:
 
 
 def launched_by_torchrun() -> bool:
+    """Whether this process is one rank of several: torchrun's variables, or those of a task of srun."""
+    rendezvous.adopt_slurm_ranks()
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def setup(device_name: str) -> DistInfo:
-    """Join the process group torchrun prepared (once per process); a single process gets rank 0 of 1.
+    """Join the process group that torchrun or srun prepared (once per process); a single process gets rank 0 of 1.
 
     On GPUs each process selects its GPU (:func:`cuda_index`) before joining: NCCL binds to the current device.
+    The addresses are checked first (:func:`aikd.rendezvous.check_addresses`), and the rendezvous and every
+    collective wait at most ``AIKD_DIST_TIMEOUT`` seconds (default 600) for the other ranks.
     """
     if not launched_by_torchrun():
         return DistInfo()
@@ -78,9 +85,12 @@ def setup(device_name: str) -> DistInfo:
     if dist.is_initialized():
         return info
     wants_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    backend = "nccl" if wants_cuda else "gloo"
+    timeout = timedelta(seconds=rendezvous.collective_timeout_s())
+    rendezvous.check_addresses(backend)
     if wants_cuda:
         torch.cuda.set_device(cuda_index(device_name, info.local_rank, torch.cuda.device_count()))
-    dist.init_process_group("nccl" if wants_cuda else "gloo")
+    dist.init_process_group(backend, timeout=timeout)
     return info
 
 
@@ -89,6 +99,19 @@ def current() -> DistInfo:
     if not (dist.is_available() and dist.is_initialized()):
         return DistInfo()
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_main_rank() -> bool:
+    """Whether this process is rank 0: of the joined group, or else of the run that torchrun or srun started.
+
+    Known before the group is joined (from RANK, or Slurm's task variables): a pipeline decides whether to take
+    the lock of a phase-1 cache entry before its training joins the group, and if every rank took it, rank 1
+    would wait for the lock that rank 0 holds while rank 0 waits for rank 1 in the rendezvous.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    rendezvous.adopt_slurm_ranks()
+    return os.environ.get("RANK", "0") == "0"
 
 
 def cuda_index(requested: str, local_rank: int | None, visible: int) -> int:

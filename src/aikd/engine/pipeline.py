@@ -34,7 +34,7 @@ from aikd.config import (
     recipe_name,
     with_teacher_hash,
 )
-from aikd.distributed import current
+from aikd.distributed import current, is_main_rank
 from aikd.engine.locks import cache_entry_lock
 from aikd.engine.output import Output
 from aikd.engine.state import config_diff
@@ -201,7 +201,7 @@ def _as_phase1_model(cfg: RunConfig, recipe: str, out: Path, cache_dir: str | Pa
 def _train_phase1_model(entry: Path, cfg: RunConfig, student: Path, output: Output) -> dict[str, Any]:
     """Train (or reuse) the Baseline in its phase-1 cache entry; ``student`` becomes a link to it."""
     output.log(f"aikd: the Baseline is this seed's phase-1 model -> {entry}")
-    with cache_entry_lock(entry, output.log) if current().is_main else contextlib.nullcontext():
+    with cache_entry_lock(entry, output.log) if is_main_rank() else contextlib.nullcontext():
         summary = train_or_reuse(cfg, entry, output, recipe=PHASE1_RECIPE)
     if current().is_main and not student.exists():
         student.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +292,7 @@ def run_pipeline(config: str | Path, overrides: Sequence[str], out_dir: str | Pa
         output.log(f"aikd: phase 1, superior model -> {plan.superior_dir}")
         # Two pipelines that need this model (a sweep with --jobs) train it once: the second waits, then reuses it.
         # Under torchrun only rank 0 takes the lock; the other ranks follow it through the run's collectives.
-        with cache_entry_lock(plan.superior_dir, output.log) if current().is_main else contextlib.nullcontext():
+        with cache_entry_lock(plan.superior_dir, output.log) if is_main_rank() else contextlib.nullcontext():
             result["superior"] = train_or_reuse(plan.superior, plan.superior_dir, output, recipe=PHASE1_RECIPE)
         result["superior"]["run_dir"] = str(plan.superior_dir)
     if phase1_only and plan.shared_entry is None:

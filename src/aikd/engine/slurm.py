@@ -15,8 +15,9 @@ clusters do not run: see the README for why aikd does not use submitit. The sche
 record of what was submitted and the status read back from it are :mod:`.slurm_queue`'s.
 
 What a job runs: ``python -m aikd.engine.slurm UNITS.json``; the file lists the array's runs and
-``SLURM_ARRAY_TASK_ID`` picks one. With several tasks per job (one per GPU) each task takes its rank
-from Slurm's task variables, as torchrun would set them.
+``SLURM_ARRAY_TASK_ID`` picks one. With several tasks per job (one per GPU, on one node or several) the
+script starts one ``srun --kill-on-bad-exit=1`` task per rank, and each takes its rank from Slurm's task
+variables (:mod:`aikd.rendezvous`), as torchrun would set them.
 """
 
 from __future__ import annotations
@@ -44,47 +45,84 @@ from aikd.engine.slurm_queue import (
     queued_jobs,
     submit_script,
 )
-from aikd.errors import AikdError, ConfigError, did_you_mean, exit_code
+from aikd.errors import AikdError, ConfigError, RunInterrupted, did_you_mean, exit_code
+from aikd.rendezvous import adopt_slurm_ranks
 
 
 @dataclass
 class SlurmOptions:
-    """The resources of every job of a sweep (``--slurm-config FILE`` and the command-line options)."""
+    """The resources of every job of a sweep (``--slurm-config FILE`` and the command-line options).
+
+    Two ways to size a data-parallel job: on one node, ``gpus_per_job`` / ``tasks_per_job`` (ranks of the
+    job); on one node or several, ``nodes`` with ``gpus_per_node`` / ``tasks_per_node`` (ranks on each node:
+    one per GPU, or ``tasks_per_node`` without GPUs, else 1). A job is sized one way or the other, not both.
+    """
 
     partition: str | None = None
     time: str | None = None  # Slurm's time format: 30, 4:00:00, 1-12:00:00
     cpus_per_task: int = 1  # also each process's torch threads
     gpus_per_job: int = 0  # on one node; one task (rank) per GPU unless tasks_per_job says otherwise
-    tasks_per_job: int | None = None  # ranks of a job; None: gpus_per_job, or 1 without GPUs
+    tasks_per_job: int | None = None  # ranks of a job on one node; None: gpus_per_job, or 1 without GPUs
+    nodes: int | None = None  # nodes per job; their ranks meet through env:// (aikd.rendezvous)
+    gpus_per_node: int | None = None  # GPUs on each node of a job; one task (rank) per GPU
+    tasks_per_node: int | None = None  # ranks on each node; None: gpus_per_node, or 1 without GPUs
     mem: str | None = None  # per node: 16G, 64000M
     array_parallelism: int | None = None  # at most this many tasks of each array at once
     sbatch_args: list[str] = field(default_factory=list)  # anything else: ["--account=lab", "--qos=short"]
 
     @property
-    def tasks(self) -> int:
+    def per_node(self) -> bool:
+        """Whether the job is sized by node (nodes, gpus_per_node, tasks_per_node) rather than on one node."""
+        return any(value is not None for value in (self.nodes, self.gpus_per_node, self.tasks_per_node))
+
+    @property
+    def node_count(self) -> int:
+        return self.nodes or 1
+
+    @property
+    def tasks_on_each_node(self) -> int:
+        if self.per_node:
+            return self.tasks_per_node or self.gpus_per_node or 1
         return self.tasks_per_job or self.gpus_per_job or 1
 
+    @property
+    def tasks(self) -> int:
+        """Ranks of a job, on all its nodes."""
+        return self.node_count * self.tasks_on_each_node
+
     def check(self) -> SlurmOptions:
-        for name in ("cpus_per_task", "gpus_per_job", "tasks_per_job", "array_parallelism"):
+        for name in ("cpus_per_task", "gpus_per_job", "tasks_per_job", "nodes", "gpus_per_node", "tasks_per_node",
+                     "array_parallelism"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0 or
-                                      (value == 0 and name != "gpus_per_job")):
-                raise ConfigError(f"Slurm option '{name}' must be a whole number of at least "
-                                  f"{0 if name == 'gpus_per_job' else 1}, got {value!r}.")
-        if self.gpus_per_job and self.tasks_per_job and self.tasks_per_job != self.gpus_per_job:
-            raise ConfigError(f"Slurm options: {self.tasks_per_job} tasks for {self.gpus_per_job} GPUs; a data-parallel"
-                              f" job runs one task per GPU.")
+            least = 0 if name in ("gpus_per_job", "gpus_per_node") else 1
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ConfigError(f"Slurm option '{name}' must be a whole number of at least {least}, got {value!r}.")
+        if self.per_node and (self.gpus_per_job or self.tasks_per_job):
+            one_node = [n for n in ("gpus_per_job", "tasks_per_job") if getattr(self, n)]
+            by_node = [n for n in ("nodes", "gpus_per_node", "tasks_per_node") if getattr(self, n) is not None]
+            raise ConfigError(f"Slurm options {' and '.join(one_node)} size a job on one node and "
+                              f"{' and '.join(by_node)} size it by node: give one or the other (for several "
+                              f"nodes: nodes with gpus_per_node, or tasks_per_node without GPUs).")
+        for gpus, tasks in (("gpus_per_job", "tasks_per_job"), ("gpus_per_node", "tasks_per_node")):
+            if getattr(self, gpus) and getattr(self, tasks) and getattr(self, tasks) != getattr(self, gpus):
+                raise ConfigError(f"Slurm options: {getattr(self, tasks)} tasks for {getattr(self, gpus)} GPUs "
+                                  f"({tasks}, {gpus}); a data-parallel job runs one task per GPU.")
         if not isinstance(self.sbatch_args, list) or not all(isinstance(a, str) for a in self.sbatch_args):
             raise ConfigError(f"Slurm option 'sbatch_args' is a list of sbatch arguments, got {self.sbatch_args!r}.")
         return self
 
     def directives(self) -> list[str]:
         """The ``#SBATCH`` lines of these resources."""
-        lines = ["--nodes=1", f"--ntasks={self.tasks}", f"--cpus-per-task={self.cpus_per_task}"]
+        if self.per_node:
+            lines = [f"--nodes={self.node_count}", f"--ntasks-per-node={self.tasks_on_each_node}"]
+            gpus = self.gpus_per_node or 0
+        else:
+            lines, gpus = ["--nodes=1", f"--ntasks={self.tasks}"], self.gpus_per_job
+        lines.append(f"--cpus-per-task={self.cpus_per_task}")
         lines += [f"--{flag}={value}" for flag, value in (("partition", self.partition), ("time", self.time),
                                                            ("mem", self.mem)) if value]
-        if self.gpus_per_job:
-            lines.append(f"--gpus-per-node={self.gpus_per_job}")
+        if gpus:
+            lines.append(f"--gpus-per-node={gpus}")
         return [*lines, *self.sbatch_args]
 
 
@@ -244,30 +282,29 @@ def _submit_array(folder: Path, name: str, units: Sequence[Unit], options: Slurm
     if waits:
         directives += [f"--dependency=afterok:{waits}", "--kill-on-invalid-dep=yes"]
     command = [sys.executable, "-m", "aikd.engine.slurm", str(listing)]
-    launch = "srun " if options.tasks > 1 else "exec "
     script = folder / "jobs" / f"{name}.sh"
     lines = ["#!/bin/bash", *(f"#SBATCH {d}" for d in directives),
              "# written by aikd sweep --launcher slurm; each array task runs one line of the JSON file beside it",
+             "set -euo pipefail  # a failed step fails the job (state FAILED, its exit code), never COMPLETED",
              f"cd {shlex.quote(os.getcwd())}", f"export OMP_NUM_THREADS={options.cpus_per_task}",
-             f"{launch}{shlex.join(command)}", ""]
+             *launch_lines(options.tasks, shlex.join(command)), ""]
     atomic_write_bytes(script, "\n".join(lines).encode())
     return submit_script(script)
 
 
+def launch_lines(tasks: int, command: str) -> list[str]:
+    """How a job script starts its ranks: one process in place, or one srun task per rank.
+
+    ``srun --kill-on-bad-exit=1``: a rank that exits with an error or dies ends every other rank of the step
+    at once, instead of leaving them to wait for it, and the script (``set -e``) then fails the job.
+    """
+    if tasks <= 1:
+        return [f"exec {command}"]
+    return [f"srun --kill-on-bad-exit=1 {command}"]
+
+
 # ---------------------------------------------------------------------------
 # Inside a job
-
-
-def ranks_from_slurm(env: dict[str, str] | os._Environ) -> dict[str, str]:
-    """torchrun's variables from Slurm's, for a job of several tasks on one node (one per GPU)."""
-    tasks = int(env.get("SLURM_NTASKS", "1"))
-    if tasks <= 1 or "RANK" in env:
-        return {}
-    job = int(env.get("SLURM_ARRAY_JOB_ID", env.get("SLURM_JOB_ID", "0")))
-    task = int(env.get("SLURM_ARRAY_TASK_ID", "0"))
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "LOCAL_WORLD_SIZE": str(tasks), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(20000 + (job * 97 + task) % 20000)}
 
 
 def run_unit(listing: Path, index: int) -> int:
@@ -286,12 +323,29 @@ def run_unit(listing: Path, index: int) -> int:
 
 
 def job_main(argv: Sequence[str]) -> int:
-    """A job's process: its rank from Slurm's variables, then its array task's run; the CLI's exit codes."""
-    os.environ.update(ranks_from_slurm(os.environ))
+    """A job's process: its rank from Slurm's variables, then its array task's run; the CLI's exit codes.
+
+    A rank leaves its process group before it exits, together with the others where they all stopped on the
+    same step (the run finished, or they agreed to stop on a signal): none exits while rank 0 still writes the
+    checkpoint, which ``srun --kill-on-bad-exit`` would otherwise cut short.
+    """
+    adopt_slurm_ranks()
+    code, together = 1, False
     try:
-        return run_unit(Path(argv[0]), int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
+        code = run_unit(Path(argv[0]), int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
+        together = True
     except AikdError as err:
-        return exit_code(err)
+        code, together = exit_code(err), isinstance(err, RunInterrupted)
+    finally:
+        leave_group(together)
+    return code
+
+
+def leave_group(together: bool) -> None:
+    if "aikd.distributed" in sys.modules:
+        from aikd.distributed import shutdown
+
+        shutdown(together=together)
 
 
 if __name__ == "__main__":
