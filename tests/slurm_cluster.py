@@ -117,7 +117,7 @@ class SlurmCluster:
     def _read_pid(path: Path, timeout: float = 15.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, IndexError):  # not there yet, or created but empty
                 return int(path.read_text().split()[0])
             time.sleep(0.05)
         raise RuntimeError(f"no pid file {path}")

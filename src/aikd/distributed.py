@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from aikd import rendezvous
 from aikd.compat import distributed_data_parallel
 from aikd.errors import AikdError, ConfigError
-from aikd.strategy import SINGLE_PROCESS, SingleProcess, Strategy
+from aikd.strategy import SINGLE_PROCESS, SingleProcess, Strategy, norm_statistics
 
 __all__ = ["SINGLE_PROCESS", "DataParallel", "DistInfo", "SingleProcess", "Strategy", "cuda_index", "current",
            "is_main_rank", "setup", "strategy_for"]
@@ -268,8 +268,7 @@ class DataParallel(SingleProcess):
         averaging them at an epoch's end gives every rank the same model for evaluation,
         checkpoints and AI-KD's snapshot, and a better estimate than any one rank's.
         """
-        stats = [t for m in modules for layer in m.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
-                 for t in (layer.running_mean, layer.running_var) if t is not None]
+        stats = norm_statistics(modules)
         if not stats:
             return
         flat = torch.cat([t.float().reshape(-1) for t in stats])

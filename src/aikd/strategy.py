@@ -38,6 +38,13 @@ class Strategy(Protocol):
     def main_then_share(self, action: Callable[[], None]) -> None: ...
 
 
+def norm_statistics(modules: Sequence[nn.Module]) -> list[Tensor]:
+    """The BatchNorm running means and variances of ``modules``, in module order: what each rank of a
+    data-parallel run keeps apart between two epoch ends (each follows its own slice of the batches)."""
+    return [t for m in modules for layer in m.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            for t in (layer.running_mean, layer.running_var) if t is not None]
+
+
 class SingleProcess:
     """A run of one process: rank 0 of 1; every collective is the identity."""
 

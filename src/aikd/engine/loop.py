@@ -29,7 +29,7 @@ from aikd.engine.state import LAST, RunCheckpoints, RunState
 from aikd.errors import AikdError
 from aikd.methods import Batch, StepOutput
 from aikd.methods.base import hard_labels
-from aikd.strategy import Strategy
+from aikd.strategy import Strategy, norm_statistics
 
 
 @dataclass
@@ -127,9 +127,15 @@ class EpochSums:
         if position is None or position["epoch"] != epoch:
             return sums, 0, 0.0
         restore_generator(position, generator, p.strategy)
-        if p.strategy.is_main:  # saved summed over the ranks
-            sums.values.update({k: v.to(p.device) for k, v in position["sums"].items()})
-            sums.seen = position["seen"]
+        restore_norm_statistics(position, p)
+        rank_sums = position.get("rank_sums")
+        if rank_sums is not None and len(rank_sums) == p.strategy.world_size:  # each rank's own
+            own = rank_sums[p.strategy.rank]
+        else:  # older checkpoints, or another world size: the sums over the ranks, on rank 0
+            own = {"values": position["sums"], "seen": position["seen"]} if p.strategy.is_main else None
+        if own is not None:
+            sums.values.update({k: v.to(p.device) for k, v in own["values"].items()})
+            sums.seen = own["seen"]
         return sums, position["batch"], position["elapsed"]
 
     def add(self, out: StepOutput, loss: Tensor, batch: Batch) -> None:
@@ -184,13 +190,35 @@ def restore_generator(position: dict[str, Any], generator: torch.Generator, stra
                       f"the interrupted run would have.", stacklevel=3)
 
 
+def restore_norm_statistics(position: dict[str, Any], p: RunParts) -> None:
+    """Give this rank the BatchNorm running statistics it had at a mid-epoch stop.
+
+    Between two epoch ends each rank's statistics follow its own slice of the batches; the checkpoint's
+    weights hold rank 0's, so without this the other ranks would resume with rank 0's and the run's
+    evaluations would drift from the uninterrupted run's until the difference fades. Another world size (or a
+    checkpoint written before they were saved) keeps rank 0's.
+    """
+    saved = position.get("norms")
+    if saved is None or len(saved) != p.strategy.world_size:
+        return
+    with torch.no_grad():
+        for stat, value in zip(norm_statistics([p.model, p.method]), saved[p.strategy.rank], strict=True):
+            stat.copy_(value)
+
+
 def stop_mid_epoch(run: Epoch, epoch: int, number: int, generator: torch.Generator, sums: EpochSums,
                    elapsed: float) -> None:
     """Save a checkpoint after batch ``number`` of ``epoch`` and raise RunInterrupted."""
     p = run.parts
     generators = p.strategy.gather_objects(generator.get_state().cpu())
+    # Each rank's own sums and BatchNorm statistics, so that every rank resumes with its own and the run
+    # goes on exactly (sums reduced here and again at the epoch's end would add in another order).
+    rank_sums = p.strategy.gather_objects({"values": {k: v.detach().cpu() for k, v in sums.values.items()},
+                                           "seen": sums.seen})
+    norms = p.strategy.gather_objects([t.detach().cpu() for t in norm_statistics([p.model, p.method])])
     sums.over_ranks(p)
     position = {"epoch": epoch, "batch": number, "generators": generators, "generator_device": generator.device.type,
+                "rank_sums": rank_sums, "norms": norms,
                 "sums": {k: v.detach().cpu() for k, v in sums.values.items()}, "seen": sums.seen,
                 "elapsed": elapsed}
     run.checkpoints.save(LAST, position=position)
