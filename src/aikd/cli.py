@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aikd.errors import RESUME_RERUN, RESUME_TRAIN, AikdError, RunInterrupted, exit_code
 from aikd.fileio import atomic_write_bytes, check_output_file, check_output_folder
-from aikd.rendezvous import adopt_slurm_ranks
+from aikd.rendezvous import adopt_slurm_ranks, leave_group
 from aikd.shipped import CONFIG_ROOT, resolve_config, shipped_configs
 
 if TYPE_CHECKING:
@@ -164,13 +164,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     """``aikd train --nproc N ...`` becomes ``torchrun --nproc-per-node N -m aikd train ...`` (same process id,
     so a scheduler's signals reach torchrun, which passes them on to every rank)."""
-    from aikd.distributed import launched_by_torchrun
+    from aikd.distributed import launched_as_rank
 
     if nproc < 1:
         raise AikdError(f"--nproc {nproc}: give the number of processes, 1 or more.")
     rest = [a for i, a in enumerate(argv) if not (a == "--nproc" or a.startswith("--nproc=")
                                                   or (i > 0 and argv[i - 1] == "--nproc"))]
-    if launched_by_torchrun():
+    if launched_as_rank():
         raise AikdError("--nproc starts torchrun itself; under torchrun (or as one of several tasks of srun), "
                         "leave it out.")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
@@ -680,17 +680,6 @@ def _resolve_configs(args: argparse.Namespace) -> None:
         args.config = str(resolve_config(config))
 
 
-def _leave_process_group(together: bool) -> None:
-    """A rank started by torchrun or srun leaves its group before it exits (aikd.distributed.shutdown says why).
-
-    Only a command that built a run can have joined one; the others never imported torch.distributed.
-    """
-    if "aikd.distributed" in sys.modules:
-        from aikd import distributed
-
-        distributed.shutdown(together=together)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(build_parser(), argv)
@@ -723,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         print("aikd: interrupted", file=sys.stderr)
         return 130
     finally:
-        _leave_process_group(together)
+        leave_group(together)
 
 
 if __name__ == "__main__":

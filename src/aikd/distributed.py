@@ -66,7 +66,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def launched_by_torchrun() -> bool:
+def launched_as_rank() -> bool:
     """Whether this process is one rank of several: torchrun's variables, or those of a task of srun."""
     rendezvous.adopt_slurm_ranks()
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -79,7 +79,7 @@ def setup(device_name: str) -> DistInfo:
     The addresses are checked first (:func:`aikd.rendezvous.check_addresses`), and the rendezvous and every
     collective wait at most ``AIKD_DIST_TIMEOUT`` seconds (default 600) for the other ranks.
     """
-    if not launched_by_torchrun():
+    if not launched_as_rank():
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if dist.is_initialized():

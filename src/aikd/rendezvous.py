@@ -24,6 +24,7 @@ import ipaddress
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping, MutableMapping
 
 from aikd.errors import AikdError, ConfigError
@@ -59,6 +60,19 @@ def adopt_slurm_ranks(env: MutableMapping[str, str] | None = None) -> dict[str, 
     ranks = ranks_from_slurm(env)
     env.update(ranks)
     return ranks
+
+
+def leave_group(together: bool) -> None:
+    """A rank started by torchrun or srun leaves its process group before it exits (``aikd.distributed.shutdown``
+    says why; ``together``: every rank got here, after a success or a stop they agreed on).
+
+    Only a process that built a run can have joined one; the others never imported torch.distributed, and
+    this does not import it for them.
+    """
+    if "aikd.distributed" in sys.modules:
+        from aikd.distributed import shutdown
+
+        shutdown(together=together)
 
 
 def first_host(nodelist: str) -> str:

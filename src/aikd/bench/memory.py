@@ -25,18 +25,23 @@ IMAGENET_1K_SAMPLES = 1_281_167
 IMAGENET_1K_CLASSES = 1000
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a measuring child process: one thread, and this very aikd on its path (a worktree's
+    src/), not whichever one the interpreter has installed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    source_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
 def start_rss_child(s: Setting, method: str) -> subprocess.Popen:
     """Start the fresh process that trains ``method`` briefly and prints its peak RSS.
 
     It runs on one intra-op thread, so that several of them can run at once without spinning against each
     other; the thread count does not change what training allocates.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    # The child must import this very aikd (a worktree's src/), not whichever one the interpreter has installed.
-    source_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
     return subprocess.Popen([sys.executable, "-m", "aikd.bench.rss_child", json.dumps(s.to_dict()), method],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
 
 
 def peak_rss_mib(s: Setting, methods: list[str]) -> dict[str, float]:
@@ -88,9 +93,7 @@ def measure_buffer_ranks(rows: int, classes: int) -> dict[str, Any]:
     """The 2-rank gloo job of :mod:`aikd.bench.buffer_ranks` at ``rows x classes``: each rank's measured bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "buffer_ranks.json"
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        source_root = str(Path(__file__).resolve().parents[2])  # this aikd, as start_rss_child explains
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH")) if p)
+        env = child_env()
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                                "-m", "aikd.bench.buffer_ranks", str(rows), str(classes), str(out)],
                               capture_output=True, text=True, env=env, timeout=900)

@@ -46,7 +46,7 @@ from aikd.engine.slurm_queue import (
     submit_script,
 )
 from aikd.errors import AikdError, ConfigError, RunInterrupted, did_you_mean, exit_code
-from aikd.rendezvous import adopt_slurm_ranks
+from aikd.rendezvous import adopt_slurm_ranks, leave_group
 
 
 @dataclass
@@ -339,13 +339,6 @@ def job_main(argv: Sequence[str]) -> int:
     finally:
         leave_group(together)
     return code
-
-
-def leave_group(together: bool) -> None:
-    if "aikd.distributed" in sys.modules:
-        from aikd.distributed import shutdown
-
-        shutdown(together=together)
 
 
 if __name__ == "__main__":
