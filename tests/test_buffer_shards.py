@@ -238,7 +238,7 @@ def _resume(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    from aikd.distributed import shutdown
+    from aikd.rendezvous import leave_group
 
     warnings.simplefilter("ignore", UserWarning)
     for job in sys.argv[1:]:
@@ -249,4 +249,4 @@ if __name__ == "__main__":
             Trainer(load_config(None, TINY), folder, quiet=True).fit(stop_after=1)
         elif mode == "resume":
             _resume(Path(folder))
-    shutdown(together=True)
+    leave_group(together=True)

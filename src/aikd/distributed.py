@@ -303,19 +303,3 @@ class DataParallel(SingleProcess):
 def strategy_for(info: DistInfo) -> Strategy:
     """The strategy of this process: DataParallel when torchrun started several, else SingleProcess."""
     return DataParallel(info) if info.enabled else SingleProcess()
-
-
-def shutdown(*, together: bool) -> None:
-    """Leave the process group while Python still runs, so that no rank exits with gloo's threads alive.
-
-    A process that exits with the group still joined lets the C++ runtime destroy gloo's threads at exit, which
-    aborts the rank now and then ("terminate called without an active exception", SIGABRT: seen on 2-rank CPU
-    runs under load). ``together``: every rank is known to reach this point (the command succeeded), so they
-    first meet at a barrier and none tears its connections down while a peer still talks on them. After a
-    failure a peer may be gone: no barrier, which could wait for it forever.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if together:
-        dist.barrier()
-    dist.destroy_process_group()

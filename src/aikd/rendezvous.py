@@ -63,16 +63,24 @@ def adopt_slurm_ranks(env: MutableMapping[str, str] | None = None) -> dict[str, 
 
 
 def leave_group(together: bool) -> None:
-    """A rank started by torchrun or srun leaves its process group before it exits (``aikd.distributed.shutdown``
-    says why; ``together``: every rank got here, after a success or a stop they agreed on).
+    """A rank started by torchrun or srun leaves its process group while Python still runs, so that no rank
+    exits with gloo's threads alive.
+
+    A process that exits with the group still joined lets the C++ runtime destroy gloo's threads at exit, which
+    aborts the rank now and then ("terminate called without an active exception", SIGABRT: seen on 2-rank CPU
+    runs under load). ``together``: every rank is known to reach this point (the command succeeded, or the
+    ranks agreed on a stop), so they first meet at a barrier and none tears its connections down while a peer
+    still talks on them. After a failure a peer may be gone: no barrier, which could wait for it forever.
 
     Only a process that built a run can have joined one; the others never imported torch.distributed, and
-    this does not import it for them.
+    this does not import it for them (nor torch).
     """
-    if "aikd.distributed" in sys.modules:
-        from aikd.distributed import shutdown
-
-        shutdown(together=together)
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    if together:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def first_host(nodelist: str) -> str:

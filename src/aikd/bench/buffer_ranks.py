@@ -22,10 +22,11 @@ import torch.distributed as dist
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from aikd.distributed import DataParallel, current, shutdown
+from aikd.distributed import DataParallel, current
 from aikd.engine.checkpoint import StoredRows, save_checkpoint
 from aikd.fileio import atomic_write_bytes
 from aikd.methods.buffer import PredictionBuffer
+from aikd.rendezvous import leave_group
 
 
 def _status_kib(field: str) -> int:
@@ -100,7 +101,7 @@ def main(rows: int, classes: int, out: Path) -> None:
     everyone = DataParallel(current()).gather_objects(figures)
     if dist.get_rank() == 0:
         out.write_text(json.dumps({"rows": rows, "classes": classes, "ranks": everyone}, indent=1))
-    shutdown(together=True)
+    leave_group(together=True)
 
 
 if __name__ == "__main__":

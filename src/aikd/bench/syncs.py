@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    from aikd import distributed
+    from aikd import distributed, rendezvous
     from aikd.bench.steps import SMALL_CNN, teacher_checkpoint
 
     info = distributed.setup(args.device)
@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         facts = method_syncs(name, args.set, args.device, args.work)
         if info.is_main:
             print(json.dumps({"method": name, "world_size": info.world_size, **facts}), flush=True)
-    distributed.shutdown(together=True)
+    rendezvous.leave_group(together=True)
     return 0
 
 
