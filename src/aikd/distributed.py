@@ -301,5 +301,5 @@ class DataParallel(SingleProcess):
 
 
 def strategy_for(info: DistInfo) -> Strategy:
-    """The strategy of this process: DataParallel when torchrun started several, else SingleProcess."""
+    """The strategy of this process: DataParallel when torchrun or srun started several, else SingleProcess."""
     return DataParallel(info) if info.enabled else SingleProcess()
